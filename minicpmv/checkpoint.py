@@ -1,0 +1,126 @@
+"""Find a checkpoint (a directory or a Hugging Face repo id) and load it into ``MiniCPMV``.
+
+The official ``model.safetensors`` loads unchanged: our module names are the checkpoint's tensor names. Every
+problem with the files (missing, unexpected or mis-shaped tensors, truncated files) is reported in one
+``CheckpointError`` that names what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from tqdm import tqdm
+
+from minicpmv.config import ModelConfig
+from minicpmv.errors import CheckpointError
+from minicpmv.model.minicpmv import MiniCPMV
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+IGNORED = re.compile(r"^mtp\.")  # the multi-token-prediction head is not part of this model
+REPO_FILES = ["*.json", "*.jinja", "*.safetensors", "*.txt", "*.model"]
+
+
+def resolve(model: str | Path, download: bool = True) -> Path:
+    """A local checkpoint directory for ``model``: the path itself, or a repo id from the local Hugging Face cache
+    (downloaded first, with a progress bar, when it is not there and the network allows)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or str(model).startswith((".", "/", "~")) or str(model).count("/") != 1:
+        raise CheckpointError(f"{model}: not a checkpoint directory and not a Hugging Face repo id (owner/name)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(str(model), allow_patterns=REPO_FILES, local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass
+    if not download:
+        raise CheckpointError(f"{model} is not in the local Hugging Face cache; run `minicpmv download {model}`")
+    try:
+        return Path(snapshot_download(str(model), allow_patterns=REPO_FILES))
+    except Exception as exc:  # network errors come in many types; all mean the same thing to the user
+        raise CheckpointError(
+            f"{model} is not in the local Hugging Face cache and could not be downloaded ({type(exc).__name__}: "
+            f"{exc}). On a machine with network access run `minicpmv download {model}` (or "
+            f"`hf download {model}`) and copy the cache (~/.cache/huggingface/hub), or pass a local checkpoint "
+            f"directory instead of the repo id."
+        ) from None
+
+
+def weight_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {exc}") from None
+        files = [directory / n for n in names]
+        missing = [str(f) for f in files if not f.exists()]
+        if missing:
+            raise CheckpointError(f"weight files listed in {index.name} are missing: {', '.join(missing)}")
+        return files
+    single = directory / "model.safetensors"
+    if not single.exists():
+        raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {directory}")
+    return [single]
+
+
+def load_model(
+    model: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu", progress: bool | None = None
+) -> MiniCPMV:
+    """Build ``MiniCPMV`` from a checkpoint directory or repo id, weights in ``dtype`` on ``device``."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise CheckpointError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        dtype = DTYPES[dtype]
+    device = torch.device(device)
+    directory = resolve(model)
+    cfg = ModelConfig.from_file(directory)
+    with torch.device("meta"):
+        net = MiniCPMV(cfg)
+    expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+
+    files = weight_files(directory)
+    handles = {}
+    for f in files:
+        try:
+            handles[f] = safe_open(str(f), framework="pt", device="cpu")
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"cannot read weight file {f}: {exc} (truncated or corrupt download?)") from None
+    found: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    for f, h in handles.items():
+        for name in h.keys():
+            found[name] = (f, tuple(h.get_slice(name).get_shape()))
+
+    problems = []
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(n for n in set(found) - set(expected) if not IGNORED.match(n) and n != "lm_head.weight")
+    shapes = sorted(n for n in set(expected) & set(found) if expected[n] != found[n][1])
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {', '.join(unexpected)}")
+    for n in shapes:
+        problems.append(f"tensor {n} has shape {list(found[n][1])}, expected {list(expected[n])}")
+    if problems:
+        raise CheckpointError(f"checkpoint {directory} does not match its config.json: " + "; ".join(problems))
+
+    weights = {}
+    for name in tqdm(sorted(expected), desc="loading weights", unit="tensor", disable=None if progress is None else not progress):
+        f = found[name][0]
+        try:
+            tensor = handles[f].get_tensor(name)
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"cannot read tensor {name} from {f}: {exc}") from None
+        weights[name] = tensor.to(device=device, dtype=dtype)
+    net.load_state_dict(weights, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        net.lm_head.weight = net.model.language_model.embed_tokens.weight
+    return net.eval()

@@ -1,0 +1,17 @@
+"""One small exception hierarchy; the server maps these classes to HTTP status codes."""
+
+
+class MiniCPMVError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class InvalidInputError(MiniCPMVError, ValueError):
+    """The caller sent something we cannot use (a bad message, option or media file)."""
+
+
+class ImageError(InvalidInputError):
+    """An image could not be read, is empty, or is larger than the configured pixel limit."""
+
+
+class CheckpointError(MiniCPMVError):
+    """A checkpoint is missing, incomplete, corrupt or of an unsupported kind."""
