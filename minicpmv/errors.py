@@ -15,3 +15,11 @@ class ImageError(InvalidInputError):
 
 class CheckpointError(MiniCPMVError):
     """A checkpoint is missing, incomplete, corrupt or of an unsupported kind."""
+
+
+class ContextLengthError(InvalidInputError):
+    """A prompt (plus the requested output) does not fit the model's context."""
+
+
+class QueueFullError(MiniCPMVError):
+    """The engine's waiting queue is full; the request was not accepted."""

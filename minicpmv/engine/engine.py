@@ -1,0 +1,193 @@
+"""The generation loop: admit -> schedule -> run -> sample -> detokenize -> stop checks, one step at a time.
+
+``step()`` is synchronous and single-threaded; the Python API drives it directly and the server runs it on one
+background thread. Everything a finished or cancelled sequence held (its hybrid state) is released at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from minicpmv.engine.cache import PrefixCache, VisionCache, prefix_key
+from minicpmv.engine.detokenizer import IncrementalDetokenizer
+from minicpmv.engine.runner import Runner
+from minicpmv.engine.sampler import Sampler, SampleRow, make_generator
+from minicpmv.engine.scheduler import Scheduler, SchedulerConfig
+from minicpmv.engine.sequence import Sequence, Status
+from minicpmv.engine.stops import StopStringMatcher
+from minicpmv.errors import ContextLengthError, InvalidInputError
+from minicpmv.model.minicpmv import MiniCPMV
+
+IM_START = 248045
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 1024
+    max_waiting: int = 256
+    vision_cache_bytes: int = 512 << 20
+    prefix_cache_bytes: int = 1 << 30
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+
+
+@dataclass
+class StepOutput:
+    seq: Sequence
+    token_ids: list[int]
+    text: str
+    finished: bool
+    error: Exception | None = None
+
+
+class Engine:
+    def __init__(self, model: MiniCPMV, tokenizer, eos_token_ids: list[int], config: EngineConfig | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_token_ids = list(eos_token_ids)
+        self.config = config or EngineConfig()
+        self.max_model_len = self.config.max_model_len or model.cfg.text.max_position_embeddings
+        self.scheduler = Scheduler(
+            SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens, self.config.max_waiting)
+        )
+        self.vision_cache = VisionCache(self.config.vision_cache_bytes)
+        self.prefix_cache = PrefixCache(self.config.prefix_cache_bytes)
+        self.runner = Runner(model, self.vision_cache)
+        self.sampler = Sampler(self.eos_token_ids)
+        self.never_sample = [t for t in (model.cfg.image_token_id, model.cfg.video_token_id) if t is not None]
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._stops: dict[str, StopStringMatcher] = {}
+        self.prefilled_tokens = 0  # counters for tests and metrics
+        self.cached_tokens = 0
+
+    # -- requests ---------------------------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        if not seq.prompt_ids:
+            raise InvalidInputError("the prompt is empty")
+        limit = self.max_model_len
+        wanted = seq.num_prompt + (seq.params.max_tokens or 1)
+        if seq.num_prompt >= limit or (seq.params.max_tokens and wanted > limit):
+            raise ContextLengthError(
+                f"the prompt has {seq.num_prompt} tokens and asks for {seq.params.max_tokens or 'at least 1'} more, "
+                f"but the context holds {limit} tokens"
+            )
+        for kind in ("image", "video"):
+            token = self.runner.token_ids[kind]
+            placeholders = seq.prompt_ids.count(token) if token is not None else 0
+            if placeholders != seq.visual_tokens(kind):
+                raise InvalidInputError(
+                    f"{kind} placeholders and inputs do not match: {placeholders} tokens, "
+                    f"{seq.visual_tokens(kind)} expected by the {kind}s"
+                )
+        seq.generator = make_generator(seq.params.seed, self.model.device)
+        # The prompt's last turn starts after its final <|im_start|>: the next turn of this chat shares the prefix.
+        starts = self._turn_starts(seq)
+        seq.snapshot_at = starts[-1] if starts else 0
+        self.scheduler.add(seq)
+        self._detok[seq.request_id] = IncrementalDetokenizer(
+            self.tokenizer, skip_special_tokens=seq.params.skip_special_tokens
+        )
+        self._stops[seq.request_id] = StopStringMatcher(seq.params.stop)
+
+    def abort(self, request_id: str) -> Sequence | None:
+        for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+            if seq.request_id == request_id:
+                self._finish(seq, "abort")
+                return seq
+        return None
+
+    def has_work(self) -> bool:
+        return len(self.scheduler) > 0
+
+    # -- one step ---------------------------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        for seq in self.scheduler.admit():
+            self._start(seq)
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        prefill_tokens = sum(n for seq, n in batch if seq.prefilling)
+        try:
+            logits = self.runner.run(batch)
+        except Exception as exc:  # a failed forward ends the sequences in it, never the engine
+            outputs = []
+            for seq, _ in batch:
+                self._finish(seq, "error")
+                outputs.append(StepOutput(seq, [], "", True, error=exc))
+            return outputs
+        self.prefilled_tokens += prefill_tokens
+        for seq, _ in batch:
+            if not seq.prefilling:
+                seq.features.clear()  # the prompt is in the state: its visual features are no longer needed
+            if seq.snapshot_at and seq.num_computed == seq.snapshot_at:
+                self.prefix_cache.put(self._prefix_key(seq, seq.snapshot_at), seq.state)
+        ready = [i for i, (seq, _) in enumerate(batch) if not seq.prefilling]
+        if not ready:
+            return []
+        rows = logits[ready]
+        if self.never_sample:
+            rows[:, self.never_sample] = float("-inf")
+        seqs = [batch[i][0] for i in ready]
+        sampled = self.sampler(rows, [SampleRow(s.params, s.prompt_ids, s.output_ids, s.generator) for s in seqs])
+        return [self._append(*args) for args in zip(seqs, sampled.token_ids, sampled.logprobs)]
+
+    def _prefix_key(self, seq: Sequence, length: int) -> str:
+        image, video = self.runner.token_ids["image"], self.runner.token_ids["video"]
+        prefix = seq.prompt_ids[:length]
+        counts = {"image": prefix.count(image), "video": prefix.count(video)}
+        keys, seen = [], {"image": 0, "video": 0}
+        for v in seq.visuals:  # every visual whose placeholders start inside the prefix
+            if seen[v.kind] < counts[v.kind]:
+                keys.append(v.key)
+            seen[v.kind] += v.num_tokens
+        return prefix_key(prefix, keys)
+
+    def _start(self, seq: Sequence) -> None:
+        """Give a newly admitted sequence its state: a copy of the longest cached prefix state that matches (the
+        turns of a chat start after each <|im_start|>), else an empty one."""
+        seq.state = None
+        for pos in reversed(self._turn_starts(seq)):
+            hit = self.prefix_cache.get(self._prefix_key(seq, pos), pos)
+            if hit is not None:
+                seq.state, seq.num_cached = hit.state, hit.length
+                self.cached_tokens += hit.length
+                break
+        if seq.state is None:
+            seq.state = self.model.new_state()
+
+    @staticmethod
+    def _turn_starts(seq: Sequence) -> list[int]:
+        return [i + 1 for i, t in enumerate(seq.prompt_ids) if t == IM_START and i + 1 < seq.num_prompt]
+
+    def _append(self, seq: Sequence, token: int, logprob) -> StepOutput:
+        seq.output_ids.append(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        params = seq.params
+        detok, stops = self._detok[seq.request_id], self._stops[seq.request_id]
+        check = stops.feed(detok.push(token))
+        text, stopped = check.text, check.stop is not None
+        reason = None
+        if stopped:
+            reason = "stop"
+        elif token in params.resolved_stop_token_ids(self.eos_token_ids):  # never sampled before min_tokens
+            reason = "stop"
+        elif params.max_tokens is not None and len(seq.output_ids) >= params.max_tokens:
+            reason = "length"
+        elif seq.num_prompt + len(seq.output_ids) >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            if not stopped:  # release what the detokenizer and the stop matcher held back
+                check = stops.feed(detok.flush())
+                text += check.text + ("" if check.stop else stops.flush())
+            self._finish(seq, reason)
+        seq.text += text
+        return StepOutput(seq, [token], text, reason is not None)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.remove(seq)
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+        seq.state = None  # frees the KV and DeltaNet state
+        seq.features.clear()
+        self._detok.pop(seq.request_id, None)
+        self._stops.pop(seq.request_id, None)

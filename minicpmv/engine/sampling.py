@@ -1,0 +1,106 @@
+"""Per-request sampling options (OpenAI / vLLM names and meanings) and their validation."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from minicpmv.errors import InvalidInputError
+
+# <|endoftext|> and <|im_end|> of the MiniCPM-V 4.6 (Qwen3.5) vocabulary.
+DEFAULT_STOP_TOKEN_IDS: tuple[int, ...] = (248044, 248046)
+MAX_LOGPROBS = 20
+MAX_PENALTY = 2.0
+# Below this a temperature is treated as greedy: dividing logits by it would overflow float32.
+GREEDY_TEMPERATURE = 1e-5
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = None
+    min_tokens: int = 0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        elif self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, Sequence):
+            self.stop = list(self.stop)
+        if isinstance(self.stop_token_ids, Sequence) and not isinstance(self.stop_token_ids, str):
+            self.stop_token_ids = list(self.stop_token_ids)
+        self.validate()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_TEMPERATURE
+
+    def resolved_stop_token_ids(self, defaults: Sequence[int] = DEFAULT_STOP_TOKEN_IDS) -> list[int]:
+        """The ids that end this request: the explicit list, else the model's defaults.
+
+        ``ignore_eos`` drops the defaults (the model's end tokens) but keeps ids the caller listed.
+        """
+        if self.stop_token_ids is not None:
+            return list(self.stop_token_ids)
+        return [] if self.ignore_eos else list(defaults)
+
+    def validate(self) -> None:
+        def bad(name: str, rule: str) -> InvalidInputError:
+            return InvalidInputError(f"{name} must be {rule}, got {getattr(self, name)!r}")
+
+        if not _is_number(self.temperature) or self.temperature < 0:
+            raise bad("temperature", "a finite number >= 0 (0 = greedy)")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise bad("top_p", "a number in (0, 1]")
+        if not _is_int(self.top_k) or self.top_k < -1:
+            raise bad("top_k", "an integer >= 1, or 0 / -1 to disable")
+        if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
+            raise bad("min_p", "a number in [0, 1]")
+        if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise bad("repetition_penalty", "a finite number > 0 (1 = off)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -MAX_PENALTY <= value <= MAX_PENALTY:
+                raise bad(name, f"a number in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}]")
+        if self.seed is not None and not _is_int(self.seed):
+            raise bad("seed", "an integer or null")
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
+            raise bad("max_tokens", "an integer >= 1 or null")
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
+            raise bad("min_tokens", "an integer >= 0")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise bad("min_tokens", f"<= max_tokens ({self.max_tokens})")
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
+            raise bad("stop", "a non-empty string or a list of non-empty strings")
+        if self.stop_token_ids is not None and (
+            not isinstance(self.stop_token_ids, list) or not all(_is_int(t) and t >= 0 for t in self.stop_token_ids)
+        ):
+            raise bad("stop_token_ids", "a list of integers >= 0 or null")
+        if not isinstance(self.ignore_eos, bool):
+            raise bad("ignore_eos", "a boolean")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise bad("logprobs", f"an integer in [0, {MAX_LOGPROBS}] or null")
+        if not isinstance(self.skip_special_tokens, bool):
+            raise bad("skip_special_tokens", "a boolean")

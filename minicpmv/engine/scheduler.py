@@ -1,0 +1,70 @@
+"""Which sequences run in the next forward, and with how many tokens.
+
+Every step: each running sequence past its prompt decodes one token; the remaining token budget goes to prompt
+chunks (running sequences first, then new ones admitted from the waiting queue up to ``max_num_seqs``). A chunk
+ends at a sequence's snapshot boundary so the prefix cache can save the state there.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from minicpmv.engine.sequence import Sequence, Status
+from minicpmv.errors import QueueFullError
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 1024
+    max_waiting: int = 256
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig):
+        self.config = config
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        if len(self.waiting) >= self.config.max_waiting:
+            raise QueueFullError(f"the request queue is full ({self.config.max_waiting} waiting); retry later")
+        seq.status = Status.WAITING
+        self.waiting.append(seq)
+
+    def admit(self) -> list[Sequence]:
+        """Move waiting sequences into the running set while there is room; return the newly admitted."""
+        admitted = []
+        while self.waiting and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            admitted.append(seq)
+        return admitted
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        """(sequence, number of tokens to feed) for the next forward."""
+        batch = [(s, 1) for s in self.running if not s.prefilling]
+        budget = self.config.max_num_batched_tokens - len(batch)
+        for seq in self.running:
+            if budget <= 0:
+                break
+            if not seq.prefilling:
+                continue
+            start = seq.num_computed
+            n = min(seq.num_prompt - start, budget)
+            if start < seq.snapshot_at < start + n:
+                n = seq.snapshot_at - start
+            batch.append((seq, n))
+            budget -= n
+        return batch
+
+    def remove(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def __len__(self) -> int:
+        return len(self.waiting) + len(self.running)

@@ -1,0 +1,73 @@
+"""One request as the engine sees it: prompt ids, its visual inputs, sampling parameters and what it produced."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from minicpmv.engine.sampling import SamplingParams
+from minicpmv.model.state import HybridState
+
+_ids = itertools.count()
+
+
+@dataclass
+class VisualInput:
+    """One image or video, preprocessed: its units' patches and grids, and the settings it was made with.
+
+    It carries its own ``downsample_mode``, so one batch can mix 4x and 16x requests.
+    """
+
+    kind: str  # "image" or "video"
+    pixel_values: torch.Tensor  # [sum(h*w), 3*14*14]
+    target_sizes: torch.Tensor  # [units, 2] (h, w) in patches
+    downsample_mode: str
+    num_tokens: int  # placeholder tokens this input fills
+    key: str  # content hash + settings: the vision-cache key
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    prompt_ids: list[int]
+    params: SamplingParams
+    visuals: list[VisualInput] = field(default_factory=list)
+    request_id: str = field(default_factory=lambda: f"seq-{next(_ids)}")
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""  # detokenized output, cut before any stop string
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    state: HybridState | None = None
+    num_cached: int = 0  # prompt tokens that came from the prefix cache
+    features: dict[str, torch.Tensor] = field(default_factory=dict)  # visual key -> features, while prefilling
+    generator: torch.Generator | None = None
+    logprobs: list = field(default_factory=list)
+    snapshot_at: int = 0  # prompt position whose state is worth keeping for the next turn (0 = none)
+
+    @property
+    def num_prompt(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_computed(self) -> int:
+        """Tokens already absorbed by the state."""
+        return self.state.length if self.state is not None else 0
+
+    @property
+    def prefilling(self) -> bool:
+        return self.num_computed < self.num_prompt
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    def visual_tokens(self, kind: str) -> int:
+        return sum(v.num_tokens for v in self.visuals if v.kind == kind)

@@ -1,0 +1,206 @@
+"""The engine through the public API: batching equals running alone equals transformers, prefix reuse,
+sampling and stopping, cancellation, and a bounded queue under load."""
+
+from __future__ import annotations
+
+import random
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from minicpmv.engine.engine import EngineConfig
+from minicpmv.engine.sampling import SamplingParams
+from minicpmv.engine.sequence import Sequence
+from minicpmv.errors import ContextLengthError, InvalidInputError, QueueFullError
+from minicpmv.llm import LLM
+from minicpmv.processing.tokenizer_build import write_tokenizer_files
+from tests.tiny import reference_checkpoint
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """The tiny reference checkpoint plus the real tokenizer, template and processor files."""
+    _, source = reference_checkpoint("base")
+    target = tmp_path_factory.mktemp("engine") / "ckpt"
+    shutil.copytree(source, target)
+    write_tokenizer_files(target)
+    return target
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_dir):
+    return LLM(tiny_dir, dtype="float32", progress=False)
+
+
+def image(w, h, seed):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def user(*parts):
+    content = [{"type": "image", "image": p} if isinstance(p, np.ndarray) else {"type": "text", "text": p} for p in parts]
+    return [{"role": "user", "content": content}]
+
+
+CONVERSATIONS = [
+    ({"messages": user("Tell me a story.")}),
+    ({"messages": user(image(448, 448, 1), "What is this?"), "downsample_mode": "16x"}),
+    ({"messages": user(image(640, 480, 2), "Describe it."), "downsample_mode": "4x"}),
+    ({"messages": user(image(300, 200, 3), image(800, 600, 4), image(224, 224, 5), "Compare them.")}),
+]
+
+
+def reference_greedy(tiny_dir, llm, conv, n):
+    """transformers' generate on the same conversation (its own processor, its own model)."""
+    from transformers import AutoProcessor
+
+    ref, _ = reference_checkpoint("base")
+    processor = AutoProcessor.from_pretrained(tiny_dir)
+    messages = conv["messages"]
+    mode = conv.get("downsample_mode", "16x")
+    text = llm.processor.render(messages, add_generation_prompt=True, enable_thinking=False)
+    images = [p["image"] for m in messages for p in m["content"] if p["type"] == "image"]
+    inputs = processor(text=text, images=[images] if images else None, downsample_mode=mode, return_tensors="pt")
+    with torch.no_grad():
+        out = ref.generate(**inputs, downsample_mode=mode, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def test_mixed_batch_equals_each_alone_and_transformers(llm, tiny_dir):
+    together = llm.chat(CONVERSATIONS, GREEDY)
+    assert [r.usage.image_tokens > 0 for r in together] == [False, True, True, True]
+    assert together[1].usage.image_tokens != together[2].usage.image_tokens
+    for conv, batched in zip(CONVERSATIONS, together):
+        alone = LLM.chat(llm, [conv], GREEDY)[0]
+        assert batched.token_ids == alone.token_ids
+        assert batched.finish_reason == "length" and len(batched.token_ids) == GREEDY.max_tokens
+        assert batched.token_ids == reference_greedy(tiny_dir, llm, conv, GREEDY.max_tokens)
+
+
+def test_second_turn_reuses_prefix_state_and_image_features(llm, tiny_dir):
+    photo = image(800, 600, 7)
+    turn1 = user(photo, "What is in the picture?")
+    first = llm.chat(turn1, GREEDY)[0]
+    engine = llm.engine
+    encoded, prefilled = engine.runner.encoded, engine.prefilled_tokens
+    turn2 = turn1 + [{"role": "assistant", "content": first.text}] + user("And the colours?")
+    second = llm.chat(turn2, GREEDY)[0]
+    assert engine.runner.encoded == encoded  # the image was not encoded again
+    cached = second.usage.cached_tokens
+    assert cached > first.usage.image_tokens  # the reused prefix covers the image
+    assert engine.prefilled_tokens - prefilled == second.usage.prompt_tokens - cached  # only the new suffix ran
+    cold = LLM(tiny_dir, dtype="float32", progress=False).chat(turn2, GREEDY)[0]
+    assert cold.usage.cached_tokens == 0
+    assert second.token_ids == cold.token_ids
+
+
+def test_seeded_sampling_is_reproducible(llm):
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=123, max_tokens=10, ignore_eos=True)
+    a = llm.chat(user("Hi"), params)[0]
+    b = llm.chat([user("Other"), user("Hi")], params)[1]  # different batch company
+    c = llm.chat(user("Hi"), SamplingParams(temperature=1.0, top_p=0.9, seed=124, max_tokens=10, ignore_eos=True))[0]
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids
+
+
+def run_raw(llm, messages, params) -> Sequence:
+    """Run one request on the engine directly; its ``text`` is the raw detokenized output."""
+    seq = llm.prepare(messages, params, llm.default_options)
+    llm.engine.add(seq)
+    while seq.finish_reason is None:
+        llm.engine.step()
+    return seq
+
+
+def test_stop_string_spanning_tokens_stops_exactly(llm):
+    varied = dict(temperature=1.0, seed=3, max_tokens=24, ignore_eos=True)  # greedy tiny models repeat one token
+    free = run_raw(llm, user("Say something."), SamplingParams(**varied))
+    pieces = [llm.processor.tokenizer.decode([t]) for t in free.output_ids]
+    assert "".join(pieces) == free.text
+    # A stop string that starts inside the 3rd token's text and ends inside a later one.
+    start = len(pieces[0]) + len(pieces[1]) + max(len(pieces[2]) - 1, 0)
+    stop = free.text[start : start + 6]
+    assert len(stop) == 6 and len(pieces[2]) < 6
+    stopped = run_raw(llm, user("Say something."), SamplingParams(**varied, stop=[stop]))
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == free.text[: free.text.find(stop)]
+    assert stopped.output_ids == free.output_ids[: len(stopped.output_ids)] and len(stopped.output_ids) < 24
+
+
+def test_finish_reasons(llm):
+    free = llm.chat(user("Go."), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
+    assert free.finish_reason == "length" and len(free.token_ids) == 8
+    stop_id = free.token_ids[4]
+    first = free.token_ids.index(stop_id)
+    stopped = llm.chat(user("Go."), SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[stop_id]))[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.token_ids == free.token_ids[: first + 1]
+
+
+def test_prompt_longer_than_context_is_refused(tiny_dir):
+    small = LLM(tiny_dir, dtype="float32", progress=False, engine_config=EngineConfig(max_model_len=64))
+    with pytest.raises(ContextLengthError, match="context holds 64 tokens"):
+        small.chat(user("word " * 100), GREEDY)
+    assert small.chat(user("Hi"), SamplingParams(temperature=0, max_tokens=5))[0].token_ids
+
+
+def test_unknown_option_and_bad_messages(llm):
+    with pytest.raises(InvalidInputError, match="unknown chat option"):
+        llm.chat(user("Hi"), GREEDY, downsample="4x")
+    with pytest.raises(InvalidInputError):
+        llm.chat([{"role": "user", "content": [{"type": "image", "image": b"not an image"}]}], GREEDY)
+
+
+def test_cancelled_stream_frees_its_state(llm):
+    stream = llm.chat_stream(user("Count."), SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
+    next(stream)
+    next(stream)
+    seq = next(iter(llm.engine.scheduler.running))
+    assert seq.state is not None
+    stream.close()
+    assert seq.finish_reason == "abort" and seq.state is None
+    assert len(llm.engine.scheduler) == 0
+
+
+def test_stream_deltas_join_to_the_final_text(llm):
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    deltas = list(llm.chat_stream(user("Write."), params, enable_thinking=True))
+    final = deltas[-1].result
+    assert final is not None and deltas[-1].finish_reason == "length"
+    assert "".join(d.reasoning for d in deltas) == (final.reasoning or "")
+    assert "".join(d.text for d in deltas) == (final.text or "")
+    assert final.token_ids == llm.chat(user("Write."), params, enable_thinking=True)[0].token_ids
+
+
+def test_200_requests_through_a_small_queue(tiny_dir):
+    llm = LLM(
+        tiny_dir,
+        dtype="float32",
+        progress=False,
+        engine_config=EngineConfig(max_num_seqs=4, max_waiting=6, max_num_batched_tokens=128),
+    )
+    engine, rng = llm.engine, random.Random(0)
+    prompt_ids = llm.prepare(user("Hello there"), None, llm.default_options).prompt_ids
+    accepted, rejected = [], 0
+    for i in range(200):
+        seq = Sequence(
+            prompt_ids + [rng.randrange(1000, 5000) for _ in range(rng.randrange(0, 40))],
+            SamplingParams(temperature=0.8, seed=i, max_tokens=rng.randrange(1, 6), ignore_eos=True),
+        )
+        try:
+            engine.add(seq)
+            accepted.append(seq)
+        except QueueFullError:
+            rejected += 1
+        if i % 3 == 0:
+            engine.step()
+    while engine.has_work():
+        engine.step()
+    assert rejected > 0 and len(accepted) + rejected == 200
+    assert all(s.finish_reason == "length" and 1 <= len(s.output_ids) <= 5 for s in accepted)
+    assert all(s.state is None and not s.features for s in accepted)
+    assert len(engine.scheduler) == 0 and not engine._detok and not engine._stops
+    assert engine.prefix_cache.bytes <= engine.prefix_cache.max_bytes
