@@ -1,0 +1,189 @@
+"""Chat messages + images -> prompt text, token ids and encoder inputs.
+
+The chat template writes one `<|image_pad|>` per image; each is then expanded into the image's full placeholder
+(`<image_id>k</image_id><image>pads</image>` plus one `<slice>pads</slice>` per slice, rows joined by newlines),
+with pad counts taken from the image's `ImagePlan`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minicpmv.errors import CheckpointError, ImageError, InvalidInputError
+from minicpmv.processing.chat_template import ChatTemplate
+from minicpmv.processing.image import DownsampleMode, ImagePlan, ImageSettings, ProcessedImage, process_image
+from minicpmv.processing.image_io import ImageInput
+from minicpmv.processing.tokenizer import MediaTokens, TextTokenizer
+
+IMAGE_KEYS = ("image", "image_url")
+VIDEO_KEYS = ("video", "video_url")
+
+
+def image_placeholder(plan: ImagePlan, tokens: MediaTokens, image_id: int | None = None) -> str:
+    def wrap(start: str, count: int, end: str) -> str:
+        return start + tokens.image * count + end
+
+    source, *slices = plan.units
+    prefix = "" if image_id is None else f"{tokens.image_id_start}{image_id}{tokens.image_id_end}"
+    text = prefix + wrap(tokens.image_start, source.num_tokens, tokens.image_end)
+    if plan.grid is not None:
+        rows, cols = plan.grid
+        row_texts = [
+            "".join(wrap(tokens.slice_start, s.num_tokens, tokens.slice_end) for s in slices[r * cols : (r + 1) * cols])
+            for r in range(rows)
+        ]
+        text += "\n".join(row_texts)
+    return text
+
+
+def expand_placeholders(text: str, placeholder: str, replacements: list[str]) -> str:
+    """Replace the i-th `placeholder` in `text` with `replacements[i]`."""
+    pieces = text.split(placeholder)
+    if len(pieces) - 1 != len(replacements):
+        raise InvalidInputError(
+            f"the conversation has {len(pieces) - 1} {placeholder} placeholder(s) but {len(replacements)} were supplied"
+        )
+    out = [pieces[0]]
+    for replacement, piece in zip(replacements, pieces[1:]):
+        out += [replacement, piece]
+    return "".join(out)
+
+
+def _part_source(part: Mapping, key: str) -> Any:
+    """The media a content part carries, in any of the usual spellings; None if it carries none."""
+    value = part.get(key)
+    if isinstance(value, Mapping):  # OpenAI style: {"image_url": {"url": ...}}
+        value = value.get("url")
+    if value is None:
+        value = part.get("url", part.get("path"))
+    if value is None and part.get("base64") is not None:
+        try:
+            value = base64.b64decode(part["base64"], validate=True)
+        except (binascii.Error, ValueError, TypeError) as e:
+            raise ImageError(f"content part has invalid base64 data: {e}") from e
+    return value
+
+
+def collect_media(messages: list[dict]) -> tuple[list[dict], list[Any], list[Any]]:
+    """Copy of `messages` whose media parts are reduced to {"type": "image"|"video"}, plus the media they carried
+    (None where a part names no data), in conversation order."""
+    if not isinstance(messages, list) or not all(isinstance(m, Mapping) for m in messages):
+        raise InvalidInputError("messages must be a list of dicts")
+    images, videos, out = [], [], []
+    for message in messages:
+        content = message.get("content")
+        if not isinstance(content, list):
+            out.append(message)
+            continue
+        parts = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, Mapping) else None
+            if isinstance(part, Mapping) and (kind in IMAGE_KEYS or any(k in part for k in IMAGE_KEYS)):
+                images.append(_part_source(part, next((k for k in IMAGE_KEYS if k in part), "image")))
+                part = {"type": "image"}
+            elif isinstance(part, Mapping) and (kind in VIDEO_KEYS or any(k in part for k in VIDEO_KEYS)):
+                videos.append(_part_source(part, next((k for k in VIDEO_KEYS if k in part), "video")))
+                part = {"type": "video"}
+            parts.append(part)
+        out.append({**message, "content": parts})
+    return out, images, videos
+
+
+@dataclass
+class ProcessorOutput:
+    text: str
+    input_ids: torch.Tensor  # 1-D int64, no BOS, no padding
+    images: list[ProcessedImage]
+
+
+class Processor:
+    def __init__(
+        self, tokenizer: TextTokenizer, template: ChatTemplate, image_settings: ImageSettings, use_image_id: bool = True
+    ):
+        self.tokenizer = tokenizer
+        self.template = template
+        self.image_settings = image_settings
+        self.use_image_id = use_image_id
+
+    @classmethod
+    def from_dir(cls, directory: str | os.PathLike) -> Processor:
+        directory = Path(directory)
+        config: dict = {}
+        for name, section in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+            path = directory / name
+            if path.is_file():
+                try:
+                    data = json.loads(path.read_text(encoding="utf-8"))
+                except ValueError as e:
+                    raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+                config.update(data.get(section, {}) if section else data)
+        return cls(
+            TextTokenizer.from_dir(directory),
+            ChatTemplate.from_dir(directory),
+            ImageSettings.from_config(config),
+            use_image_id=bool(config.get("use_image_id", True)),
+        )
+
+    def render(self, messages: list[dict], **kwargs: Any) -> str:
+        """The chat template's text, with one raw `<|image_pad|>` per image (what `apply_chat_template` returns)."""
+        return self.template.render(collect_media(messages)[0], **kwargs)
+
+    def __call__(
+        self,
+        messages: list[dict],
+        images: list[ImageInput] | None = None,
+        *,
+        add_generation_prompt: bool = True,
+        enable_thinking: bool = False,
+        tools: list[dict] | None = None,
+        use_image_id: bool | None = None,
+        downsample_mode: DownsampleMode | None = None,
+        max_slice_nums: int | None = None,
+    ) -> ProcessorOutput:
+        """`images` overrides the data carried by the messages' image parts; either way the i-th image fills
+        the i-th image placeholder."""
+        messages, part_images, part_videos = collect_media(messages)
+        text = self.template.render(
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            tools=tools,
+            enable_thinking=enable_thinking,
+            **self.tokenizer.special_tokens,
+        )
+        tokens = self.tokenizer.media
+        if images is not None and not isinstance(images, (list, tuple)):
+            raise InvalidInputError(f"images must be a list, got {type(images).__name__}")
+        if images is None:
+            if any(source is None for source in part_images):
+                raise InvalidInputError("an image content part carries no image data and no images= were given")
+            images = part_images
+        if (placeholders := text.count(tokens.image)) != len(images):
+            raise InvalidInputError(
+                f"the conversation has {placeholders} image placeholder(s) but {len(images)} image(s) were given"
+            )
+
+        overrides = {"downsample_mode": downsample_mode, "max_slice_nums": max_slice_nums}
+        settings = dataclasses.replace(self.image_settings, **{k: v for k, v in overrides.items() if v is not None})
+        processed = [process_image(image, settings) for image in images]
+        with_ids = self.use_image_id if use_image_id is None else use_image_id
+        replacements = [image_placeholder(p.plan, tokens, i if with_ids else None) for i, p in enumerate(processed)]
+        text = expand_placeholders(text, tokens.image, replacements)
+        text = self._expand_videos(text, part_videos)
+        input_ids = torch.tensor(self.tokenizer.encode(text), dtype=torch.int64)
+        return ProcessorOutput(text, input_ids, processed)
+
+    def _expand_videos(self, text: str, videos: list[Any]) -> str:
+        """Seam for video support: expand each `<|video_pad|>` like images (frames wrapped in <image>...</image>)."""
+        if videos or self.tokenizer.media.video in text:
+            raise InvalidInputError("video input is not supported yet")
+        return text

@@ -1,0 +1,22 @@
+"""Shared fixtures: a checkpoint-like directory with the rebuilt tokenizer and the reference processor files."""
+
+from __future__ import annotations
+
+import pytest
+
+from minicpmv.processing.tokenizer_build import write_tokenizer_files
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("minicpmv-tokenizer")
+    write_tokenizer_files(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def reference_processor(tokenizer_dir):
+    """transformers' MiniCPMV4_6Processor (torchvision image backend): the test oracle."""
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(tokenizer_dir)
