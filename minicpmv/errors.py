@@ -13,6 +13,10 @@ class ImageError(InvalidInputError):
     """An image could not be read, is empty, or is larger than the configured pixel limit."""
 
 
+class VideoError(InvalidInputError):
+    """A video could not be opened or decoded, has no video stream or no frames, or its frames are too large."""
+
+
 class CheckpointError(MiniCPMVError):
     """A checkpoint is missing, incomplete, corrupt or of an unsupported kind."""
 

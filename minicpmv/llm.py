@@ -118,6 +118,7 @@ class LLM:
         self.engine = Engine(self.model, self.processor.tokenizer.backend, self.eos_token_ids, engine_config)
         self.default_options = ChatOptions.build(default_options)
         self.name = str(model)
+        self.demo = bool(json.loads((directory / "config.json").read_text()).get("demo_random_weights", False))
 
     # -- building requests ------------------------------------------------------------------------------------
     def prepare(self, messages: list[dict], params: SamplingParams | None, options: ChatOptions) -> Sequence:

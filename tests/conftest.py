@@ -20,3 +20,17 @@ def reference_processor(tokenizer_dir):
     from transformers import AutoProcessor
 
     return AutoProcessor.from_pretrained(tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """The tiny reference checkpoint (tests/tiny.py) plus the real tokenizer, template and processor files."""
+    import shutil
+
+    from tests.tiny import reference_checkpoint
+
+    _, source = reference_checkpoint("base")
+    target = tmp_path_factory.mktemp("tiny") / "ckpt"
+    shutil.copytree(source, target)
+    write_tokenizer_files(target)
+    return target

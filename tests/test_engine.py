@@ -4,8 +4,6 @@ sampling and stopping, cancellation, and a bounded queue under load."""
 from __future__ import annotations
 
 import random
-import shutil
-
 import numpy as np
 import pytest
 import torch
@@ -15,20 +13,9 @@ from minicpmv.engine.sampling import SamplingParams
 from minicpmv.engine.sequence import Sequence
 from minicpmv.errors import ContextLengthError, InvalidInputError, QueueFullError
 from minicpmv.llm import LLM
-from minicpmv.processing.tokenizer_build import write_tokenizer_files
 from tests.tiny import reference_checkpoint
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    """The tiny reference checkpoint plus the real tokenizer, template and processor files."""
-    _, source = reference_checkpoint("base")
-    target = tmp_path_factory.mktemp("engine") / "ckpt"
-    shutil.copytree(source, target)
-    write_tokenizer_files(target)
-    return target
 
 
 @pytest.fixture(scope="module")

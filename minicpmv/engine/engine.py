@@ -129,7 +129,19 @@ class Engine:
             rows[:, self.never_sample] = float("-inf")
         seqs = [batch[i][0] for i in ready]
         sampled = self.sampler(rows, [SampleRow(s.params, s.prompt_ids, s.output_ids, s.generator) for s in seqs])
-        return [self._append(*args) for args in zip(seqs, sampled.token_ids, sampled.logprobs)]
+        tokens = [self._forced(s, t) for s, t in zip(seqs, sampled.token_ids)]
+        return [self._append(*args) for args in zip(seqs, tokens, sampled.logprobs)]
+
+    def _forced(self, seq: Sequence, sampled: int) -> int:
+        """The test hook: a sequence with ``forced_output_ids`` emits them (then its first stop id) instead."""
+        forced = seq.forced_output_ids
+        if forced is None:
+            return sampled
+        n = len(seq.output_ids)
+        if n < len(forced):
+            return forced[n]
+        stops = seq.params.resolved_stop_token_ids(self.eos_token_ids)
+        return stops[0] if stops else sampled
 
     def _prefix_key(self, seq: Sequence, length: int) -> str:
         image, video = self.runner.token_ids["image"], self.runner.token_ids["video"]

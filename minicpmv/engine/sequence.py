@@ -50,6 +50,7 @@ class Sequence:
     features: dict[str, torch.Tensor] = field(default_factory=dict)  # visual key -> features, while prefilling
     generator: torch.Generator | None = None
     logprobs: list = field(default_factory=list)
+    forced_output_ids: list[int] | None = None  # test hook: emit these tokens instead of sampling
     snapshot_at: int = 0  # prompt position whose state is worth keeping for the next turn (0 = none)
 
     @property

@@ -1,0 +1,196 @@
+"""The ``minicpmv`` command: serve, run, chat, download, demo-checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+from minicpmv.errors import MiniCPMVError
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="checkpoint directory or Hugging Face repo id (e.g. openbmb/MiniCPM-V-4.6)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when present)")
+    p.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoded together")
+    p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
+
+
+def _processing_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mode", choices=["16x", "4x"], default=None, help="visual token compression (default 16x)")
+    p.add_argument("--max-slices", type=int, default=None, help="max slices per image (model card: 36)")
+    p.add_argument("--think", action="store_true", help="let the model think before answering")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minicpmv", description="MiniCPM-V 4.6 inference and serving")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat at /")
+    _engine_args(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    serve.add_argument("--served-model-name", default=None, help="the model id clients send (default: MODEL)")
+    serve.add_argument("--max-waiting", type=int, default=256, help="queued requests before 429")
+    serve.add_argument("--allowed-local-media-path", type=Path, default=None, help="file:// media allowed under it")
+    serve.add_argument("--allow-private-media-urls", action="store_true", help="allow media URLs on private networks")
+    serve.add_argument("--max-image-pixels", type=int, default=None, help="refuse larger images (default 64 Mpx)")
+    serve.add_argument("--max-body-mb", type=int, default=100, help="largest request body")
+    serve.add_argument("--enable-test-hooks", action="store_true", help=argparse.SUPPRESS)
+
+    run = sub.add_parser("run", help="answer one question about images / videos and exit")
+    _engine_args(run)
+    run.add_argument("question")
+    run.add_argument("--image", action="append", default=[], help="image file (repeatable)")
+    run.add_argument("--video", action="append", default=[], help="video file (repeatable)")
+    run.add_argument("--json", action="store_true", help="print the full result as JSON")
+    _processing_args(run)
+    _sampling_args(run)
+
+    chat = sub.add_parser("chat", help="interactive terminal chat")
+    _engine_args(chat)
+    _processing_args(chat)
+    _sampling_args(chat)
+
+    download = sub.add_parser("download", help="fetch a model into the local Hugging Face cache")
+    download.add_argument("model", help="repo id, e.g. openbmb/MiniCPM-V-4.6")
+
+    demo = sub.add_parser("demo-checkpoint", help="write a random-weight checkpoint with the real tokenizer")
+    demo.add_argument("directory", type=Path)
+    demo.add_argument("--size", choices=["tiny", "full"], default="tiny")
+    demo.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _llm(args, **options):
+    from minicpmv.engine.engine import EngineConfig
+    from minicpmv.llm import LLM
+
+    config = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
+    if getattr(args, "max_waiting", None):
+        config.max_waiting = args.max_waiting
+    return LLM(args.model, dtype=args.dtype, device=args.device, engine_config=config, **options)
+
+
+def _sampling(args):
+    from minicpmv.engine.sampling import SamplingParams
+
+    return SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, max_tokens=args.max_tokens
+    )
+
+
+def cmd_run(args) -> int:
+    for path in [*args.image, *args.video]:
+        if not Path(path).is_file():
+            raise MiniCPMVError(f"no such file: {path}")
+    llm = _llm(args)
+    content = [{"type": "image", "image": p} for p in args.image] + [{"type": "video", "video": p} for p in args.video]
+    content.append({"type": "text", "text": args.question})
+    start = time.perf_counter()
+    result = llm.chat(
+        [{"role": "user", "content": content}],
+        _sampling(args),
+        downsample_mode=args.mode,
+        max_slice_nums=args.max_slices,
+        enable_thinking=args.think,
+    )[0]
+    elapsed = time.perf_counter() - start
+    if args.json:
+        out = {
+            "text": result.text,
+            "reasoning": result.reasoning,
+            "tool_calls": [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in result.tool_calls],
+            "finish_reason": result.finish_reason,
+            "usage": {**vars(result.usage), "total_tokens": result.usage.total_tokens},
+            "timings": {"seconds": round(elapsed, 3), "tokens_per_second": round(len(result.token_ids) / elapsed, 2)},
+        }
+        print(json.dumps(out, ensure_ascii=False, indent=2))
+    else:
+        if result.reasoning:
+            print(f"[thinking] {result.reasoning}\n", file=sys.stderr)
+        print(result.text or "")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from minicpmv.serve.app import ServerConfig, create_app
+    from minicpmv.serve.media import MediaPolicy
+
+    llm = _llm(args)
+    if llm.demo:
+        print("WARNING: this is a DEMO checkpoint with RANDOM weights: its answers are noise.", file=sys.stderr)
+    if args.max_image_pixels:
+        settings = llm.processor.image_settings
+        llm.processor.image_settings = dataclasses.replace(settings, max_pixels=args.max_image_pixels)
+    config = ServerConfig(
+        model_name=args.served_model_name or args.model,
+        api_key=args.api_key,
+        max_body_bytes=args.max_body_mb << 20,
+        media=MediaPolicy(allow_private=args.allow_private_media_urls, allowed_local_path=args.allowed_local_media_path),
+        enable_test_hooks=args.enable_test_hooks,
+    )
+    app = create_app(llm, config)
+    print(f"serving {config.model_name} on http://{args.host}:{args.port}  (web chat at /)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def cmd_download(args) -> int:
+    from minicpmv.checkpoint import REPO_FILES
+
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(args.model, allow_patterns=REPO_FILES)
+    except Exception as exc:
+        raise MiniCPMVError(f"could not download {args.model}: {type(exc).__name__}: {exc}") from None
+    print(path)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from minicpmv.demo import write_demo_checkpoint
+
+    path = write_demo_checkpoint(args.directory, size=args.size, seed=args.seed)
+    print(f"wrote a {args.size} random-weight checkpoint to {path}")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from minicpmv.chat import interactive
+
+    return interactive(_llm(args), args)
+
+
+COMMANDS = {"serve": cmd_serve, "run": cmd_run, "chat": cmd_chat, "download": cmd_download, "demo-checkpoint": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except MiniCPMVError as exc:
+        print(f"minicpmv: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

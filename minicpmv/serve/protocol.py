@@ -1,0 +1,120 @@
+"""OpenAI chat-completions request schema (plus vLLM's extras) and the response / chunk / error bodies."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from minicpmv.engine.sampling import SamplingParams
+
+
+class MMProcessorKwargs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    downsample_mode: Literal["16x", "4x"] | None = None
+    max_slice_nums: int | None = Field(None, ge=1, le=64)
+    use_image_id: bool | None = None
+    max_num_frames: int | None = Field(None, ge=1, le=1024)
+    stack_frames: int | None = Field(None, ge=1, le=10)
+
+
+class ChatTemplateKwargs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    enable_thinking: bool = False
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """Unknown fields are refused (400) rather than ignored: nothing a client sends is silently dropped."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    min_tokens: int | None = None
+    n: int = 1
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    mm_processor_kwargs: MMProcessorKwargs | None = None
+    chat_template_kwargs: ChatTemplateKwargs | None = None
+    normalize_escaped_newlines: bool = False  # the model card's "\\n" -> newline clean-up of content
+    user: str | None = None
+    test_output: str | None = None  # honoured only when the server runs with test hooks enabled
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, n: int) -> int:
+        if n != 1:
+            raise ValueError("only n=1 is supported")
+        return n
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice(cls, choice):
+        if choice is None or choice in ("auto", "none", "required"):
+            return choice
+        if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(
+            (choice.get("function") or {}).get("name"), str
+        ):
+            return choice
+        raise ValueError("tool_choice must be 'auto', 'none', 'required' or {'type': 'function', 'function': {'name': ...}}")
+
+    def sampling_params(self) -> SamplingParams:
+        given = {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "max_tokens": self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens,
+            "min_tokens": self.min_tokens,
+            "stop": self.stop,
+            "stop_token_ids": self.stop_token_ids,
+            "seed": self.seed,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "repetition_penalty": self.repetition_penalty,
+            "logprobs": (self.top_logprobs or 0) if self.logprobs else None,
+        }
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=true")
+        return SamplingParams(
+            ignore_eos=self.ignore_eos,
+            skip_special_tokens=self.skip_special_tokens,
+            **{k: v for k, v in given.items() if v is not None},
+        )
+
+
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def error_body(message: str, kind: str, code: int, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}

@@ -1,0 +1,328 @@
+"""A real server on 127.0.0.1 driven by the official openai client: chat, streaming, media, tools, thinking,
+concurrency, cancellation and every error status."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx2 as httpx
+import numpy as np
+import pytest
+import uvicorn
+from openai import OpenAI
+from PIL import Image
+
+from minicpmv.engine.engine import EngineConfig
+from minicpmv.llm import LLM
+from minicpmv.serve.app import ServerConfig, create_app
+from minicpmv.serve.media import MediaPolicy
+
+KEY = "test-key"
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string"},
+                "days": {"type": "integer"},
+                "scale": {"type": "number"},
+                "metric": {"type": "boolean"},
+                "tags": {"type": "array"},
+                "where": {"type": "object"},
+                "note": {"type": ["string", "null"]},
+            },
+        },
+    },
+}
+TIME_TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}}}}
+
+
+class Server:
+    def __init__(self, llm: LLM, config: ServerConfig):
+        self.llm = llm
+        self.app = create_app(llm, config)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.05)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.client = OpenAI(base_url=self.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+    def post(self, body, key=KEY, **kw):
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.post(self.url + "/v1/chat/completions", json=body, headers=headers, timeout=60, **kw)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def media_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("media")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir, media_dir):
+    llm = LLM(tiny_dir, dtype="float32", progress=False, engine_config=EngineConfig(max_num_seqs=8, max_waiting=64))
+    config = ServerConfig(
+        model_name="tiny",
+        api_key=KEY,
+        max_body_bytes=4 << 20,
+        media=MediaPolicy(allowed_local_path=media_dir),
+        enable_test_hooks=True,
+    )
+    s = Server(llm, config)
+    yield s
+    s.stop()
+
+
+def data_uri(w, h, seed=0):
+    pixels = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def image_message(*uris, text="What is this?"):
+    parts = [{"type": "image_url", "image_url": {"url": u}} for u in uris]
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
+
+
+def chat(server, messages, **kw):
+    kw.setdefault("max_tokens", 6)
+    kw.setdefault("temperature", 0)
+    return server.client.chat.completions.create(model="tiny", messages=messages, **kw)
+
+
+def stream(server, messages, **kw):
+    kw.setdefault("max_tokens", 6)
+    kw.setdefault("temperature", 0)
+    chunks = list(server.client.chat.completions.create(model="tiny", messages=messages, stream=True, **kw))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    reasoning = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    return chunks, text, reasoning, finish
+
+
+# -- the happy paths -----------------------------------------------------------------------------------------
+def test_models_health_and_metrics(server):
+    assert [m.id for m in server.client.models.list().data] == ["tiny"]
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    chat(server, [{"role": "user", "content": "Hi"}])
+    metrics = httpx.get(server.url + "/metrics").text
+    for name in ("requests_total", "queue_depth", "running_sequences", "prompt_tokens_total", "completion_tokens_total",
+                 "time_to_first_token_seconds_bucket", "inter_token_latency_seconds_count", "vision_encode_seconds_total",
+                 "vision_cache_hits_total", "prefix_cache_hits_total"):
+        assert f"minicpmv_{name}" in metrics
+
+
+def test_chat_non_stream_and_stream_agree(server):
+    messages = [{"role": "user", "content": "Tell me something."}]
+    full = chat(server, messages, max_tokens=8, seed=1, temperature=0.9)
+    chunks, text, _, finish = stream(server, messages, max_tokens=8, seed=1, temperature=0.9, stream_options={"include_usage": True})
+    assert full.choices[0].message.content == (text or None)
+    assert finish == [full.choices[0].finish_reason] == ["length"]
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens == 8
+    assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
+
+
+def image_tokens(server, messages, **extra) -> dict:
+    body = {"model": "tiny", "messages": messages, "max_tokens": 2, **extra}
+    r = server.post(body)
+    assert r.status_code == 200, r.text
+    return r.json()["usage"]
+
+
+def test_images_as_data_uris_and_per_request_mode(server):
+    one16 = image_tokens(server, image_message(data_uri(448, 448)))
+    one4 = image_tokens(server, image_message(data_uri(448, 448)), mm_processor_kwargs={"downsample_mode": "4x"})
+    two = image_tokens(server, image_message(data_uri(448, 448), data_uri(640, 480, 1)))
+    assert one16["prompt_tokens_details"]["image_tokens"] == 64
+    assert one4["prompt_tokens_details"]["image_tokens"] == 256
+    assert two["prompt_tokens_details"]["image_tokens"] > 64
+    assert two["prompt_tokens"] > one16["prompt_tokens"]
+    # and through the official client
+    assert chat(server, image_message(data_uri(448, 448))).usage.prompt_tokens == one16["prompt_tokens"]
+
+
+def test_local_file_media_only_under_the_allowed_path(server, media_dir, tmp_path):
+    Image.fromarray(np.zeros((60, 80, 3), np.uint8)).save(media_dir / "black.png")
+    ok = image_tokens(server, image_message(f"file://{media_dir / 'black.png'}"))
+    assert ok["prompt_tokens_details"]["image_tokens"] > 0
+    Image.fromarray(np.zeros((60, 80, 3), np.uint8)).save(tmp_path / "outside.png")
+    r = server.post({"model": "tiny", "messages": image_message(f"file://{tmp_path / 'outside.png'}")})
+    assert r.status_code == 400 and "outside.png" in r.json()["error"]["message"]
+
+
+def test_thinking_on_and_off(server):
+    forced = "Let me look.\n</think>\n\nIt is a cat."
+    on = chat(server, [{"role": "user", "content": "?"}], max_tokens=50, extra_body={"test_output": forced, "chat_template_kwargs": {"enable_thinking": True}})
+    assert on.choices[0].message.model_extra["reasoning_content"] == "Let me look."
+    assert on.choices[0].message.content == "It is a cat."
+    _, text, reasoning, _ = stream(server, [{"role": "user", "content": "?"}], max_tokens=50,
+                                   extra_body={"test_output": forced, "chat_template_kwargs": {"enable_thinking": True}})
+    assert (reasoning, text) == ("Let me look.", "It is a cat.")
+    off = chat(server, [{"role": "user", "content": "?"}], max_tokens=50, extra_body={"test_output": "It is a dog."})
+    assert off.choices[0].message.content == "It is a dog."
+    assert off.choices[0].message.model_extra.get("reasoning_content") is None
+    cut = chat(server, [{"role": "user", "content": "?"}], max_tokens=3,
+               extra_body={"test_output": "thinking and thinking and thinking", "chat_template_kwargs": {"enable_thinking": True}})
+    assert cut.choices[0].finish_reason == "length" and cut.choices[0].message.content is None
+    assert cut.choices[0].message.model_extra["reasoning_content"]
+
+
+# -- tool calls ----------------------------------------------------------------------------------------------
+def call_xml(name, **params):
+    body = "".join(f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in params.items())
+    return f"<tool_call>\n<function={name}>\n{body}</function>\n</tool_call>"
+
+
+TOOL_CASES = {
+    "one call": (call_xml("get_weather", city="Paris"), None, [("get_weather", {"city": "Paris"})]),
+    "two calls": (call_xml("get_weather", city="Rome") + "\n" + call_xml("get_time", zone="CET"), None,
+                  [("get_weather", {"city": "Rome"}), ("get_time", {"zone": "CET"})]),
+    "text then call": ("Checking.\n\n" + call_xml("get_time", zone="UTC"), "Checking.", [("get_time", {"zone": "UTC"})]),
+    "every type": (
+        call_xml("get_weather", city="New\nYork", days=3, scale=1.5, metric="true", tags='["a", 1]',
+                 where='{"lat": 1.0, "nested": {"x": [1, 2]}}', note="null"),
+        None,
+        [("get_weather", {"city": "New\nYork", "days": 3, "scale": 1.5, "metric": True, "tags": ["a", 1],
+                          "where": {"lat": 1.0, "nested": {"x": [1, 2]}}, "note": None})],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TOOL_CASES))
+def test_tool_calls_stream_and_non_stream(server, case):
+    output, content, calls = TOOL_CASES[case]
+    kw = dict(tools=[WEATHER_TOOL, TIME_TOOL], max_tokens=200, extra_body={"test_output": output})
+    message = chat(server, [{"role": "user", "content": "?"}], **kw).choices[0]
+    assert message.finish_reason == "tool_calls"
+    assert message.message.content == content
+    got = [(c.function.name, json.loads(c.function.arguments)) for c in message.message.tool_calls]
+    assert got == calls
+    chunks, text, _, finish = stream(server, [{"role": "user", "content": "?"}], **kw)
+    assert finish == ["tool_calls"] and (text or None) == content
+    streamed: dict[int, dict] = {}
+    for c in chunks:
+        for tc in (c.choices[0].delta.tool_calls or []) if c.choices else []:
+            entry = streamed.setdefault(tc.index, {"name": None, "args": ""})
+            if tc.function.name:
+                assert entry["name"] is None and entry["args"] == ""  # the name comes first, once
+                entry["name"] = tc.function.name
+            entry["args"] += tc.function.arguments or ""
+    assert [(e["name"], json.loads(e["args"])) for _, e in sorted(streamed.items())] == calls
+
+
+def test_malformed_tool_call_stays_text(server):
+    bad = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis"
+    kw = dict(tools=[WEATHER_TOOL], max_tokens=200, extra_body={"test_output": bad})
+    full = chat(server, [{"role": "user", "content": "?"}], **kw).choices[0]
+    assert not full.message.tool_calls and full.finish_reason == "stop"
+    assert "<function=get_weather>" in full.message.content
+    chunks, text, _, _ = stream(server, [{"role": "user", "content": "?"}], **kw)
+    assert text == full.message.content
+    assert not any(c.choices and c.choices[0].delta.tool_calls for c in chunks)
+
+
+def test_tool_choice_none_leaves_calls_as_text(server):
+    r = chat(server, [{"role": "user", "content": "?"}], tools=[WEATHER_TOOL], tool_choice="none", max_tokens=200,
+             extra_body={"test_output": call_xml("get_weather", city="Oslo")})
+    assert not r.choices[0].message.tool_calls and "<function=get_weather>" in r.choices[0].message.content
+
+
+# -- load and cancellation -----------------------------------------------------------------------------------
+def test_32_concurrent_streams(server):
+    def one(i):
+        _, text, _, finish = stream(server, [{"role": "user", "content": f"Story {i}"}], max_tokens=5, seed=i, temperature=1.0)
+        return finish
+
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(one, range(32)))
+    assert results == [["length"]] * 32
+    assert len(server.llm.engine.scheduler) == 0
+
+
+def test_disconnecting_client_frees_its_sequence(server):
+    engine = server.llm.engine
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Go on forever."}], "stream": True,
+            "max_tokens": 20000, "ignore_eos": True, "temperature": 1.0, "seed": 5}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as r:
+        lines = r.iter_lines()
+        for _ in range(4):
+            next(lines)
+        assert len(engine.scheduler.running) == 1
+        seq = engine.scheduler.running[0]
+    deadline = time.time() + 10
+    while seq.finish_reason is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert seq.finish_reason == "abort" and seq.state is None
+    assert chat(server, [{"role": "user", "content": "still there?"}]).choices[0].finish_reason == "length"
+
+
+# -- errors --------------------------------------------------------------------------------------------------
+def error_of(r, status):
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body["error"]) >= {"message", "type", "code"} and body["error"]["code"] == status
+    assert "Traceback" not in r.text
+    return body["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "patch, needle",
+    [
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"n": 2}, "n=1"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"frobnicate": True}, "frobnicate"),
+        ({"messages": []}, "messages"),
+        ({"messages": image_message("data:image/png;base64,AAAA")}, "image"),
+        ({"messages": image_message("data:image/png;base64,!!!")}, "base64"),
+        ({"messages": [{"role": "user", "content": "word " * 40000}]}, "context"),  # tiny model: 32k context
+        ({"mm_processor_kwargs": {"downsample_mode": "2x"}}, "downsample_mode"),
+        ({"tool_choice": "sometimes"}, "tool_choice"),
+        ({"test_output": 5}, "test_output"),
+    ],
+)
+def test_bad_requests_are_400_and_the_server_keeps_serving(server, patch, needle):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, **patch}
+    assert needle in error_of(server.post(body), 400)
+    assert chat(server, [{"role": "user", "content": "Hi"}]).choices[0].finish_reason == "length"
+
+
+def test_auth_unknown_model_and_oversized_body(server):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    assert "API key" in error_of(server.post(body, key=None), 401)
+    assert "API key" in error_of(server.post(body, key="wrong"), 401)
+    assert "gpt-4" in error_of(server.post({**body, "model": "gpt-4"}), 404)
+    huge = {**body, "messages": [{"role": "user", "content": "x" * (5 << 20)}]}
+    assert "exceeds" in error_of(server.post(huge), 413)
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_queue_full_is_429(tiny_dir):
+    llm = LLM(tiny_dir, dtype="float32", progress=False, engine_config=EngineConfig(max_num_seqs=1, max_waiting=1))
+    small = Server(llm, ServerConfig(model_name="tiny", api_key=KEY))
+    try:
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 400, "ignore_eos": True}
+        with ThreadPoolExecutor(6) as pool:
+            codes = sorted(pool.map(lambda _: small.post(body).status_code, range(6)))
+        assert 200 in codes and 429 in codes and set(codes) <= {200, 429}
+        r = small.post({**body, "max_tokens": 2})
+        assert r.status_code == 200
+    finally:
+        small.stop()
