@@ -34,8 +34,15 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments give one line (not the whole usage) and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minicpmv", description="MiniCPM-V 4.6 inference and serving")
+    parser = _Parser(prog="minicpmv", description="MiniCPM-V 4.6 inference and serving")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat at /")
@@ -49,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allow-private-media-urls", action="store_true", help="allow media URLs on private networks")
     serve.add_argument("--max-image-pixels", type=int, default=None, help="refuse larger images (default 64 Mpx)")
     serve.add_argument("--max-body-mb", type=int, default=100, help="largest request body")
+    serve.add_argument(
+        "--demo-fallback",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="when MODEL cannot be found or downloaded, serve a random-weight demo checkpoint written to DIR",
+    )
     serve.add_argument("--enable-test-hooks", action="store_true", help=argparse.SUPPRESS)
 
     run = sub.add_parser("run", help="answer one question about images / videos and exit")
@@ -126,20 +140,46 @@ def cmd_run(args) -> int:
     return 0
 
 
+DEMO_BANNER = """
+################################################################################
+#  DEMO CHECKPOINT: the weights are RANDOM. Answers are noise.                 #
+#  Everything else (tokenizer, template, images, streaming, API) is real.      #
+#  For real answers: minicpmv download openbmb/MiniCPM-V-4.6, then serve it.   #
+################################################################################
+"""
+
+
+def _model_or_demo(model: str, demo_dir: Path) -> str:
+    from minicpmv.checkpoint import resolve
+    from minicpmv.demo import write_demo_checkpoint
+
+    try:
+        return str(resolve(model))
+    except MiniCPMVError as exc:
+        print(f"minicpmv: {exc}", file=sys.stderr)
+    if not (demo_dir / "model.safetensors").exists():
+        print(f"minicpmv: writing a tiny random-weight demo checkpoint to {demo_dir}", file=sys.stderr)
+        write_demo_checkpoint(demo_dir, size="tiny")
+    return str(demo_dir)
+
+
 def cmd_serve(args) -> int:
     import uvicorn
 
     from minicpmv.serve.app import ServerConfig, create_app
     from minicpmv.serve.media import MediaPolicy
 
+    requested = args.model  # clients keep using this id, even when a demo checkpoint stands in for it
+    if args.demo_fallback is not None:
+        args.model = _model_or_demo(args.model, args.demo_fallback)
     llm = _llm(args)
     if llm.demo:
-        print("WARNING: this is a DEMO checkpoint with RANDOM weights: its answers are noise.", file=sys.stderr)
+        print(DEMO_BANNER, file=sys.stderr)
     if args.max_image_pixels:
         settings = llm.processor.image_settings
         llm.processor.image_settings = dataclasses.replace(settings, max_pixels=args.max_image_pixels)
     config = ServerConfig(
-        model_name=args.served_model_name or args.model,
+        model_name=args.served_model_name or requested,
         api_key=args.api_key,
         max_body_bytes=args.max_body_mb << 20,
         media=MediaPolicy(allow_private=args.allow_private_media_urls, allowed_local_path=args.allowed_local_media_path),
@@ -186,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except MiniCPMVError as exc:
-        print(f"minicpmv: error: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).split())  # one line, whatever the dependency's message looked like
+        print(f"minicpmv: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

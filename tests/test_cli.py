@@ -1,0 +1,153 @@
+"""The ``minicpmv`` command through its real entry point (a subprocess), on a demo checkpoint it writes itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx2 as httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+EXE = str(Path(sys.executable).with_name("minicpmv"))
+OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1"}  # never reach for a hub from the tests
+
+
+def cli(*args, stdin: str | None = None, timeout: int = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([EXE, *map(str, args)], input=stdin, capture_output=True, text=True, timeout=timeout, env=OFFLINE)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("cli") / "demo"
+    r = cli("demo-checkpoint", directory)
+    assert r.returncode == 0, r.stderr
+    assert "random-weight" in r.stdout
+    return directory
+
+
+@pytest.fixture(scope="module")
+def picture(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "pic.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 300, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("command", [[], ["serve"], ["run"], ["chat"], ["download"], ["demo-checkpoint"]])
+def test_help_everywhere(command):
+    r = cli(*command, "--help")
+    assert r.returncode == 0 and "usage: minicpmv" in r.stdout
+
+
+def test_demo_checkpoint_is_complete(demo):
+    names = {p.name for p in demo.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+            "preprocessor_config.json", "processor_config.json", "generation_config.json"} <= names
+    assert json.loads((demo / "config.json").read_text())["demo_random_weights"] is True
+
+
+def test_run_json(demo, picture):
+    r = cli("run", demo, "--image", picture, "--max-tokens", 5, "--seed", 1, "--json", "What is this?")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["usage"]["image_tokens"] > 0 and out["usage"]["completion_tokens"] == 5
+    assert out["finish_reason"] == "length" and out["timings"]["seconds"] > 0
+
+
+def test_run_plain_and_4x(demo, picture):
+    r16 = cli("run", demo, "--image", picture, "--max-tokens", 3, "--json", "Hi")
+    r4 = cli("run", demo, "--image", picture, "--max-tokens", 3, "--mode", "4x", "--json", "Hi")
+    assert json.loads(r4.stdout)["usage"]["image_tokens"] > json.loads(r16.stdout)["usage"]["image_tokens"]
+    plain = cli("run", demo, "--max-tokens", 3, "Hi")
+    assert plain.returncode == 0 and plain.stdout.strip() != "" and not plain.stdout.startswith("{")
+
+
+@pytest.mark.parametrize(
+    "args, code, needle",
+    [
+        (["run", "{demo}", "--image", "/no/such.png", "q"], 1, "no such file: /no/such.png"),
+        (["run", "{demo}", "--mode", "8x", "q"], 2, "invalid choice: '8x'"),
+        (["run", "{demo}", "--max-tokens", "zero", "q"], 2, "invalid int value"),
+        (["run", "/no/such/model", "q"], 1, "not a checkpoint directory"),
+        (["run", "{demo}", "--temperature", "-1", "q"], 1, "temperature"),
+        (["download", "someone/nothing-here"], 1, "could not download someone/nothing-here"),
+        (["frobnicate"], 2, "invalid choice"),
+    ],
+)
+def test_errors_are_one_line_with_nonzero_exit(demo, args, code, needle):
+    r = cli(*[a.format(demo=demo) for a in args])
+    assert r.returncode == code
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("minicpmv"), r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_interactive_chat(demo, picture):
+    script = f"/help\n/think on\n/image {picture}\n/mode 4x\n/slices 4\nWhat is it?\n/image /no/file.png\n/bogus\n/reset\nAgain?\n/quit\n"
+    r = cli("chat", demo, "--max-tokens", 4, "--seed", 0, stdin=script)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "commands:" in out and f"attached image {picture}" in out
+    assert "error: no such file: /no/file.png" in out and "error: bad command '/bogus'" in out
+    assert "conversation cleared" in out
+    assert out.count("> ") >= 10  # one prompt per input line
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(*args):
+    port = free_port()
+    proc = subprocess.Popen([EXE, "serve", *map(str, args), "--port", str(port)], stderr=subprocess.PIPE, text=True, env=OFFLINE)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.3)
+        assert proc.poll() is None, proc.stderr.read()
+    proc.kill()
+    raise AssertionError("server did not come up")
+
+
+def stop(proc) -> str:
+    proc.terminate()
+    try:
+        return proc.communicate(timeout=30)[1]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.communicate()[1]
+
+
+def test_serve_answers_a_chat(demo):
+    proc, url = serve(demo, "--served-model-name", "demo")
+    try:
+        body = {"model": "demo", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        assert "<html" in httpx.get(url + "/", timeout=10).text.lower()
+    finally:
+        err = stop(proc)
+    assert "DEMO CHECKPOINT" in err  # a demo checkpoint is always announced
+
+
+def test_serve_falls_back_to_a_demo_checkpoint_offline(tmp_path):
+    proc, url = serve("someone/not-cached", "--demo-fallback", tmp_path / "fallback")
+    try:
+        models = httpx.get(url + "/v1/models", timeout=10).json()
+        assert models["data"][0]["id"] == "someone/not-cached"
+        assert (tmp_path / "fallback" / "model.safetensors").exists()
+    finally:
+        err = stop(proc)
+    assert "DEMO CHECKPOINT" in err and "RANDOM" in err
