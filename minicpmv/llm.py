@@ -127,15 +127,40 @@ class LLM:
             raise InvalidInputError("messages must be a list of {'role': ..., 'content': ...} dicts")
         out = self.processor(
             messages,
-            enable_thinking=options.enable_thinking,
+            # A forced tool call starts right after the generation prompt, so there is no thinking block.
+            enable_thinking=options.enable_thinking and not self._forced_tool_prefix(options),
             tools=options.tools,
             use_image_id=options.use_image_id,
             downsample_mode=options.downsample_mode,
             max_slice_nums=options.max_slice_nums,
+            max_num_frames=options.max_num_frames,
+            stack_frames=options.stack_frames,
         )
-        visuals = [self._visual("image", image) for image in out.images]
+        visuals = [self._visual("image", i) for i in out.images] + [self._visual("video", v) for v in out.videos]
         params = params if params is not None else SamplingParams()
-        return Sequence(out.input_ids.tolist(), params, visuals)
+        seq = Sequence(out.input_ids.tolist(), params, visuals)
+        prefix = self._forced_tool_prefix(options)
+        if prefix:
+            seq.prompt_ids += self.processor.tokenizer.encode(prefix)
+            seq.output_prefix = prefix
+        return seq
+
+    @staticmethod
+    def _forced_tool_prefix(options: ChatOptions) -> str:
+        """tool_choice 'required' or a named function: the answer is made to start with the call's opening markup
+        (written into the prompt, and fed to the output parser before the generated text)."""
+        choice = options.tool_choice
+        if choice in (None, "auto", "none"):
+            return ""
+        names = [t.get("function", {}).get("name") for t in options.tools or []]
+        if not names:
+            raise InvalidInputError(f"tool_choice {choice!r} needs a non-empty tools list")
+        if choice == "required":
+            return "<tool_call>\n<function="
+        name = choice["function"]["name"] if isinstance(choice, dict) else None
+        if name not in names:
+            raise InvalidInputError(f"tool_choice names function {name!r}, which is not among the tools {names}")
+        return f"<tool_call>\n<function={name}>\n"
 
     @staticmethod
     def _visual(kind: str, processed) -> VisualInput:
@@ -169,10 +194,15 @@ class LLM:
 
     def parser(self, options: ChatOptions) -> OutputParser:
         return OutputParser(
-            starts_in_reasoning=options.enable_thinking,
+            starts_in_reasoning=options.enable_thinking and not self._forced_tool_prefix(options),
             tools=options.tools,
             tool_choice_none=options.tool_choice == "none",
         )
+
+    def stream_parser(self, seq: Sequence, options: ChatOptions) -> tuple[OutputParser, list]:
+        """A parser for a streamed answer, already fed the forced prefix; returns it and the prefix's events."""
+        parser = self.parser(options)
+        return parser, parser.feed(seq.output_prefix) if seq.output_prefix else []
 
     # -- running ----------------------------------------------------------------------------------------------
     def chat(self, conversations, sampling_params: SamplingParams | list[SamplingParams] | None = None, **options) -> list[ChatResult]:
@@ -199,7 +229,7 @@ class LLM:
 
     def result(self, seq: Sequence, options: ChatOptions, parsed: ParsedOutput | None = None) -> ChatResult:
         """The final result; ``parsed`` is what a stream's events added up to (same ids as streamed)."""
-        parsed = parsed or self.parser(options).parse_all(seq.text)
+        parsed = parsed or self.parser(options).parse_all(seq.output_prefix + seq.text)
         reason = seq.finish_reason
         if parsed.tool_calls and reason == "stop":
             reason = "tool_calls"
@@ -231,7 +261,8 @@ class LLM:
         """
         (messages, opts), = self._conversations(messages, options)
         seq = self.prepare(messages, sampling_params, opts)
-        parser, history = self.parser(opts), []
+        parser, history = self.stream_parser(seq, opts)
+        unsent = list(history)
         self.engine.add(seq)
         try:
             while seq.finish_reason is None:
@@ -239,19 +270,21 @@ class LLM:
                     if out.error is not None and out.seq is seq:
                         raise out.error
                     if out.seq is seq:
-                        yield self.delta(seq, out, parser, opts, history)
+                        yield self.delta(seq, out, parser, opts, history, unsent)
+                        unsent = []
         finally:
             if seq.finish_reason is None:
                 self.engine.abort(seq.request_id)
 
     def delta(
-        self, seq: Sequence, out: StepOutput, parser: OutputParser, options: ChatOptions, history: list
+        self, seq: Sequence, out: StepOutput, parser: OutputParser, options: ChatOptions, history: list, unsent: list
     ) -> ChatDelta:
-        """One engine output as parsed events; ``history`` collects every event of the stream."""
-        events = parser.feed(out.text) if out.text else []
+        """One engine output as parsed events (after ``unsent`` earlier ones); ``history`` collects them all."""
+        new = parser.feed(out.text) if out.text else []
         if out.finished:
-            events += parser.finish()
-        history.extend(events)
+            new += parser.finish()
+        history.extend(new)
+        events = unsent + new
         delta = ChatDelta(seq.request_id, events=events, token_ids=out.token_ids)
         for event in events:
             if event.kind == "content":

@@ -4,6 +4,7 @@ sampling and stopping, cancellation, and a bounded queue under load."""
 from __future__ import annotations
 
 import random
+from pathlib import Path
 import numpy as np
 import pytest
 import torch
@@ -28,8 +29,23 @@ def image(w, h, seed):
 
 
 def user(*parts):
-    content = [{"type": "image", "image": p} if isinstance(p, np.ndarray) else {"type": "text", "text": p} for p in parts]
-    return [{"role": "user", "content": content}]
+    def part(p):
+        if isinstance(p, np.ndarray):
+            return {"type": "image", "image": p}
+        if isinstance(p, Path):
+            return {"type": "video", "video": str(p)}
+        return {"type": "text", "text": p}
+
+    return [{"role": "user", "content": [part(p) for p in parts]}]
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory) -> Path:
+    from tests.test_video import write_clip
+
+    path = tmp_path_factory.mktemp("video") / "clip.mp4"
+    write_clip(path, "libx264", 160, 120, 4, 10)  # 2.5 s: 3 frames at 1 fps
+    return path
 
 
 CONVERSATIONS = [
@@ -50,17 +66,27 @@ def reference_greedy(tiny_dir, llm, conv, n):
     mode = conv.get("downsample_mode", "16x")
     text = llm.processor.render(messages, add_generation_prompt=True, enable_thinking=False)
     images = [p["image"] for m in messages for p in m["content"] if p["type"] == "image"]
-    inputs = processor(text=text, images=[images] if images else None, downsample_mode=mode, return_tensors="pt")
+    videos = [Path(p["video"]) for m in messages for p in m["content"] if p["type"] == "video"]
+    extra = {}
+    if videos:
+        from minicpmv.processing.video import process_video
+        from tests.test_video import all_frames, reference_metadata
+
+        extra = dict(videos=[all_frames(v) for v in videos], do_sample_frames=True,
+                     video_metadata=[reference_metadata(process_video(v)) for v in videos])
+    inputs = processor(text=text, images=[images] if images else None, downsample_mode=mode, return_tensors="pt", **extra)
     with torch.no_grad():
         out = ref.generate(**inputs, downsample_mode=mode, max_new_tokens=n, min_new_tokens=n, do_sample=False)
     return out[0, inputs["input_ids"].shape[1] :].tolist()
 
 
-def test_mixed_batch_equals_each_alone_and_transformers(llm, tiny_dir):
-    together = llm.chat(CONVERSATIONS, GREEDY)
-    assert [r.usage.image_tokens > 0 for r in together] == [False, True, True, True]
+def test_mixed_batch_equals_each_alone_and_transformers(llm, tiny_dir, clip):
+    conversations = CONVERSATIONS + [{"messages": user(clip, "What happens?")}]
+    together = llm.chat(conversations, GREEDY)
+    assert [r.usage.image_tokens > 0 for r in together] == [False, True, True, True, False]
+    assert together[-1].usage.video_tokens > 0
     assert together[1].usage.image_tokens != together[2].usage.image_tokens
-    for conv, batched in zip(CONVERSATIONS, together):
+    for conv, batched in zip(conversations, together):
         alone = LLM.chat(llm, [conv], GREEDY)[0]
         assert batched.token_ids == alone.token_ids
         assert batched.finish_reason == "length" and len(batched.token_ids) == GREEDY.max_tokens

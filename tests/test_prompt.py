@@ -179,7 +179,7 @@ def test_placeholder_structure(ours):
         ([{"role": "assistant", "content": "hi"}], None, "No user query"),
         ([], None, "No messages"),
         ([{"role": "robot", "content": "x"}, user("y")], None, "Unexpected message role"),
-        ([user({"type": "video", "video": "clip.mp4"}, "x")], None, "video input is not supported"),
+        ([user({"type": "video", "video": "clip.mp4"}, "x")], None, "video file not found"),
         ([user({"type": "audio"}, "x")], None, "Unexpected item type"),
         ("not a list", None, "list of dicts"),
         ([user(IMG, "x")], image(10, 10), "images must be a list"),

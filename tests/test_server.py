@@ -157,6 +157,21 @@ def test_images_as_data_uris_and_per_request_mode(server):
     assert chat(server, image_message(data_uri(448, 448))).usage.prompt_tokens == one16["prompt_tokens"]
 
 
+def test_video_as_data_uri_next_to_an_image(server, tmp_path):
+    from tests.test_video import write_clip
+
+    write_clip(tmp_path / "clip.mp4", "libx264", 160, 120, 4, 10)
+    video = "data:video/mp4;base64," + base64.b64encode((tmp_path / "clip.mp4").read_bytes()).decode()
+    messages = [{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": video}},
+        {"type": "image_url", "image_url": {"url": data_uri(300, 200)}},
+        {"type": "text", "text": "What happens?"}]}]
+    usage = image_tokens(server, messages, mm_processor_kwargs={"max_slice_nums": 1})
+    assert usage["prompt_tokens_details"]["video_tokens"] > 0 and usage["prompt_tokens_details"]["image_tokens"] > 0
+    _, text, _, finish = stream(server, messages, extra_body={"mm_processor_kwargs": {"max_num_frames": 2}})
+    assert finish == ["length"]
+
+
 def test_local_file_media_only_under_the_allowed_path(server, media_dir, tmp_path):
     Image.fromarray(np.zeros((60, 80, 3), np.uint8)).save(media_dir / "black.png")
     ok = image_tokens(server, image_message(f"file://{media_dir / 'black.png'}"))
@@ -241,6 +256,34 @@ def test_tool_choice_none_leaves_calls_as_text(server):
     r = chat(server, [{"role": "user", "content": "?"}], tools=[WEATHER_TOOL], tool_choice="none", max_tokens=200,
              extra_body={"test_output": call_xml("get_weather", city="Oslo")})
     assert not r.choices[0].message.tool_calls and "<function=get_weather>" in r.choices[0].message.content
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_tool_choice_required_and_named_force_a_call(server, streamed):
+    cases = [
+        ("required", "get_time>\n<parameter=zone>\nUTC\n</parameter>\n</function>\n</tool_call>", ("get_time", {"zone": "UTC"})),
+        ({"type": "function", "function": {"name": "get_weather"}},
+         "<parameter=city>\nLima\n</parameter>\n</function>\n</tool_call>", ("get_weather", {"city": "Lima"})),
+    ]
+    for choice, output, expected in cases:
+        kw = dict(tools=[WEATHER_TOOL, TIME_TOOL], tool_choice=choice, max_tokens=100, extra_body={"test_output": output})
+        if streamed:
+            chunks, _, _, finish = stream(server, [{"role": "user", "content": "?"}], **kw)
+            calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+            name = next(tc.function.name for tc in calls if tc.function.name)
+            args = "".join(tc.function.arguments or "" for tc in calls)
+            assert finish == ["tool_calls"] and (name, json.loads(args)) == expected
+        else:
+            r = chat(server, [{"role": "user", "content": "?"}], **kw).choices[0]
+            call = r.message.tool_calls[0]
+            assert r.finish_reason == "tool_calls" and (call.function.name, json.loads(call.function.arguments)) == expected
+
+
+def test_tool_choice_errors(server):
+    base = {"model": "tiny", "messages": [{"role": "user", "content": "?"}], "max_tokens": 2}
+    named = {"type": "function", "function": {"name": "nope"}}
+    assert "nope" in error_of(server.post({**base, "tools": [WEATHER_TOOL], "tool_choice": named}), 400)
+    assert "tools" in error_of(server.post({**base, "tool_choice": "required"}), 400)
 
 
 # -- load and cancellation -----------------------------------------------------------------------------------

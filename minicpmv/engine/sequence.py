@@ -43,6 +43,7 @@ class Sequence:
     request_id: str = field(default_factory=lambda: f"seq-{next(_ids)}")
     output_ids: list[int] = field(default_factory=list)
     text: str = ""  # detokenized output, cut before any stop string
+    output_prefix: str = ""  # text forced into the prompt that belongs to the answer (a forced tool call's start)
     status: Status = Status.WAITING
     finish_reason: str | None = None
     state: HybridState | None = None

@@ -106,6 +106,12 @@ class GatedDeltaNet(nn.Module):
         self.A_log = nn.Parameter(torch.zeros(self.v_heads))
         self.norm = GatedRMSNorm(self.dv, cfg.rms_norm_eps)
         self.out_proj = nn.Linear(self.value_dim, d, bias=False)
+        self.fused_proj: nn.Module | None = None  # set by fast.optimize: the four input projections as one matmul
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.fused_proj is not None:
+            return self.fused_proj(x)
+        return self.in_proj_qkv(x), self.in_proj_z(x), self.in_proj_b(x), self.in_proj_a(x)
 
     def _conv(self, x: torch.Tensor, conv_state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Causal depthwise conv of x [n, conv_dim] continuing from conv_state [conv_dim, kernel-1]."""
@@ -129,10 +135,9 @@ class GatedDeltaNet(nn.Module):
     def forward(self, x: torch.Tensor, lengths: list[int], conv: list[torch.Tensor], rec: list[torch.Tensor]):
         """x: [N, d], the tokens of several sequences back to back (``lengths``). ``conv`` and ``rec`` hold each
         sequence's state and are replaced in place by the new states."""
-        mixed = self.in_proj_qkv(x)
-        z = self.in_proj_z(x)
-        beta = self.in_proj_b(x).sigmoid().float()
-        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias)
+        mixed, z, b, a = self.project(x)
+        beta = b.sigmoid().float()
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
         core = torch.empty(x.shape[0], self.v_heads, self.dv, dtype=x.dtype, device=x.device)
 
         offsets = [sum(lengths[:i]) for i in range(len(lengths))]

@@ -80,13 +80,20 @@ class GatedAttention(nn.Module):
         self.o_proj = nn.Linear(self.heads * self.head_dim, d, bias=bias)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.fused_proj: nn.Module | None = None  # set by fast.optimize: q, k and v as one matmul
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.fused_proj is not None:
+            return self.fused_proj(x)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x, rotary: Rotary, cos, sin, lengths: list[int], states: list[HybridState], index: int):
         n = x.shape[0]
-        q, gate = self.q_proj(x).view(n, self.heads, 2 * self.head_dim).chunk(2, dim=-1)
+        q, k, v = self.project(x)
+        q, gate = q.view(n, self.heads, 2 * self.head_dim).chunk(2, dim=-1)
         q = rotary.apply(self.q_norm(q), cos, sin)
-        k = rotary.apply(self.k_norm(self.k_proj(x).view(n, self.kv_heads, self.head_dim)), cos, sin)
-        v = self.v_proj(x).view(n, self.kv_heads, self.head_dim)
+        k = rotary.apply(self.k_norm(k.view(n, self.kv_heads, self.head_dim)), cos, sin)
+        v = v.view(n, self.kv_heads, self.head_dim)
         out = torch.empty_like(q)
         start = 0
         for length, state in zip(lengths, states):

@@ -35,12 +35,12 @@ class MiniCPMV(nn.Module):
             self.lm_head.weight = self.model.language_model.embed_tokens.weight
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+    def dtype(self) -> torch.dtype:  # read from a norm: the head's weight may be packed or quantized (model/fast.py)
+        return self.model.language_model.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.language_model.norm.weight.device
 
     def new_state(self) -> HybridState:
         return HybridState.empty(self.cfg.text, self.dtype, self.device)

@@ -1,8 +1,12 @@
-"""Chat messages + images -> prompt text, token ids and encoder inputs.
+"""Chat messages + images + videos -> prompt text, token ids and encoder inputs.
 
 The chat template writes one `<|image_pad|>` per image; each is then expanded into the image's full placeholder
 (`<image_id>k</image_id><image>pads</image>` plus one `<slice>pads</slice>` per slice, rows joined by newlines),
 with pad counts taken from the image's `ImagePlan`.
+
+Likewise each `<|video_pad|>` becomes the video's placeholder: one `<image_id>k</image_id>` for the whole video (k
+counts videos, separately from images), then every visual unit (frame or stacked canvas) written like an image but
+with `<|video_pad|>` pads, the units back to back with no separator.
 """
 
 from __future__ import annotations
@@ -19,11 +23,12 @@ from typing import Any
 
 import torch
 
-from minicpmv.errors import CheckpointError, ImageError, InvalidInputError
+from minicpmv.errors import CheckpointError, ImageError, InvalidInputError, VideoError
 from minicpmv.processing.chat_template import ChatTemplate
 from minicpmv.processing.image import DownsampleMode, ImagePlan, ImageSettings, ProcessedImage, process_image
 from minicpmv.processing.image_io import ImageInput
 from minicpmv.processing.tokenizer import MediaTokens, TextTokenizer
+from minicpmv.processing.video import ProcessedVideo, VideoInput, VideoSettings, process_video
 
 IMAGE_KEYS = ("image", "image_url")
 VIDEO_KEYS = ("video", "video_url")
@@ -46,6 +51,20 @@ def image_placeholder(plan: ImagePlan, tokens: MediaTokens, image_id: int | None
     return text
 
 
+def video_placeholder(video: ProcessedVideo, tokens: MediaTokens, video_id: int | None = None) -> str:
+    """Every unit as `<image>pads</image>` plus slice rows, concatenated with no separator. Like the reference,
+    every slice gets the first slice's pad count (all slices of a plan are the same size anyway)."""
+    parts = [] if video_id is None else [f"{tokens.image_id_start}{video_id}{tokens.image_id_end}"]
+    for plan in video.plans:
+        source, *slices = plan.units
+        parts.append(tokens.image_start + tokens.video * source.num_tokens + tokens.image_end)
+        if plan.grid is not None:
+            rows, cols = plan.grid
+            row = (tokens.slice_start + tokens.video * slices[0].num_tokens + tokens.slice_end) * cols
+            parts.append("\n".join([row] * rows))
+    return "".join(parts)
+
+
 def expand_placeholders(text: str, placeholder: str, replacements: list[str]) -> str:
     """Replace the i-th `placeholder` in `text` with `replacements[i]`."""
     pieces = text.split(placeholder)
@@ -59,7 +78,7 @@ def expand_placeholders(text: str, placeholder: str, replacements: list[str]) ->
     return "".join(out)
 
 
-def _part_source(part: Mapping, key: str) -> Any:
+def _part_source(part: Mapping, key: str, error: type[InvalidInputError] = ImageError) -> Any:
     """The media a content part carries, in any of the usual spellings; None if it carries none."""
     value = part.get(key)
     if isinstance(value, Mapping):  # OpenAI style: {"image_url": {"url": ...}}
@@ -70,7 +89,7 @@ def _part_source(part: Mapping, key: str) -> Any:
         try:
             value = base64.b64decode(part["base64"], validate=True)
         except (binascii.Error, ValueError, TypeError) as e:
-            raise ImageError(f"content part has invalid base64 data: {e}") from e
+            raise error(f"content part has invalid base64 data: {e}") from e
     return value
 
 
@@ -92,7 +111,7 @@ def collect_media(messages: list[dict]) -> tuple[list[dict], list[Any], list[Any
                 images.append(_part_source(part, next((k for k in IMAGE_KEYS if k in part), "image")))
                 part = {"type": "image"}
             elif isinstance(part, Mapping) and (kind in VIDEO_KEYS or any(k in part for k in VIDEO_KEYS)):
-                videos.append(_part_source(part, next((k for k in VIDEO_KEYS if k in part), "video")))
+                videos.append(_part_source(part, next((k for k in VIDEO_KEYS if k in part), "video"), VideoError))
                 part = {"type": "video"}
             parts.append(part)
         out.append({**message, "content": parts})
@@ -104,21 +123,31 @@ class ProcessorOutput:
     text: str
     input_ids: torch.Tensor  # 1-D int64, no BOS, no padding
     images: list[ProcessedImage]
+    videos: list[ProcessedVideo] = dataclasses.field(default_factory=list)
 
 
 class Processor:
     def __init__(
-        self, tokenizer: TextTokenizer, template: ChatTemplate, image_settings: ImageSettings, use_image_id: bool = True
+        self,
+        tokenizer: TextTokenizer,
+        template: ChatTemplate,
+        image_settings: ImageSettings,
+        use_image_id: bool = True,
+        video_settings: VideoSettings | None = None,
     ):
+        """``use_image_id`` applies to images and videos alike, as in the reference processor (which takes it from
+        the image processor's config). Without ``video_settings``, videos use ``image_settings`` per unit."""
         self.tokenizer = tokenizer
         self.template = template
         self.image_settings = image_settings
         self.use_image_id = use_image_id
+        self.video_settings = video_settings or VideoSettings(image=image_settings)
 
     @classmethod
     def from_dir(cls, directory: str | os.PathLike) -> Processor:
         directory = Path(directory)
         config: dict = {}
+        video_section: dict = {}
         for name, section in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
             path = directory / name
             if path.is_file():
@@ -127,21 +156,26 @@ class Processor:
                 except ValueError as e:
                     raise CheckpointError(f"{path} is not valid JSON: {e}") from e
                 config.update(data.get(section, {}) if section else data)
+                if section:
+                    video_section = data.get("video_processor", {})
         return cls(
             TextTokenizer.from_dir(directory),
             ChatTemplate.from_dir(directory),
             ImageSettings.from_config(config),
             use_image_id=bool(config.get("use_image_id", True)),
+            video_settings=VideoSettings.from_config({**config, **video_section}),
         )
 
     def render(self, messages: list[dict], **kwargs: Any) -> str:
-        """The chat template's text, with one raw `<|image_pad|>` per image (what `apply_chat_template` returns)."""
+        """The chat template's text, with one raw `<|image_pad|>` / `<|video_pad|>` per image / video (what
+        `apply_chat_template` returns)."""
         return self.template.render(collect_media(messages)[0], **kwargs)
 
     def __call__(
         self,
         messages: list[dict],
         images: list[ImageInput] | None = None,
+        videos: list[VideoInput] | None = None,
         *,
         add_generation_prompt: bool = True,
         enable_thinking: bool = False,
@@ -149,9 +183,16 @@ class Processor:
         use_image_id: bool | None = None,
         downsample_mode: DownsampleMode | None = None,
         max_slice_nums: int | None = None,
+        max_num_frames: int | None = None,
+        stack_frames: int | None = None,
+        video_max_slice_nums: int | None = None,
     ) -> ProcessorOutput:
-        """`images` overrides the data carried by the messages' image parts; either way the i-th image fills
-        the i-th image placeholder."""
+        """`images` / `videos` override the data carried by the messages' image / video parts; either way the i-th
+        image (video) fills the i-th image (video) placeholder.
+
+        As in the reference processor, ``use_image_id``, ``downsample_mode`` and ``max_slice_nums`` apply to images
+        and videos alike; ``video_max_slice_nums`` overrides ``max_slice_nums`` for videos only.
+        ``max_num_frames`` and ``stack_frames`` apply to videos."""
         messages, part_images, part_videos = collect_media(messages)
         text = self.template.render(
             messages,
@@ -161,29 +202,40 @@ class Processor:
             **self.tokenizer.special_tokens,
         )
         tokens = self.tokenizer.media
-        if images is not None and not isinstance(images, (list, tuple)):
-            raise InvalidInputError(f"images must be a list, got {type(images).__name__}")
-        if images is None:
-            if any(source is None for source in part_images):
-                raise InvalidInputError("an image content part carries no image data and no images= were given")
-            images = part_images
-        if (placeholders := text.count(tokens.image)) != len(images):
-            raise InvalidInputError(
-                f"the conversation has {placeholders} image placeholder(s) but {len(images)} image(s) were given"
-            )
+        images = _media_list("image", images, part_images, text.count(tokens.image))
+        videos = _media_list("video", videos, part_videos, text.count(tokens.video))
 
         overrides = {"downsample_mode": downsample_mode, "max_slice_nums": max_slice_nums}
         settings = dataclasses.replace(self.image_settings, **{k: v for k, v in overrides.items() if v is not None})
-        processed = [process_image(image, settings) for image in images]
+        video_settings = self.video_settings.replace(
+            downsample_mode=downsample_mode,
+            max_slice_nums=video_max_slice_nums if video_max_slice_nums is not None else max_slice_nums,
+            max_num_frames=max_num_frames,
+            stack_frames=stack_frames,
+        )
         with_ids = self.use_image_id if use_image_id is None else use_image_id
+
+        processed = [process_image(image, settings) for image in images]
         replacements = [image_placeholder(p.plan, tokens, i if with_ids else None) for i, p in enumerate(processed)]
         text = expand_placeholders(text, tokens.image, replacements)
-        text = self._expand_videos(text, part_videos)
+        processed_videos = [process_video(video, video_settings) for video in videos]
+        replacements = [video_placeholder(v, tokens, i if with_ids else None) for i, v in enumerate(processed_videos)]
+        text = expand_placeholders(text, tokens.video, replacements)
         input_ids = torch.tensor(self.tokenizer.encode(text), dtype=torch.int64)
-        return ProcessorOutput(text, input_ids, processed)
+        return ProcessorOutput(text, input_ids, processed, processed_videos)
 
-    def _expand_videos(self, text: str, videos: list[Any]) -> str:
-        """Seam for video support: expand each `<|video_pad|>` like images (frames wrapped in <image>...</image>)."""
-        if videos or self.tokenizer.media.video in text:
-            raise InvalidInputError("video input is not supported yet")
-        return text
+
+def _media_list(kind: str, given: list | None, from_parts: list[Any], placeholders: int) -> list:
+    """The media filling the `kind` placeholders: ``given`` if not None, else what the content parts carried."""
+    if given is not None and not isinstance(given, (list, tuple)):
+        raise InvalidInputError(f"{kind}s must be a list, got {type(given).__name__}")
+    if given is None:
+        if any(source is None for source in from_parts):
+            article = "an" if kind[0] in "aeiou" else "a"
+            raise InvalidInputError(f"{article} {kind} content part carries no {kind} data and no {kind}s= were given")
+        given = from_parts
+    if placeholders != len(given):
+        raise InvalidInputError(
+            f"the conversation has {placeholders} {kind} placeholder(s) but {len(given)} {kind}(s) were given"
+        )
+    return list(given)

@@ -251,7 +251,9 @@ def _read_metadata(container, source: _Source) -> VideoMetadata:
         raise VideoError(f"{source.what} has no video frames")
     if duration is None and fps is not None:
         duration = frames / fps
-    if fps is None and duration is not None:
+    if duration is not None and (fps is None or abs(fps * duration - frames) > max(2.0, 0.02 * frames)):
+        # No rate, or a nominal one the stream does not keep (variable frame rate in Matroska, say): use the
+        # true average, so that one frame per second stays inside the stream.
         fps = frames / duration
     if duration is None or fps is None:
         raise VideoError(f"{source.what} has neither a usable duration nor a frame rate")

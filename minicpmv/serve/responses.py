@@ -85,7 +85,8 @@ async def stream_chunks(llm: LLM, engine, seq, options: ChatOptions, body: ChatC
     from minicpmv.serve.app import HTTPError, status_of
 
     cid, created = completion_id(), now()
-    parser, history = llm.parser(options), []
+    parser, history = llm.stream_parser(seq, options)
+    unsent = list(history)  # the forced prefix's events go out with the first output
     held: dict[int, list[dict]] = {}  # tool-call deltas wait for their call to complete: a void call never shows
     generate = engine.generate(seq)
 
@@ -106,10 +107,11 @@ async def stream_chunks(llm: LLM, engine, seq, options: ChatOptions, body: ChatC
             t = time.perf_counter()
             (metrics.ttft if last is None else metrics.inter_token).observe(t - (last or start))
             last = t
-            events = parser.feed(out.text) if out.text else []
+            new = parser.feed(out.text) if out.text else []
             if out.finished:
-                events += parser.finish()
-            history.extend(events)
+                new += parser.finish()
+            history.extend(new)
+            events, unsent = unsent + new, []
             deltas = []
             for e in events:
                 if e.kind == "content":

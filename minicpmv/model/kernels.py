@@ -1,0 +1,255 @@
+"""Fast small-batch matmul for CPUs with AVX-512 BF16: weights packed once at load time, streamed linearly.
+
+``PackedLinear`` replaces an ``nn.Linear`` (or several fused into one) in bf16, int8 (per-column scales) or int4
+(group-wise scales). The C++ kernel (``csrc/kernels.cpp``) is compiled with the system compiler at first use and
+cached under ``~/.cache/minicpmv/kernels``; when it cannot be built (no compiler, no AVX-512 BF16) every call falls
+back to ``F.linear`` on the unpacked (dequantized) weight, which gives the same results, slowly for quantized ones.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+BLOCK = 64  # output columns per packed block (csrc/kernels.cpp)
+MAX_ROWS = 64  # above this many tokens a plain GEMM on the unpacked weight is faster
+SOURCE = Path(__file__).with_name("csrc") / "kernels.cpp"
+FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"]
+ACTS = {None: 0, "silu_mul": 1}
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def cpu_supported() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512_bf16"))
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "minicpmv" / "kernels"
+
+
+def _build() -> Path:
+    compiler = os.environ.get("CXX", "g++")
+    source = SOURCE.read_bytes()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256(source + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
+    target = _cache_dir() / f"minicpmv_kernels_{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(out)], capture_output=True, text=True)
+        if result.returncode:
+            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
+        os.replace(out, target)  # atomic: concurrent builders each produce the same file
+    return target
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None (logged once) when they cannot be used here."""
+    global _lib, _tried
+    if _tried:
+        return _lib
+    with _lock:
+        if _tried:
+            return _lib
+        if os.environ.get("MINICPMV_NO_KERNELS"):
+            log.info("minicpmv CPU kernels disabled by MINICPMV_NO_KERNELS")
+        elif not cpu_supported():
+            log.warning("this CPU lacks AVX-512 BF16: using the plain PyTorch matmul (slower)")
+        else:
+            try:
+                lib = ctypes.CDLL(str(_build()))
+                i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+                tail = [ptr, ptr, i64, i64, i32, i32]  # bias, out, ldo, n_out, fp32, act
+                lib.mm_bf16.argtypes = [ptr, i64, i64, i64, ptr, i64, *tail]
+                lib.mm_int8.argtypes = [ptr, i64, i64, ptr, ptr, i64, *tail]
+                lib.mm_int4.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, i64, *tail]
+                _lib = lib
+            except Exception as exc:  # no compiler, a failed build: the fallback still works
+                log.warning("could not build the minicpmv CPU kernels (%s): using the plain PyTorch matmul", exc)
+        _tried = True
+        return _lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+# -- packing --------------------------------------------------------------------------------------------------------
+def _pad(w: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    return F.pad(w, (0, cols - w.shape[1], 0, rows - w.shape[0]))
+
+
+def interleave_gate_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Rows ordered so each 64-row block holds 32 gate rows then the matching 32 up rows (the silu_mul layout)."""
+    half = BLOCK // 2
+    n = -(-gate.shape[0] // half) * half
+    gate, up = _pad(gate, n, gate.shape[1]), _pad(up, n, up.shape[1])
+    return torch.stack([gate.view(-1, half, gate.shape[1]), up.view(-1, half, up.shape[1])], 1).reshape(2 * n, -1)
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: (q [N, K] int8, scale [N] float32) with w ~= q * scale."""
+    wf = w.float()
+    scale = wf.abs().amax(1).clamp(min=1e-12) / 127
+    return torch.round(wf / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric group-wise int4: (q [N, K] int8 in [-8, 7], scale [N, K/group] bfloat16)."""
+    n, k = w.shape
+    wf = w.float().view(n, k // group, group)
+    scale = (wf.abs().amax(-1) / 7).clamp(min=1e-12).to(torch.bfloat16)
+    q = torch.round(wf / scale.float()[..., None]).clamp(-8, 7).to(torch.int8)
+    return q.view(n, k), scale
+
+
+def pack_int4_rows(q: torch.Tensor) -> torch.Tensor:
+    """Plain storage of int4 values [N, K] -> [N, K/2] uint8, k even in the low nibble (the checkpoint format)."""
+    u = (q + 8).to(torch.uint8)
+    return u[:, 0::2] | (u[:, 1::2] << 4)
+
+
+def unpack_int4_rows(p: torch.Tensor) -> torch.Tensor:
+    return (torch.stack([p & 15, p >> 4], -1).flatten(-2).to(torch.int8) - 8)
+
+
+class PackedLinear(nn.Module):
+    """y = x @ W^T (+ bias) over a packed weight; ``act="silu_mul"`` returns silu(gate) * up for a gate/up weight
+    laid out by ``interleave_gate_up`` (output width = half its rows)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, quant: str = "bf16",
+                 group: int = 64, act: str | None = None, out_features: int | None = None,
+                 scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None):
+        """``weight`` [N, K] in any float dtype (quantized here), or already-quantized int8 values [N, K] with
+        ``scale`` ([N] for int8, [N, K/group] for int4)."""
+        super().__init__()
+        n, k = weight.shape
+        self.quant, self.act, self.in_features, self.out_dtype = quant, act, k, out_dtype
+        self.out_features = out_features or (n // 2 if act == "silu_mul" else n)
+        self.group = group if quant == "int4" else 0
+        if quant == "int4" and k % group:
+            raise ValueError(f"int4 needs in_features ({k}) divisible by the group ({group})")
+        n_pad = -(-n // BLOCK) * BLOCK
+        nb = n_pad // BLOCK
+        if quant == "bf16":
+            k_pad = k + k % 2
+            w = _pad(weight.to(torch.bfloat16), n_pad, k_pad)
+            packed = w.view(nb, BLOCK, k_pad // 2, 2).transpose(1, 2).contiguous()
+            s = None
+        elif quant == "int8":
+            q, s = (weight, scale) if scale is not None else quantize_int8(weight)
+            packed = _pad(q, n_pad, k).view(nb, BLOCK, k).transpose(1, 2).contiguous()
+            s = F.pad(s.float(), (0, n_pad - n))
+        elif quant == "int4":
+            q, s = (weight, scale) if scale is not None else quantize_int4(weight, group)
+            u = (_pad(q, n_pad, k) + 8).to(torch.uint8)
+            # [nb, 64 cols, ng, 2 halves, g/4 rows, 2 k] -> [nb, ng, g/4 rows, 4 chunks, 16 cols, 2 k, 2 halves]
+            u = u.view(nb, 4, 16, k // group, 2, group // 4, 2).permute(0, 3, 5, 1, 2, 6, 4)
+            packed = (u[..., 0] | (u[..., 1] << 4)).contiguous()
+            s = _pad(s.to(torch.bfloat16), n_pad, k // group).view(nb, BLOCK, -1).transpose(1, 2).contiguous()
+        else:
+            raise ValueError(f"unknown weight format {quant!r}")
+        self.register_buffer("weight", packed)
+        self.register_buffer("scale", s)
+        self.register_buffer("bias", None if bias is None else bias.float())
+        self.n_rows = n
+
+    # -- the weight back in [N, K] layout (fallback, large batches, saving) ------------------------------------------
+    def quantized(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(values [N, K], scale) in the plain layout: bf16 weights and no scale, or int8 values and their scale."""
+        nb, k, n = self.weight.shape[0], self.in_features, self.n_rows
+        if self.quant == "bf16":
+            w = self.weight.transpose(1, 2).reshape(nb * BLOCK, -1)[:n, :k]
+            return w, None
+        if self.quant == "int8":
+            return self.weight.transpose(1, 2).reshape(nb * BLOCK, k)[:n], self.scale[:n]
+        g = self.group
+        p = self.weight
+        u = torch.stack([p & 15, p >> 4], -1)  # [nb, ng, g/4, 4, 16, 2, 2]
+        q = u.permute(0, 3, 4, 1, 6, 2, 5).reshape(nb * BLOCK, k).to(torch.int8) - 8
+        s = self.scale.transpose(1, 2).reshape(nb * BLOCK, k // g)
+        return q[:n], s[:n]
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` of the weight, dequantized to float32 [len(ids), K] (embedding lookups from a tied head)."""
+        b, c = ids // BLOCK, ids % BLOCK
+        if self.quant == "bf16":
+            return self.weight[b, :, c].reshape(len(ids), -1)[:, : self.in_features].float()
+        if self.quant == "int8":
+            return self.weight[b, :, c].float() * self.scale[ids, None]
+        p = self.weight[b, :, :, c // 16, c % 16]  # [len, ng, g/4, 2 k] bytes
+        u = torch.stack([p & 15, p >> 4], 2)  # [len, ng, 2 halves, g/4, 2 k]
+        q = u.reshape(len(ids), -1, self.group).float() - 8
+        return (q * self.scale[b, :, c].float()[..., None]).reshape(len(ids), -1)
+
+    def dequantized(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        q, s = self.quantized()
+        if self.quant == "bf16":
+            return q.to(dtype)
+        if self.quant == "int8":
+            return (q.float() * s[:, None]).to(dtype)
+        return (q.float().view(q.shape[0], -1, self.group) * s.float()[..., None]).view(q.shape).to(dtype)
+
+    def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        lead, k = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, k)
+        m = x2.shape[0]
+        out_dtype = out_dtype or self.out_dtype or x.dtype
+        lib = library()
+        if lib is None or m > MAX_ROWS or x.dtype != torch.bfloat16 or out_dtype not in (torch.bfloat16, torch.float32):
+            return self._reference(x2, out_dtype).view(*lead, -1)
+        out = torch.empty(m, self.out_features, dtype=out_dtype)
+        tail = (_ptr(self.bias), out.data_ptr(), self.out_features, self.out_features, int(out_dtype == torch.float32),
+                ACTS[self.act])
+        nb = self.weight.shape[0]
+        if self.quant == "bf16":
+            if x2.stride(-1) != 1 or k % 2:
+                x2 = F.pad(x2, (0, k % 2)).contiguous()
+            lib.mm_bf16(x2.data_ptr(), m, x2.shape[1], x2.stride(0), self.weight.data_ptr(), nb, *tail)
+        elif self.quant == "int8":
+            xf = x2.float().contiguous()
+            lib.mm_int8(xf.data_ptr(), m, k, self.weight.data_ptr(), self.scale.data_ptr(), nb, *tail)
+        else:
+            x2 = x2.contiguous()
+            gsum = x2.view(m, -1, self.group).sum(-1, dtype=torch.float32)
+            lib.mm_int4(x2.data_ptr(), m, k, self.group, self.weight.data_ptr(), self.scale.data_ptr(),
+                        gsum.data_ptr(), nb, *tail)
+        return out.view(*lead, -1)
+
+    def _reference(self, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        w = self.dequantized(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        y = F.linear(x, w, bias)
+        if self.act == "silu_mul":
+            y = y.view(-1, y.shape[-1] // BLOCK, 2, BLOCK // 2)
+            y = (F.silu(y[:, :, 0]) * y[:, :, 1]).reshape(x.shape[0], -1)[:, : self.out_features]
+        return y.to(out_dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, quant={self.quant}, act={self.act}"
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()

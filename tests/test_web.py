@@ -1,0 +1,336 @@
+"""The web chat page (minicpmv/serve/web/index.html) in headless Chromium against a real server on 127.0.0.1.
+
+The browser is the Debian `chromium` (scripts/install_test_deps.sh installs it), driven by the Python `playwright`
+package (requirements-web-test.txt) through `executable_path`: no browser is downloaded at runtime. A missing
+browser or driver fails these tests with instructions; they are never skipped.
+
+The page never sends the server's test hooks. To make the model's output deterministic, each page's requests to
+/v1/chat/completions pass through a Playwright route that records the body the page built and merges extra fields
+(`test_output`, `ignore_eos`, `max_tokens`) into it before it continues to the real server.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from minicpmv.engine.engine import EngineConfig
+from minicpmv.llm import LLM
+from minicpmv.serve.app import ServerConfig
+from tests.test_server import KEY, WEATHER_TOOL, Server, call_xml
+
+ROOT = Path(__file__).resolve().parents[1]
+SCREENSHOT = ROOT / "bench" / "out" / "web_chat.png"
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               "--disable-dev-shm-usage"]
+TIMEOUT_MS = 30_000
+
+
+def _playwright():
+    try:
+        from playwright import sync_api
+    except ImportError:
+        pytest.fail("the web tests need the Python 'playwright' package: "
+                    "pip install -r requirements-web-test.txt (no 'playwright install' needed)", pytrace=False)
+    return sync_api
+
+
+@pytest.fixture(scope="module")
+def web_server(tiny_dir):
+    llm = LLM(tiny_dir, dtype="float32", progress=False, engine_config=EngineConfig(max_num_seqs=4, max_waiting=16))
+    s = Server(llm, ServerConfig(model_name="tiny", api_key=KEY, max_body_bytes=8 << 20, enable_test_hooks=True))
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
+        found = shutil.which("chromium")
+        pytest.fail(f"Chromium is not installed at {CHROMIUM}{f' (found {found}; set CHROMIUM=...)' if found else ''}: "
+                    "run scripts/install_test_deps.sh (apt-get install chromium) before the web tests", pytrace=False)
+    sync_api = _playwright()
+    driver = sync_api.sync_playwright().start()
+    try:
+        # launch() runs Chromium on a fresh temporary user-data-dir (Playwright refuses --user-data-dir here);
+        # each test then gets its own context, so localStorage starts empty every time.
+        browser = driver.chromium.launch(executable_path=CHROMIUM, headless=True, args=LAUNCH_ARGS)
+    except Exception:
+        driver.stop()
+        raise
+    yield browser
+    browser.close()
+    driver.stop()
+
+
+class Route:
+    """Records what the page sends to /v1/chat/completions and merges `inject` into it on the way to the server."""
+
+    def __init__(self):
+        self.inject: dict = {}
+        self.bodies: list[dict] = []
+        self.headers: list[dict] = []
+
+    def __call__(self, route, request):
+        body = json.loads(request.post_data)
+        self.bodies.append(body)
+        self.headers.append(request.headers)
+        route.continue_(post_data=json.dumps({**body, **self.inject}))
+
+
+@pytest.fixture
+def page(browser, web_server):
+    context = browser.new_context(viewport={"width": 1000, "height": 900}, device_scale_factor=1)
+    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=web_server.url)
+    context.set_default_timeout(TIMEOUT_MS)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.route_log = Route()
+    page.route("**/v1/chat/completions", page.route_log)
+    page.goto(web_server.url + "/")
+    yield page
+    context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def png(color=(220, 40, 40), size=(96, 64)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def mp4() -> bytes:
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        for i in range(8):
+            frame = av.VideoFrame.from_ndarray(np.full((64, 64, 3), i * 30, np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
+
+
+def expect(locator):
+    return _playwright().expect(locator)
+
+
+def log_in(page):
+    """A fresh page has no API key: the model list is refused (shown as an error) until the key is entered."""
+    expect(page.get_by_test_id("error")).to_contain_text("401")
+    expect(page.get_by_test_id("error")).to_contain_text("API key")
+    page.get_by_test_id("api-key").fill(KEY)
+    page.get_by_test_id("api-key").press("Tab")  # change event: stored, models reloaded
+    expect(page.get_by_test_id("model-id")).to_have_text("tiny")
+    expect(page.get_by_test_id("error")).to_be_hidden()
+
+
+def ask(page, text, inject=None, state="done"):
+    """Type and send with Enter; wait for the answer to finish; return the new assistant message."""
+    page.route_log.inject = inject or {}
+    before = page.get_by_test_id("assistant-message").count()
+    page.get_by_test_id("prompt").fill(text)
+    page.get_by_test_id("prompt").press("Enter")
+    message = page.get_by_test_id("assistant-message").nth(before)
+    expect(message).to_have_attribute("data-state", state)
+    return message
+
+
+def watch_answer_lengths(page):
+    """Record every length the newest answer goes through, to see the answer arrive piece by piece."""
+    page.evaluate("""() => {
+        window.__lengths = [];
+        const t = document.getElementById('transcript');
+        new MutationObserver(() => {
+            const answers = t.querySelectorAll('[data-testid=answer]');
+            if (answers.length) window.__lengths.push(answers[answers.length - 1].textContent.length);
+        }).observe(t, {subtree: true, childList: true, characterData: true});
+    }""")
+
+
+def test_chat_images_thinking_tools_and_screenshot(page, web_server):
+    log_in(page)
+    assert page.evaluate("localStorage.getItem('minicpmv-web:api-key')") == KEY
+
+    # an image, shown as a thumbnail before sending; Enter sends; the answer streams in
+    page.get_by_test_id("image-input").set_input_files({"name": "red.png", "mimeType": "image/png", "buffer": png()})
+    thumb = page.get_by_test_id("attachments").locator("img")
+    expect(thumb).to_have_count(1)
+    assert thumb.get_attribute("src").startswith("data:image/png;base64,")
+    watch_answer_lengths(page)
+    first_answer = "The picture is a plain red rectangle, wider than it is tall."
+    first = ask(page, "What is in this picture?", {"test_output": first_answer})
+    expect(first.get_by_test_id("answer")).to_have_text(first_answer)
+    lengths = page.evaluate("window.__lengths")
+    assert len({n for n in lengths if 0 < n < len(first_answer)}) >= 3, f"not streamed incrementally: {lengths}"
+    expect(page.get_by_test_id("attachment")).to_have_count(0)
+    expect(page.get_by_test_id("user-message").first.locator("img")).to_have_count(1)
+    expect(first.get_by_test_id("reasoning")).to_be_hidden()
+    expect(first.get_by_test_id("status")).to_contain_text("Done")
+
+    body, headers = page.route_log.bodies[0], page.route_log.headers[0]
+    assert headers["authorization"] == f"Bearer {KEY}"
+    assert body["model"] == "tiny" and body["stream"] is True
+    assert body["chat_template_kwargs"] == {"enable_thinking": False}
+    assert body["mm_processor_kwargs"] == {"downsample_mode": "16x"}
+    [user] = body["messages"]
+    assert [p["type"] for p in user["content"]] == ["image_url", "text"]
+    assert user["content"][0]["image_url"]["url"] == "data:image/png;base64," + base64.b64encode(png()).decode()
+    assert user["content"][1]["text"] == "What is in this picture?"
+
+    # thinking on, 4x, two slices: a reasoning block fills from reasoning_content; the history goes back as text
+    page.get_by_test_id("thinking").check()
+    page.get_by_test_id("downsample").select_option("4x")
+    page.get_by_test_id("max-slices").fill("2")
+    second = ask(page, "Which colour is it exactly?",
+                 {"test_output": "The pixels are all (220, 40, 40).\nThat is a strong red.\n</think>\n\nIt is a bright red, like a tomato."})
+    reasoning = second.get_by_test_id("reasoning")
+    expect(reasoning).to_be_visible()
+    expect(reasoning.get_by_test_id("reasoning-text")).to_have_text("The pixels are all (220, 40, 40).\nThat is a strong red.")
+    expect(second.get_by_test_id("answer")).to_have_text("It is a bright red, like a tomato.")
+    assert reasoning.evaluate("d => d.tagName") == "DETAILS"
+    reasoning.locator("summary").click()  # collapsible: collapsed once the answer started, opens on click
+    assert reasoning.evaluate("d => d.open") is True
+    body = page.route_log.bodies[1]
+    assert body["chat_template_kwargs"] == {"enable_thinking": True}
+    assert body["mm_processor_kwargs"] == {"downsample_mode": "4x", "max_slice_nums": 2}
+    assert body["messages"][1:] == [{"role": "assistant", "content": first_answer},
+                                    {"role": "user", "content": "Which colour is it exactly?"}]
+
+    # tools from the Advanced section; the answer's tool call shows its name and pretty JSON arguments
+    page.get_by_test_id("thinking").uncheck()
+    page.get_by_test_id("advanced").locator("summary").click()
+    page.get_by_test_id("tools").fill(json.dumps([WEATHER_TOOL]))
+    page.get_by_test_id("advanced").locator("summary").click()
+    third = ask(page, "And the weather in Paris?",
+                {"test_output": "Let me check.\n\n" + call_xml("get_weather", city="Paris", days=2)})
+    call = third.get_by_test_id("tool-call")
+    expect(call).to_have_count(1)
+    expect(call.get_by_test_id("tool-name")).to_have_text("get_weather")
+    args = call.get_by_test_id("tool-args").text_content()
+    assert json.loads(args) == {"city": "Paris", "days": 2} and args == json.dumps({"city": "Paris", "days": 2}, indent=2)
+    expect(third.get_by_test_id("answer")).to_have_text("Let me check.")
+    expect(third.get_by_test_id("status")).to_contain_text("Tool call")
+    assert page.route_log.bodies[2]["tools"] == [WEATHER_TOOL]
+
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    page.set_viewport_size({"width": 1000, "height": 1250})  # the whole conversation in view
+    page.get_by_test_id("transcript").evaluate("t => t.scrollTop = 0")
+    page.screenshot(path=str(SCREENSHOT))
+    page.set_viewport_size({"width": 390, "height": 844})  # a phone: nothing may overflow sideways
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    assert page.evaluate("[...document.querySelectorAll('.msg')].every(m => m.getBoundingClientRect().right <= window.innerWidth)")
+    page.screenshot(path=str(SCREENSHOT.with_name("web_chat_narrow.png")))
+
+    # copy the first answer
+    first.get_by_test_id("copy").click()
+    expect(first.get_by_test_id("copy")).to_have_text("Copied")
+    assert page.evaluate("navigator.clipboard.readText()") == first_answer
+
+
+def test_paste_video_escaping_and_errors(page, web_server):
+    log_in(page)
+
+    # a pasted image becomes a thumbnail, which can be removed again
+    page.get_by_test_id("prompt").focus()
+    page.evaluate("""async (b64) => {
+        const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+        const data = new DataTransfer();
+        data.items.add(new File([bytes], 'pasted.png', {type: 'image/png'}));
+        document.getElementById('prompt').dispatchEvent(new ClipboardEvent('paste', {clipboardData: data, bubbles: true, cancelable: true}));
+    }""", base64.b64encode(png((0, 120, 255))).decode())
+    expect(page.get_by_test_id("attachment")).to_have_count(1)
+    page.get_by_test_id("attachment").locator(".remove").click()
+    expect(page.get_by_test_id("attachment")).to_have_count(0)
+
+    # a video goes as a video_url data URI part and is answered
+    page.get_by_test_id("advanced").locator("summary").click()
+    page.get_by_test_id("max-tokens").fill("3")
+    page.get_by_test_id("video-input").set_input_files({"name": "clip.mp4", "mimeType": "video/mp4", "buffer": mp4()})
+    expect(page.get_by_test_id("attachment")).to_have_attribute("data-kind", "video")
+    page.get_by_test_id("prompt").fill("Describe the video.")
+    page.get_by_test_id("prompt").press("Enter")
+    page.wait_for_function("() => document.querySelector('[data-testid=assistant-message][data-state=done]')")
+    body = page.route_log.bodies[-1]
+    assert body["max_tokens"] == 3
+    parts = body["messages"][0]["content"]
+    assert [p["type"] for p in parts] == ["video_url", "text"]
+    assert parts[0]["video_url"]["url"] == "data:video/mp4;base64," + base64.b64encode(mp4()).decode()
+    expect(page.get_by_test_id("error")).to_be_hidden()
+    expect(page.get_by_test_id("assistant-message").first.get_by_test_id("status")).to_contain_text("token limit")
+    expect(page.get_by_test_id("attachment")).to_have_count(0)
+
+    # model text is shown as text, never parsed as HTML
+    hostile = '<img src=x onerror="window.__pwned=1"><b>bold</b> & <script>window.__pwned=2</script>'
+    message = ask(page, "Say something odd.", {"test_output": hostile, "max_tokens": 200})
+    expect(message.get_by_test_id("answer")).to_have_text(hostile)
+    assert message.get_by_test_id("answer").locator("img, b, script").count() == 0
+    assert page.evaluate("window.__pwned") is None
+
+    # a refused request shows the server's JSON error and gives the message back for editing
+    page.get_by_test_id("max-slices").fill("100")
+    count = page.get_by_test_id("assistant-message").count()
+    page.get_by_test_id("prompt").fill("Too many slices?")
+    page.get_by_test_id("send").click()
+    error = page.get_by_test_id("error")
+    expect(error).to_be_visible()
+    expect(error).to_contain_text("Error 400")
+    expect(error).to_contain_text("max_slice_nums")
+    expect(page.get_by_test_id("prompt")).to_have_value("Too many slices?")
+    expect(page.get_by_test_id("assistant-message")).to_have_count(count)
+    expect(page.get_by_test_id("send")).to_be_enabled()
+
+    # invalid tools JSON is caught before sending
+    page.get_by_test_id("max-slices").fill("")
+    page.get_by_test_id("tools").fill("[{not json")
+    page.get_by_test_id("send").click()
+    expect(error).to_contain_text("Tools are not valid JSON")
+    assert len(page.route_log.bodies) == 3
+
+
+def test_stop_keeps_partial_answer_and_frees_the_sequence(page, web_server):
+    engine = web_server.llm.engine
+    log_in(page)
+    page.route_log.inject = {"max_tokens": 20000, "ignore_eos": True, "temperature": 1.0, "seed": 3}
+    page.get_by_test_id("prompt").fill("Go on forever.")
+    page.get_by_test_id("send").click()
+    message = page.get_by_test_id("assistant-message").last
+    expect(page.get_by_test_id("stop")).to_be_visible()
+    expect(page.get_by_test_id("send")).to_be_disabled()
+    page.wait_for_function("() => { const a = document.querySelectorAll('[data-testid=answer]'); "
+                           "return a.length && a[a.length - 1].textContent.length > 20; }")
+    assert len(engine.scheduler) == 1
+    page.get_by_test_id("stop").click()
+    expect(message).to_have_attribute("data-state", "stopped")
+    expect(message.get_by_test_id("status")).to_contain_text("Stopped")
+    deadline = time.time() + 5
+    while len(engine.scheduler) and time.time() < deadline:
+        time.sleep(0.05)
+    assert len(engine.scheduler) == 0, "the stopped request's sequence is still in the engine"
+    partial = message.get_by_test_id("answer").text_content()
+    assert len(partial) > 20
+    time.sleep(0.3)
+    assert message.get_by_test_id("answer").text_content() == partial  # nothing arrives after the stop
+    expect(page.get_by_test_id("stop")).to_be_hidden()
+    expect(page.get_by_test_id("send")).to_be_enabled()
+
+    # the chat goes on, with the partial answer in the history
+    after = ask(page, "Still there?", {"test_output": "Yes."})
+    expect(after.get_by_test_id("answer")).to_have_text("Yes.")
+    assert page.route_log.bodies[-1]["messages"][1] == {"role": "assistant", "content": partial}
