@@ -35,6 +35,7 @@ class ChatOptions:
     enable_thinking: bool = False
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None  # "auto" (default with tools), "none", "required", or a named function
+    normalize_escaped_newlines: bool = False  # the model card's clean-up: literal "\\n" in content -> newline
 
     @classmethod
     def build(cls, defaults: dict[str, Any], overrides: dict[str, Any] | None = None) -> ChatOptions:
@@ -197,6 +198,7 @@ class LLM:
             starts_in_reasoning=options.enable_thinking and not self._forced_tool_prefix(options),
             tools=options.tools,
             tool_choice_none=options.tool_choice == "none",
+            normalize_newlines=options.normalize_escaped_newlines,
         )
 
     def stream_parser(self, seq: Sequence, options: ChatOptions) -> tuple[OutputParser, list]:

@@ -198,6 +198,26 @@ def test_thinking_on_and_off(server):
     assert cut.choices[0].message.model_extra["reasoning_content"]
 
 
+def test_escaped_newline_normalisation_is_opt_in(server):
+    raw = "line one\\nline two"
+    kw = dict(max_tokens=50, extra_body={"test_output": raw})
+    assert chat(server, [{"role": "user", "content": "?"}], **kw).choices[0].message.content == raw
+    kw["extra_body"]["normalize_escaped_newlines"] = True
+    assert chat(server, [{"role": "user", "content": "?"}], **kw).choices[0].message.content == "line one\nline two"
+
+
+def test_logprobs_stream_and_non_stream(server):
+    messages = [{"role": "user", "content": "Hi"}]
+    full = chat(server, messages, max_tokens=4, logprobs=True, top_logprobs=3, temperature=0)
+    entries = full.choices[0].logprobs.content
+    assert len(entries) == 4 and all(len(e.top_logprobs) == 3 for e in entries)
+    assert all(e.logprob <= 0 and e.top_logprobs[0].logprob >= e.top_logprobs[-1].logprob for e in entries)
+    assert entries[0].logprob == pytest.approx(entries[0].top_logprobs[0].logprob)  # greedy picks the top token
+    chunks, _, _, _ = stream(server, messages, max_tokens=4, logprobs=True, top_logprobs=3, temperature=0)
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.token for e in streamed] == [e.token for e in entries]
+
+
 # -- tool calls ----------------------------------------------------------------------------------------------
 def call_xml(name, **params):
     body = "".join(f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in params.items())

@@ -48,6 +48,35 @@ class PackedEmbedding(nn.Module):
         return self.head.rows(ids.flatten()).to(self.dtype).view(*ids.shape, -1)
 
 
+class FastRMSNorm(nn.Module):
+    """The zero-centred RMSNorm in one kernel call (bf16)."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.weight, self.eps = norm.weight, norm.eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.rmsnorm(x, self.weight, 1.0, self.eps)
+
+
+class FastDeltaNet(nn.Module):
+    """A GatedDeltaNet whose decode steps (every sequence one token) run as one kernel between the projections."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor, lengths: list[int], conv: list[torch.Tensor], rec: list[torch.Tensor]):
+        if max(lengths) > 1:
+            return self.layer(x, lengths, conv, rec)
+        for states in (conv, rec):
+            for i, t in enumerate(states):
+                if not t.is_contiguous():
+                    states[i] = t.contiguous()
+        mixed, z, b, a = self.layer.project(x)
+        return self.layer.out_proj(kernels.deltanet_decode(self.layer, mixed, z, b, a, conv, rec))
+
+
 def _pack(linears: list[nn.Linear], quant: str, group: int, **kw) -> PackedLinear:
     weight = torch.cat([lin.weight for lin in linears]) if len(linears) > 1 else linears[0].weight
     biases = [lin.bias for lin in linears]
@@ -83,12 +112,19 @@ def optimize(model, quantization: str | None = None, group: int = 64):
             attn.fused_proj = SplitLinear(_pack(parts, quant, group), [p.out_features for p in parts])
             attn.out_proj = _pack([attn.out_proj], quant, group)
             del attn.in_proj_qkv, attn.in_proj_z, attn.in_proj_b, attn.in_proj_a
+            if kernels.available():
+                layer.linear_attn = FastDeltaNet(attn)
         else:
             attn = layer.self_attn
             parts = [attn.q_proj, attn.k_proj, attn.v_proj]
             attn.fused_proj = SplitLinear(_pack(parts, quant, group), [p.out_features for p in parts])
             attn.o_proj = _pack([attn.o_proj], quant, group)
             del attn.q_proj, attn.k_proj, attn.v_proj
+    if kernels.available():
+        for parent in [lm, *lm.layers, *(layer.self_attn for layer in lm.layers if hasattr(layer, "self_attn"))]:
+            for name, child in list(parent.named_children()):
+                if type(child).__name__ == "RMSNorm":
+                    setattr(parent, name, FastRMSNorm(child))
     tied = model.lm_head.weight is lm.embed_tokens.weight
     model.lm_head = _pack([model.lm_head], quant, group, out_dtype=torch.float32)
     if tied:

@@ -85,6 +85,8 @@ def library() -> ctypes.CDLL | None:
                 lib.mm_bf16.argtypes = [ptr, i64, i64, i64, ptr, i64, *tail]
                 lib.mm_int8.argtypes = [ptr, i64, i64, ptr, ptr, i64, *tail]
                 lib.mm_int4.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, i64, *tail]
+                lib.rmsnorm_bf16.argtypes = [ptr, i64, i64, i64, ptr, ctypes.c_float, ctypes.c_float, ptr, i64]
+                lib.deltanet_decode.argtypes = [i64] * 6 + [ptr, i64] * 4 + [ptr] * 6 + [ctypes.c_float, ptr, ptr]
                 _lib = lib
             except Exception as exc:  # no compiler, a failed build: the fallback still works
                 log.warning("could not build the minicpmv CPU kernels (%s): using the plain PyTorch matmul", exc)
@@ -253,3 +255,34 @@ class PackedLinear(nn.Module):
 
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
+
+
+# -- decode-step kernels (bf16 activations; callers check ``available()`` first) ------------------------------------
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, offset: float, eps: float) -> torch.Tensor:
+    """rmsnorm(x) * (offset + weight) over the last dim, float32 maths, for bf16 x and weight."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = torch.empty(x2.shape, dtype=torch.bfloat16)
+    _lib.rmsnorm_bf16(x2.data_ptr(), x2.stride(0), x2.shape[0], x2.shape[1], weight.data_ptr(), offset, eps,
+                      out.data_ptr(), out.stride(0))
+    return out.view(x.shape)
+
+
+def deltanet_decode(layer, mixed, z, b, a, conv: list[torch.Tensor], rec: list[torch.Tensor]) -> torch.Tensor:
+    """One token per sequence through ``layer`` (a GatedDeltaNet) from its projections to the normed core
+    [B, value_dim]; the conv and recurrent states are updated in place (each must be contiguous)."""
+    n = mixed.shape[0]
+    out = torch.empty(n, layer.value_dim, dtype=torch.bfloat16)
+    scratch = torch.empty(n, layer.conv_dim, dtype=torch.float32)
+    conv_ptrs = (ctypes.c_void_p * n)(*[c.data_ptr() for c in conv])
+    rec_ptrs = (ctypes.c_void_p * n)(*[r.data_ptr() for r in rec])
+    args = []
+    for t in (mixed, z, b, a):
+        assert t.stride(-1) == 1 and t.dtype == torch.bfloat16
+        args += [t.data_ptr(), t.stride(0)]
+    _lib.deltanet_decode(n, layer.k_heads, layer.v_heads, layer.dk, layer.dv, layer.kernel, *args,
+                         layer.conv1d.weight.data_ptr(), conv_ptrs, rec_ptrs, layer.A_log.data_ptr(),
+                         layer.dt_bias.data_ptr(), layer.norm.weight.data_ptr(), layer.norm.eps, out.data_ptr(),
+                         scratch.data_ptr())
+    return out

@@ -207,7 +207,12 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         tools = body.tools if body.tool_choice != "none" else None
         options = ChatOptions.build(
             {**responses.asdict_options(llm.default_options), **mm},
-            {"enable_thinking": thinking, "tools": tools, "tool_choice": body.tool_choice},
+            {
+                "enable_thinking": thinking,
+                "tools": tools,
+                "tool_choice": body.tool_choice,
+                "normalize_escaped_newlines": body.normalize_escaped_newlines,
+            },
         )
         params = body.sampling_params()
         seq = await asyncio.to_thread(llm.prepare, messages, params, options)

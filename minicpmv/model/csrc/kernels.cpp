@@ -188,7 +188,7 @@ void tile_int4(const uint16_t* x, int64_t ldx, int64_t k, int64_t g, const uint8
 // Calls tile(rows, m0, acc) for row groups of at most MT, then the epilogue, for every block, in parallel.
 template <class Tile>
 void run_blocks(int64_t M, int64_t nblocks, const Epilogue& ep, Tile tile) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, 1)  // dynamic: a thread slowed by another process does less
   for (int64_t b = 0; b < nblocks; ++b) {
     alignas(64) float acc[MT * BLOCK];
     for (int64_t m0 = 0; m0 < M; m0 += MT) {
@@ -254,6 +254,106 @@ void mm_int4(const uint16_t* x, int64_t M, int64_t K, int64_t g, const uint8_t* 
     DISPATCH_ROWS(rows, CALL)
 #undef CALL
   });
+}
+
+}  // extern "C"
+
+// ---- decode-step helpers (one token per sequence; float32 maths, bf16 in and out) --------------------------------
+namespace {
+
+inline float silu(float v) { return v / (1.0f + expf(-v)); }
+
+inline void load_row(const uint16_t* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(src[i]);
+}
+
+}  // namespace
+
+extern "C" {
+
+// out = rmsnorm(x) * (offset + w) per row; x, out: [M, D] with row strides; w: [D] bf16.
+void rmsnorm_bf16(const uint16_t* x, int64_t ldx, int64_t M, int64_t D, const uint16_t* w, float offset, float eps,
+                  uint16_t* out, int64_t ldo) {
+#pragma omp parallel for schedule(static) if (M > 8)
+  for (int64_t m = 0; m < M; ++m) {
+    const uint16_t* xr = x + m * ldx;
+    float ss = 0.0f;
+    for (int64_t i = 0; i < D; ++i) {
+      float v = bf16_to_f32(xr[i]);
+      ss += v * v;
+    }
+    float r = 1.0f / sqrtf(ss / D + eps);
+    for (int64_t i = 0; i < D; ++i) out[m * ldo + i] = f32_to_bf16(bf16_to_f32(xr[i]) * r * (offset + bf16_to_f32(w[i])));
+  }
+}
+
+// One decode token for each of B sequences through a Gated DeltaNet layer, everything between the input
+// projections and out_proj: the causal conv step (shifting the conv state), silu, q/k l2 norms, decay and beta, the
+// delta rule on the float32 state (updated in place), and the gated RMSNorm. out: [B, hv * dv] bf16.
+void deltanet_decode(int64_t B, int64_t hk, int64_t hv, int64_t dk, int64_t dv, int64_t kernel,
+                     const uint16_t* mixed, int64_t ld_mixed, const uint16_t* z, int64_t ld_z,
+                     const uint16_t* b_in, int64_t ld_b, const uint16_t* a_in, int64_t ld_a,
+                     const uint16_t* conv_w, uint16_t** conv_state, float** rec, const uint16_t* a_log,
+                     const uint16_t* dt_bias, const uint16_t* norm_w, float eps, uint16_t* out, float* scratch) {
+  const int64_t key_dim = hk * dk, conv_dim = 2 * key_dim + hv * dv, taps = kernel - 1;
+#pragma omp parallel for schedule(static)
+  for (int64_t bc = 0; bc < B * conv_dim; ++bc) {
+    const int64_t b = bc / conv_dim, c = bc % conv_dim;
+    uint16_t* s = conv_state[b] + c * taps;
+    const uint16_t* w = conv_w + c * kernel;
+    const uint16_t x = mixed[b * ld_mixed + c];
+    float acc = bf16_to_f32(w[taps]) * bf16_to_f32(x);
+    for (int64_t t = 0; t < taps; ++t) acc += bf16_to_f32(w[t]) * bf16_to_f32(s[t]);
+    for (int64_t t = 0; t + 1 < taps; ++t) s[t] = s[t + 1];
+    if (taps) s[taps - 1] = x;
+    scratch[bc] = silu(acc);
+  }
+  const int64_t rep = hv / hk;
+  const float q_scale = 1.0f / sqrtf((float)dk);
+#pragma omp parallel for schedule(static)
+  for (int64_t bh = 0; bh < B * hv; ++bh) {
+    const int64_t b = bh / hv, h = bh % hv, kh = h / rep;
+    const float* row = scratch + b * conv_dim;
+    float q[512], k[512], pred[512], sq[512], delta[512];
+    float qq = 0.0f, kk = 0.0f;
+    for (int64_t i = 0; i < dk; ++i) {
+      q[i] = row[kh * dk + i], k[i] = row[key_dim + kh * dk + i];
+      qq += q[i] * q[i], kk += k[i] * k[i];
+    }
+    const float rq = q_scale / sqrtf(qq + 1e-6f), rk = 1.0f / sqrtf(kk + 1e-6f);
+    float kq = 0.0f;
+    for (int64_t i = 0; i < dk; ++i) q[i] *= rq, k[i] *= rk, kq += k[i] * q[i];
+    const float a = bf16_to_f32(a_in[b * ld_a + h]) + bf16_to_f32(dt_bias[h]);
+    const float softplus = a > 20.0f ? a : log1pf(expf(a));
+    const float decay = expf(-expf(bf16_to_f32(a_log[h])) * softplus);
+    const float beta = 1.0f / (1.0f + expf(-bf16_to_f32(b_in[b * ld_b + h])));
+    float* S = rec[b] + h * dk * dv;
+    for (int64_t j = 0; j < dv; ++j) pred[j] = 0.0f, sq[j] = 0.0f;
+    for (int64_t i = 0; i < dk; ++i) {
+      const float* Si = S + i * dv;
+      const float ki = k[i], qi = q[i];
+#pragma omp simd
+      for (int64_t j = 0; j < dv; ++j) pred[j] += Si[j] * ki, sq[j] += Si[j] * qi;
+    }
+    const float* v = row + 2 * key_dim + h * dv;
+    float ss = 0.0f;
+    for (int64_t j = 0; j < dv; ++j) {
+      delta[j] = (v[j] - decay * pred[j]) * beta;
+      sq[j] = decay * sq[j] + delta[j] * kq;  // the output: S'^T q with S' the updated state
+      ss += sq[j] * sq[j];
+    }
+    for (int64_t i = 0; i < dk; ++i) {
+      float* Si = S + i * dv;
+      const float ki = k[i];
+#pragma omp simd
+      for (int64_t j = 0; j < dv; ++j) Si[j] = decay * Si[j] + ki * delta[j];
+    }
+    const float r = 1.0f / sqrtf(ss / dv + eps);
+    const uint16_t* zr = z + b * ld_z + h * dv;
+    uint16_t* o = out + b * hv * dv + h * dv;
+    for (int64_t j = 0; j < dv; ++j)
+      o[j] = f32_to_bf16(sq[j] * r * bf16_to_f32(norm_w[j]) * silu(bf16_to_f32(zr[j])));
+  }
 }
 
 }  // extern "C"
