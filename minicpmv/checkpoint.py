@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from minicpmv.config import ModelConfig
 from minicpmv.errors import CheckpointError
+from minicpmv.model import fast, quant
 from minicpmv.model.minicpmv import MiniCPMV
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -71,9 +72,20 @@ def weight_files(directory: Path) -> list[Path]:
 
 
 def load_model(
-    model: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu", progress: bool | None = None
+    model: str | Path,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    progress: bool | None = None,
+    quantization: str | None = None,
+    optimize: bool = True,
+    group_size: int = 64,
 ) -> MiniCPMV:
-    """Build ``MiniCPMV`` from a checkpoint directory or repo id, weights in ``dtype`` on ``device``."""
+    """Build ``MiniCPMV`` from a checkpoint directory or repo id, weights in ``dtype`` on ``device``.
+
+    ``quantization`` ("int8" or "int4", bfloat16 on the CPU only) quantizes the language model's linear layers at
+    load time (int4 in groups of ``group_size``); a checkpoint written by ``quant.save_quantized`` loads quantized
+    without asking. ``optimize`` packs a bfloat16 CPU model's weights for the fast kernels (``model/fast.py``).
+    """
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise CheckpointError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -81,11 +93,32 @@ def load_model(
     device = torch.device(device)
     directory = resolve(model)
     cfg = ModelConfig.from_file(directory)
+    try:
+        stored = quant.checkpoint_quantization(json.loads((directory / "config.json").read_text()))
+    except ValueError as exc:
+        raise CheckpointError(f"{directory / 'config.json'}: {exc}") from None
+    if quantization not in (None, *quant.METHODS):
+        raise CheckpointError(f"quantization must be one of {list(quant.METHODS)}, got {quantization!r}")
+    if stored and quantization not in (None, stored[0]):
+        raise CheckpointError(f"checkpoint {directory} is quantized as {stored[0]}, not {quantization}")
+    method, group_size = (stored or (quantization, group_size))
+    if method and (dtype != torch.bfloat16 or device.type != "cpu"):
+        raise CheckpointError(f"{method} quantization needs dtype bfloat16 on the CPU")
     with torch.device("meta"):
         net = MiniCPMV(cfg)
     expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight")
+    quantized = {}  # stored tensor name -> (module, part)
+    if stored:
+        modules = dict(net.named_modules())
+        for name in quant.quantized_names(net):
+            shape = expected.pop(f"{name}.weight", None) or tuple(net.lm_head.weight.shape)
+            for stored_name, stored_shape in quant.stored_shapes(name, shape, method, group_size).items():
+                expected[stored_name] = stored_shape
+                quantized[stored_name] = modules[name]
+        if cfg.tie_word_embeddings:
+            expected.pop("model.language_model.embed_tokens.weight")  # read from the quantized head
 
     files = weight_files(directory)
     handles = {}
@@ -112,15 +145,26 @@ def load_model(
     if problems:
         raise CheckpointError(f"checkpoint {directory} does not match its config.json: " + "; ".join(problems))
 
-    weights = {}
+    weights, parts = {}, {}
     for name in tqdm(sorted(expected), desc="loading weights", unit="tensor", disable=None if progress is None else not progress):
         f = found[name][0]
         try:
             tensor = handles[f].get_tensor(name)
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"cannot read tensor {name} from {f}: {exc}") from None
-        weights[name] = tensor.to(device=device, dtype=dtype)
+        if name in quantized:
+            parts[name] = tensor
+        else:
+            weights[name] = tensor.to(device=device, dtype=dtype)
     net.load_state_dict(weights, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         net.lm_head.weight = net.model.language_model.embed_tokens.weight
-    return net.eval()
+    for name, module in quantized.items():
+        if name.endswith(".qweight"):
+            base = name[: -len(".qweight")]
+            quant.attach(module, parts[name], parts[f"{base}.scales"], method)
+    net.checkpoint_dir = directory
+    net.eval()
+    if method or optimize:
+        fast.optimize(net, method, group_size)
+    return net

@@ -106,7 +106,9 @@ class GatedDeltaNet(nn.Module):
         self.A_log = nn.Parameter(torch.zeros(self.v_heads))
         self.norm = GatedRMSNorm(self.dv, cfg.rms_norm_eps)
         self.out_proj = nn.Linear(self.value_dim, d, bias=False)
-        self.fused_proj: nn.Module | None = None  # set by fast.optimize: the four input projections as one matmul
+        # Set by fast.optimize: the four input projections as one matmul, and a one-kernel decode step.
+        self.fused_proj: nn.Module | None = None
+        self.fused_decode = None
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.fused_proj is not None:
@@ -135,6 +137,8 @@ class GatedDeltaNet(nn.Module):
     def forward(self, x: torch.Tensor, lengths: list[int], conv: list[torch.Tensor], rec: list[torch.Tensor]):
         """x: [N, d], the tokens of several sequences back to back (``lengths``). ``conv`` and ``rec`` hold each
         sequence's state and are replaced in place by the new states."""
+        if self.fused_decode is not None and max(lengths) == 1:
+            return self.fused_decode(self, x, conv, rec)
         mixed, z, b, a = self.project(x)
         beta = b.sigmoid().float()
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)

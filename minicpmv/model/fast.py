@@ -59,29 +59,39 @@ class FastRMSNorm(nn.Module):
         return kernels.rmsnorm(x, self.weight, 1.0, self.eps)
 
 
-class FastDeltaNet(nn.Module):
-    """A GatedDeltaNet whose decode steps (every sequence one token) run as one kernel between the projections."""
-
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor, lengths: list[int], conv: list[torch.Tensor], rec: list[torch.Tensor]):
-        if max(lengths) > 1:
-            return self.layer(x, lengths, conv, rec)
-        for states in (conv, rec):
-            for i, t in enumerate(states):
-                if not t.is_contiguous():
-                    states[i] = t.contiguous()
-        mixed, z, b, a = self.layer.project(x)
-        return self.layer.out_proj(kernels.deltanet_decode(self.layer, mixed, z, b, a, conv, rec))
+def deltanet_decode(layer: nn.Module, x: torch.Tensor, conv: list[torch.Tensor], rec: list[torch.Tensor]):
+    """GatedDeltaNet.fused_decode: one token per sequence, the states updated in place by one kernel."""
+    for states in (conv, rec):
+        for i, t in enumerate(states):
+            if not t.is_contiguous():
+                states[i] = t.contiguous()
+    mixed, z, b, a = layer.project(x)
+    return layer.out_proj(kernels.deltanet_decode(layer, mixed, z, b, a, conv, rec))
 
 
-def _pack(linears: list[nn.Linear], quant: str, group: int, **kw) -> PackedLinear:
-    weight = torch.cat([lin.weight for lin in linears]) if len(linears) > 1 else linears[0].weight
+def _weights(linears: list[nn.Linear], quant: str) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """Each linear's weight, or its int8 values and scales when a quantized checkpoint attached them."""
+    attached = [getattr(lin, "quantized", None) for lin in linears]
+    if all(a is None for a in attached):
+        return [lin.weight.detach() for lin in linears], None
+    if any(a is None or a[2] != quant for a in attached):
+        raise ValueError(f"mixed quantized and unquantized weights for a {quant} layer")
+    return [a[0] for a in attached], [a[1] for a in attached]
+
+
+def _pack(linears: list[nn.Linear], names: dict, quant: str, group: int, gate_up: bool = False, **kw) -> PackedLinear:
+    weights, scales = _weights(linears, quant)
+    if gate_up:
+        weight = interleave_gate_up(*weights)
+        scale = None if scales is None else interleave_gate_up(*(s.view(s.shape[0], -1) for s in scales)).squeeze(1)
+        kw.update(act="silu_mul", out_features=linears[0].out_features)
+    else:
+        weight = torch.cat(weights)
+        scale = None if scales is None else torch.cat(scales)
     biases = [lin.bias for lin in linears]
     bias = torch.cat(biases) if all(b is not None for b in biases) else None
-    return PackedLinear(weight.detach(), bias, quant=quant, group=group, **kw)
+    parts = [(names[id(lin)], lin.out_features) for lin in linears]
+    return PackedLinear(weight, bias, quant=quant, group=group, scale=scale, parts=parts, **kw)
 
 
 def optimize(model, quantization: str | None = None, group: int = 64):
@@ -98,35 +108,36 @@ def optimize(model, quantization: str | None = None, group: int = 64):
     if quantization is None and not kernels.available():
         return model
     quant = quantization or "bf16"
+    names = {id(m): n for n, m in model.named_modules()}
     lm = model.model.language_model
     for layer in lm.layers:
         mlp = layer.mlp
-        gate_up = interleave_gate_up(mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach())
         layer.mlp = FusedMLP(
-            PackedLinear(gate_up, quant=quant, group=group, act="silu_mul", out_features=mlp.gate_proj.out_features),
-            _pack([mlp.down_proj], quant, group),
+            _pack([mlp.gate_proj, mlp.up_proj], names, quant, group, gate_up=True),
+            _pack([mlp.down_proj], names, quant, group),
         )
         if layer.layer_type == "linear_attention":
             attn = layer.linear_attn
             parts = [attn.in_proj_qkv, attn.in_proj_z, attn.in_proj_b, attn.in_proj_a]
-            attn.fused_proj = SplitLinear(_pack(parts, quant, group), [p.out_features for p in parts])
-            attn.out_proj = _pack([attn.out_proj], quant, group)
+            attn.fused_proj = SplitLinear(_pack(parts, names, quant, group), [p.out_features for p in parts])
+            attn.out_proj = _pack([attn.out_proj], names, quant, group)
             del attn.in_proj_qkv, attn.in_proj_z, attn.in_proj_b, attn.in_proj_a
             if kernels.available():
-                layer.linear_attn = FastDeltaNet(attn)
+                attn.fused_decode = deltanet_decode
         else:
             attn = layer.self_attn
             parts = [attn.q_proj, attn.k_proj, attn.v_proj]
-            attn.fused_proj = SplitLinear(_pack(parts, quant, group), [p.out_features for p in parts])
-            attn.o_proj = _pack([attn.o_proj], quant, group)
+            attn.fused_proj = SplitLinear(_pack(parts, names, quant, group), [p.out_features for p in parts])
+            attn.o_proj = _pack([attn.o_proj], names, quant, group)
             del attn.q_proj, attn.k_proj, attn.v_proj
     if kernels.available():
         for parent in [lm, *lm.layers, *(layer.self_attn for layer in lm.layers if hasattr(layer, "self_attn"))]:
             for name, child in list(parent.named_children()):
                 if type(child).__name__ == "RMSNorm":
                     setattr(parent, name, FastRMSNorm(child))
-    tied = model.lm_head.weight is lm.embed_tokens.weight
-    model.lm_head = _pack([model.lm_head], quant, group, out_dtype=torch.float32)
+    tied = getattr(model.lm_head, "quantized", None) is not None or model.lm_head.weight is lm.embed_tokens.weight
+    tied = tied and model.cfg.tie_word_embeddings
+    model.lm_head = _pack([model.lm_head], names, quant, group, out_dtype=torch.float32)
     if tied:
         lm.embed_tokens = PackedEmbedding(model.lm_head, torch.bfloat16)
     model.quantization = quantization

@@ -143,12 +143,15 @@ class PackedLinear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, quant: str = "bf16",
                  group: int = 64, act: str | None = None, out_features: int | None = None,
-                 scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None):
+                 scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+                 parts: list[tuple[str, int]] | None = None):
         """``weight`` [N, K] in any float dtype (quantized here), or already-quantized int8 values [N, K] with
-        ``scale`` ([N] for int8, [N, K/group] for int4)."""
+        ``scale`` ([N] for int8, [N, K/group] for int4). ``parts`` names the (checkpoint name, rows) of the linears
+        fused into this one, in order, for saving."""
         super().__init__()
         n, k = weight.shape
         self.quant, self.act, self.in_features, self.out_dtype = quant, act, k, out_dtype
+        self.parts = parts or []
         self.out_features = out_features or (n // 2 if act == "silu_mul" else n)
         self.group = group if quant == "int4" else 0
         if quant == "int4" and k % group:
