@@ -165,6 +165,9 @@ def load_model(
             quant.attach(module, parts[name], parts[f"{base}.scales"], method)
     net.checkpoint_dir = directory
     net.eval()
+    del weights, parts, handles  # packing below frees each original as it goes
+    if device.type == "cpu":
+        fast.set_threads()
     if method or optimize:
         fast.optimize(net, method, group_size)
     return net

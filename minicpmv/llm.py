@@ -104,12 +104,17 @@ class LLM:
         device: str = "auto",
         engine_config: EngineConfig | None = None,
         progress: bool | None = None,
+        quantization: str | None = None,
         **default_options: Any,
     ):
+        """``quantization`` ("int8" / "int4", CPU) quantizes the language model's weights at load time; a checkpoint
+        written by ``minicpmv.model.quant.save_quantized`` loads quantized by itself."""
         directory = resolve(model)
         dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
         self.dtype = _auto_dtype(dev) if dtype == "auto" else dtype
-        self.model = load_model(directory, dtype=self.dtype, device=dev, progress=progress)
+        if dtype == "auto" and (quantization or "quantization" in json.loads((directory / "config.json").read_text())):
+            self.dtype = "bfloat16"  # weight-only int8 / int4 run with bf16 activations
+        self.model = load_model(directory, dtype=self.dtype, device=dev, progress=progress, quantization=quantization)
         self.processor = Processor.from_dir(directory)
         generation = {}
         if (directory / "generation_config.json").is_file():

@@ -106,9 +106,10 @@ class GatedDeltaNet(nn.Module):
         self.A_log = nn.Parameter(torch.zeros(self.v_heads))
         self.norm = GatedRMSNorm(self.dv, cfg.rms_norm_eps)
         self.out_proj = nn.Linear(self.value_dim, d, bias=False)
-        # Set by fast.optimize: the four input projections as one matmul, and a one-kernel decode step.
+        # Set by fast.optimize (bf16 on the CPU): the four input projections as one matmul, and everything from
+        # them to out_proj as one kernel.
         self.fused_proj: nn.Module | None = None
-        self.fused_decode = None
+        self.fused_forward = None
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.fused_proj is not None:
@@ -137,8 +138,8 @@ class GatedDeltaNet(nn.Module):
     def forward(self, x: torch.Tensor, lengths: list[int], conv: list[torch.Tensor], rec: list[torch.Tensor]):
         """x: [N, d], the tokens of several sequences back to back (``lengths``). ``conv`` and ``rec`` hold each
         sequence's state and are replaced in place by the new states."""
-        if self.fused_decode is not None and max(lengths) == 1:
-            return self.fused_decode(self, x, conv, rec)
+        if self.fused_forward is not None:
+            return self.fused_forward(self, x, lengths, conv, rec)
         mixed, z, b, a = self.project(x)
         beta = b.sigmoid().float()
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)

@@ -1,20 +1,49 @@
-"""Swap the language model's linear layers for packed ones (``kernels.PackedLinear``), fusing where it saves work.
+"""``optimize(model)``: the CPU fast path for a bf16 model (or an int8 / int4 one), swapped in after loading.
 
-For a bf16 model on the CPU (or any quantized one): gate+up become one matmul with silu(gate) * up in its epilogue;
-DeltaNet's in_proj_qkv/z/b/a become one; attention's q/k/v become one; down/out/o projections and the head are
-packed alone, the head writing float32 logits. A tied embedding then reads its rows from the packed head, so the
-big matrix is stored once. Float32 models are left untouched (their numerics are the reference's).
+The language model's linear layers become packed ones (``kernels.PackedLinear``), fused where that saves work:
+gate+up as one matmul with silu(gate) * up in its epilogue, DeltaNet's in_proj_qkv/z/b/a as one, attention's q/k/v
+as one; the head writes float32 logits and a tied embedding reads its rows from it (the big matrix stored once).
+With the C++ kernels available, the rest follows: DeltaNet layers run from their projections to out_proj in one
+kernel, the RMSNorms in one call each, a whole decode step (every sequence one token) in one call, and the vision
+tower's linears and attention run on the same kernels. Float32 models are left untouched: their numerics are the
+reference's.
 """
 
 from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from minicpmv.model import kernels
 from minicpmv.model.kernels import PackedLinear, interleave_gate_up
+from minicpmv.model.language import RMSNorm
 
 QUANTIZATIONS = (None, "int8", "int4")
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on (SMT siblings share one core's memory bandwidth and FMA units)."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = set()
+    for cpu in cpus:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topology / "physical_package_id").read_text(), (topology / "core_id").read_text()))
+        except OSError:
+            cores.add(cpu)
+    return max(1, len(cores))
+
+
+def set_threads() -> int:
+    """Use every physical core for the CPU kernels and PyTorch, unless OMP_NUM_THREADS says otherwise."""
+    n = int(os.environ.get("OMP_NUM_THREADS") or physical_cores())
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
 
 
 class FusedMLP(nn.Module):
@@ -24,6 +53,29 @@ class FusedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.gate_up(x))
+
+
+class FusedVisionMLP(nn.Module):
+    def __init__(self, fc1: PackedLinear, fc2: PackedLinear):
+        super().__init__()
+        self.fc1, self.fc2 = fc1, fc2  # fc1 applies the tanh gelu in its epilogue
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.fc1(x))
+
+
+class FastVisionAttention(nn.Module):
+    """The vision tower's attention: q, k, v as one matmul, attention within each unit in one kernel."""
+
+    def __init__(self, attn: nn.Module, names: dict):
+        super().__init__()
+        self.heads, self.head_dim = attn.heads, attn.head_dim
+        self.qkv = _pack([attn.q_proj, attn.k_proj, attn.v_proj], names, "bf16", 0)
+        self.out_proj = _pack([attn.out_proj], names, "bf16", 0)
+
+    def forward(self, x: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
+        q, k, v = self.qkv(x).view(x.shape[0], 3, self.heads, self.head_dim).unbind(1)
+        return self.out_proj(kernels.attention_blocks(q, k, v, seqlens))
 
 
 class SplitLinear(nn.Module):
@@ -59,14 +111,108 @@ class FastRMSNorm(nn.Module):
         return kernels.rmsnorm(x, self.weight, 1.0, self.eps)
 
 
-def deltanet_decode(layer: nn.Module, x: torch.Tensor, conv: list[torch.Tensor], rec: list[torch.Tensor]):
-    """GatedDeltaNet.fused_decode: one token per sequence, the states updated in place by one kernel."""
+def deltanet_forward(layer: nn.Module, x: torch.Tensor, lengths: list[int], conv: list[torch.Tensor],
+                     rec: list[torch.Tensor]) -> torch.Tensor:
+    """GatedDeltaNet.fused_forward: prefill chunks and decode steps alike, the states updated in place by one kernel
+    (the delta rule token by token in float32: the chunked form's result up to rounding, with the state in cache)."""
     for states in (conv, rec):
         for i, t in enumerate(states):
             if not t.is_contiguous():
                 states[i] = t.contiguous()
     mixed, z, b, a = layer.project(x)
-    return layer.out_proj(kernels.deltanet_decode(layer, mixed, z, b, a, conv, rec))
+    return layer.out_proj(kernels.deltanet_forward(layer, mixed, z, b, a, lengths, conv, rec))
+
+
+class FastDecoder:
+    """LanguageModel.fused_decode: a decode step (every sequence one token) through all layers in one kernel call.
+
+    The layer descriptors hold pointers to the packed weights, built once: the model must not be moved or converted
+    afterwards (it is a CPU inference model; nothing here does).
+    """
+
+    @classmethod
+    def build(cls, lm: nn.Module) -> FastDecoder | None:
+        """The decoder for ``lm``, or None where the kernel does not cover it (then the layers run one by one)."""
+        deltanets = [layer.linear_attn for layer in lm.layers if layer.layer_type == "linear_attention"]
+        if any(m.fused_forward is None for m in deltanets):
+            return None
+        decoder = cls(lm)
+        return decoder if decoder.supported else None
+
+    def __init__(self, lm: nn.Module):
+        descs = []
+        for layer in lm.layers:
+            desc = kernels.LayerDesc(in_norm=layer.input_layernorm.weight.data_ptr(),
+                                     post_norm=layer.post_attention_layernorm.weight.data_ptr(),
+                                     eps=layer.input_layernorm.eps, gate_up=layer.mlp.gate_up.desc,
+                                     down=layer.mlp.down_proj.desc)
+            if layer.layer_type == "linear_attention":
+                m = layer.linear_attn
+                desc.kind, desc.proj, desc.out, desc.mixer_eps = 0, m.fused_proj.linear.desc, m.out_proj.desc, m.norm.eps
+                desc.hk, desc.hv, desc.dk, desc.dv, desc.kernel = m.k_heads, m.v_heads, m.dk, m.dv, m.kernel
+                desc.conv_wt, desc.a_log = m.conv_wt.data_ptr(), m.A_log.data_ptr()
+                desc.dt_bias, desc.norm_w = m.dt_bias.data_ptr(), m.norm.weight.data_ptr()
+            else:
+                m = layer.self_attn
+                desc.kind, desc.proj, desc.out, desc.mixer_eps = 1, m.fused_proj.linear.desc, m.o_proj.desc, m.q_norm.eps
+                desc.heads, desc.kv_heads, desc.head_dim = m.heads, m.kv_heads, m.head_dim
+                desc.q_norm, desc.k_norm = m.q_norm.weight.data_ptr(), m.k_norm.weight.data_ptr()
+            descs.append(desc)
+        self.layers = (kernels.LayerDesc * len(descs))(*descs)
+        self.widths = {  # workspace row widths
+            "proj": max(d.proj.n_out for d in descs),
+            "core": max(max(d.hv * d.dv, d.heads * d.head_dim) for d in descs),
+            "gu": max(d.gate_up.n_out for d in descs),
+            "scratch": max((2 * d.hk * d.dk + d.hv * d.dv) * d.kernel + d.hv * (d.dv + 3) for d in descs),
+            "gsum": max(lin.k for d in descs for lin in (d.proj, d.out, d.gate_up, d.down)),  # >= K / group
+        }
+        self.attn_slots = lm.cfg.layer_types.count("full_attention")
+        self.kv_shape = (lm.cfg.num_key_value_heads, 1, lm.cfg.head_dim)
+        d = lm.cfg.hidden_size
+        # The kernel feeds each matmul its input as is: no layer may need its inputs zero-padded (an int4 group
+        # longer than a tiny model's width, an odd width).
+        self.supported = all(
+            (x.proj.k, x.out.k, x.gate_up.k, x.down.k) == (d, max(x.hv * x.dv, x.heads * x.head_dim), d, x.gate_up.n_out)
+            and x.dv % 16 == 0 and max(x.dk, x.dv, x.head_dim) <= 512
+            for x in descs
+        )
+
+    def __call__(self, lm: nn.Module, hidden: torch.Tensor, states: list) -> torch.Tensor:
+        n, d = hidden.shape
+        hidden = hidden.contiguous()
+        positions = torch.tensor([s.length for s in states])
+        cos, sin = (t.contiguous() for t in lm.rotary.cos_sin(positions, hidden.dtype))
+        for s in states:
+            for i in range(self.attn_slots):  # room for one more key: append_kv grows (the kernel overwrites the zeros)
+                if s.length >= s.keys[i].shape[1]:
+                    zeros = torch.zeros(self.kv_shape, dtype=hidden.dtype)
+                    s.append_kv(i, zeros, zeros)
+            for t in (s.conv, s.recurrent):
+                for i, x in enumerate(t):
+                    if not x.is_contiguous():
+                        t[i] = x.contiguous()
+
+        def pointers(kind, tensors):
+            return (kind * len(tensors))(*[t.data_ptr() for t in tensors])
+
+        slots = range(len(states[0].conv))
+        conv = pointers(ctypes.c_void_p, [s.conv[i] for i in slots for s in states])
+        rec = pointers(ctypes.c_void_p, [s.recurrent[i] for i in slots for s in states])
+        attn = range(self.attn_slots)
+        keys = pointers(ctypes.c_void_p, [s.keys[i] for i in attn for s in states])
+        values = pointers(ctypes.c_void_p, [s.values[i] for i in attn for s in states])
+        cap = (ctypes.c_int64 * (self.attn_slots * n))(*[s.keys[i].shape[1] for i in attn for s in states])
+        pos = (ctypes.c_int64 * n)(*positions.tolist())
+        w = self.widths
+        bufs = [torch.empty(n, width, dtype=dtype) for width, dtype in (
+            (d, torch.bfloat16), (w["proj"], torch.bfloat16), (w["core"], torch.bfloat16), (d, torch.bfloat16),
+            (w["gu"], torch.bfloat16), (w["scratch"], torch.float32), (w["gsum"], torch.float32))]
+        kernels._lib.decode_step(len(self.layers), self.layers, n, d, hidden.data_ptr(), lm.norm.weight.data_ptr(),
+                                 lm.norm.eps, conv, rec, keys, values, cap, pos, cos.data_ptr(), sin.data_ptr(),
+                                 cos.shape[-1], *[b.data_ptr() for b in bufs])
+        for s in states:
+            s.length += 1
+        return hidden
 
 
 def _weights(linears: list[nn.Linear], quant: str) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
@@ -83,17 +229,39 @@ def _pack(linears: list[nn.Linear], names: dict, quant: str, group: int, gate_up
     weights, scales = _weights(linears, quant)
     if gate_up:
         weight = interleave_gate_up(*weights)
-        scale = None if scales is None else interleave_gate_up(*(s.view(s.shape[0], -1) for s in scales)).squeeze(1)
+        scale = None
+        if scales is not None:  # int8 scales [N] or int4 scales [N, K/group]: interleaved like the rows
+            scale = interleave_gate_up(*(s.view(s.shape[0], -1) for s in scales)).view(-1, *scales[0].shape[1:])
         kw.update(act="silu_mul", out_features=linears[0].out_features)
-    else:
-        weight = torch.cat(weights)
-        scale = None if scales is None else torch.cat(scales)
+    else:  # (a single weight is not copied: the head is big)
+        weight = torch.cat(weights) if len(weights) > 1 else weights[0]
+        scale = None if scales is None else torch.cat(scales) if len(scales) > 1 else scales[0]
     biases = [lin.bias for lin in linears]
     bias = torch.cat(biases) if all(b is not None for b in biases) else None
     parts = [(names[id(lin)], lin.out_features) for lin in linears]
     return PackedLinear(weight, bias, quant=quant, group=group, scale=scale, parts=parts, **kw)
 
 
+def _pack_vision(model, names: dict) -> None:
+    """The vision tower's and the merger's linears in bf16 (their batches are large: this is about compute, and
+    the kernel keeps up with oneDNN there), the tanh gelu fused into each encoder fc1."""
+    vision = model.model.vision_tower
+    for layer in vision.encoder.layers:
+        if layer.self_attn.head_dim % 2 == 0:
+            layer.self_attn = FastVisionAttention(layer.self_attn, names)
+        mlp = layer.mlp
+        layer.mlp = FusedVisionMLP(_pack([mlp.fc1], names, "bf16", 0, act="gelu_tanh"), _pack([mlp.fc2], names, "bf16", 0))
+    merger = vision.vit_merger
+    for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        setattr(merger.self_attn, name, _pack([getattr(merger.self_attn, name)], names, "bf16", 0))
+    merger.linear_1 = _pack([merger.linear_1], names, "bf16", 0)
+    merger.linear_2 = _pack([merger.linear_2], names, "bf16", 0)
+    for mlp in model.model.merger.mlp:
+        mlp.linear_1 = _pack([mlp.linear_1], names, "bf16", 0)
+        mlp.linear_2 = _pack([mlp.linear_2], names, "bf16", 0)
+
+
+@torch.no_grad()  # (no autograd graph may keep the original weights alive)
 def optimize(model, quantization: str | None = None, group: int = 64):
     """Pack ``model``'s language model in place (bf16 weights, or int8 / int4 from them); returns the model.
 
@@ -122,23 +290,30 @@ def optimize(model, quantization: str | None = None, group: int = 64):
             attn.fused_proj = SplitLinear(_pack(parts, names, quant, group), [p.out_features for p in parts])
             attn.out_proj = _pack([attn.out_proj], names, quant, group)
             del attn.in_proj_qkv, attn.in_proj_z, attn.in_proj_b, attn.in_proj_a
-            if kernels.available():
-                attn.fused_decode = deltanet_decode
+            if kernels.available() and attn.dv % 16 == 0 and max(attn.dk, attn.dv) <= 512 and attn.kernel <= 16:
+                attn.fused_forward = deltanet_forward
+                # the conv weights [kernel, conv_dim] in float32 for the kernel (a plain attribute: not saved)
+                attn.conv_wt = attn.conv1d.weight.detach().view(attn.conv_dim, -1).t().float().contiguous()
         else:
             attn = layer.self_attn
             parts = [attn.q_proj, attn.k_proj, attn.v_proj]
             attn.fused_proj = SplitLinear(_pack(parts, names, quant, group), [p.out_features for p in parts])
             attn.o_proj = _pack([attn.o_proj], names, quant, group)
             del attn.q_proj, attn.k_proj, attn.v_proj
+    model.lm_head = _pack([model.lm_head], names, quant, group, out_dtype=torch.float32)
+    if model.cfg.tie_word_embeddings:
+        lm.embed_tokens = PackedEmbedding(model.lm_head, torch.bfloat16)
+    if kernels.available():
+        _pack_vision(model, names)
+    for module in model.modules():  # own memory for what stays unpacked: nothing then maps the checkpoint file
+        if not isinstance(module, PackedLinear):
+            for p in module.parameters(recurse=False):
+                p.data = p.data.clone()
     if kernels.available():
         for parent in [lm, *lm.layers, *(layer.self_attn for layer in lm.layers if hasattr(layer, "self_attn"))]:
             for name, child in list(parent.named_children()):
-                if type(child).__name__ == "RMSNorm":
+                if isinstance(child, RMSNorm):
                     setattr(parent, name, FastRMSNorm(child))
-    tied = getattr(model.lm_head, "quantized", None) is not None or model.lm_head.weight is lm.embed_tokens.weight
-    tied = tied and model.cfg.tie_word_embeddings
-    model.lm_head = _pack([model.lm_head], names, quant, group, out_dtype=torch.float32)
-    if tied:
-        lm.embed_tokens = PackedEmbedding(model.lm_head, torch.bfloat16)
+        lm.fused_decode = FastDecoder.build(lm)  # last: it keeps pointers to the final tensors
     model.quantization = quantization
     return model

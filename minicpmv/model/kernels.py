@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import itertools
 import logging
+import mmap
 import os
 import subprocess
 import tempfile
@@ -24,10 +26,11 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 BLOCK = 64  # output columns per packed block (csrc/kernels.cpp)
-MAX_ROWS = 64  # above this many tokens a plain GEMM on the unpacked weight is faster
 SOURCE = Path(__file__).with_name("csrc") / "kernels.cpp"
 FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"]
-ACTS = {None: 0, "silu_mul": 1}
+ACTS = {None: 0, "silu_mul": 1, "gelu_tanh": 2}
+QUANTS = ("bf16", "int8", "int4")
+_OUT_DTYPES = (torch.bfloat16, torch.float32)
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -81,12 +84,11 @@ def library() -> ctypes.CDLL | None:
             try:
                 lib = ctypes.CDLL(str(_build()))
                 i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-                tail = [ptr, ptr, i64, i64, i32, i32]  # bias, out, ldo, n_out, fp32, act
-                lib.mm_bf16.argtypes = [ptr, i64, i64, i64, ptr, i64, *tail]
-                lib.mm_int8.argtypes = [ptr, i64, i64, ptr, ptr, i64, *tail]
-                lib.mm_int4.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, i64, *tail]
+                lib.mm.argtypes = [ptr, ptr, i64, i64, ptr, i64, i32]
                 lib.rmsnorm_bf16.argtypes = [ptr, i64, i64, i64, ptr, ctypes.c_float, ctypes.c_float, ptr, i64]
-                lib.deltanet_decode.argtypes = [i64] * 6 + [ptr, i64] * 4 + [ptr] * 6 + [ctypes.c_float, ptr, ptr]
+                lib.deltanet_forward.argtypes = [i64, ptr, ptr] + [i64] * 5 + [ptr, i64] * 4 + [ptr] * 6 + [ctypes.c_float, ptr, ptr]
+                lib.attention_blocks.argtypes = [i64, ptr, ptr, i64, i64, ptr, ptr, ptr, i64, ptr]
+                lib.decode_step.argtypes = [i64, ptr, i64, i64, ptr, ptr, ctypes.c_float] + [ptr] * 8 + [i64] + [ptr] * 7
                 _lib = lib
             except Exception as exc:  # no compiler, a failed build: the fallback still works
                 log.warning("could not build the minicpmv CPU kernels (%s): using the plain PyTorch matmul", exc)
@@ -98,7 +100,37 @@ def available() -> bool:
     return library() is not None
 
 
+class LinearDesc(ctypes.Structure):  # struct Linear in csrc/kernels.cpp
+    _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                ("nblocks", ctypes.c_int64), ("k", ctypes.c_int64), ("group", ctypes.c_int64), ("n_out", ctypes.c_int64),
+                ("quant", ctypes.c_int32), ("act", ctypes.c_int32)]
+
+
+class LayerDesc(ctypes.Structure):  # struct Layer in csrc/kernels.cpp
+    _fields_ = [("kind", ctypes.c_int64), ("in_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p),
+                ("eps", ctypes.c_float), ("mixer_eps", ctypes.c_float),
+                *((name, LinearDesc) for name in ("proj", "out", "gate_up", "down")),
+                *((name, ctypes.c_int64) for name in ("hk", "hv", "dk", "dv", "kernel")),
+                *((name, ctypes.c_void_p) for name in ("conv_wt", "a_log", "dt_bias", "norm_w")),
+                *((name, ctypes.c_int64) for name in ("heads", "kv_heads", "head_dim")),
+                ("q_norm", ctypes.c_void_p), ("k_norm", ctypes.c_void_p)]
+
+
 # -- packing --------------------------------------------------------------------------------------------------------
+def huge_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An empty CPU tensor backed by transparent huge pages where the OS allows it: streaming weights then crosses
+    no 4 KiB page boundaries (no TLB misses, no prefetcher restarts); ~10% more bandwidth measured."""
+    nbytes = torch.Size(shape).numel() * dtype.itemsize
+    if nbytes < (4 << 20) or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(shape, dtype=dtype)
+    try:
+        buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    except (OSError, ValueError, AttributeError):
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(shape)  # the tensor keeps ``buf`` alive
+
+
 def _pad(w: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return F.pad(w, (0, cols - w.shape[1], 0, rows - w.shape[0]))
 
@@ -119,22 +151,24 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric group-wise int4: (q [N, K] int8 in [-8, 7], scale [N, K/group] bfloat16)."""
+    """Symmetric group-wise int4: (q [N, K] int8 in [-8, 7], scale [N, ceil(K/group)] bfloat16); a last, partial
+    group is quantized as if padded with zeros."""
     n, k = w.shape
-    wf = w.float().view(n, k // group, group)
+    wf = _pad(w.float(), n, -(-k // group) * group).view(n, -1, group)
     scale = (wf.abs().amax(-1) / 7).clamp(min=1e-12).to(torch.bfloat16)
     q = torch.round(wf / scale.float()[..., None]).clamp(-8, 7).to(torch.int8)
-    return q.view(n, k), scale
+    return q.view(n, -1)[:, :k], scale
 
 
 def pack_int4_rows(q: torch.Tensor) -> torch.Tensor:
-    """Plain storage of int4 values [N, K] -> [N, K/2] uint8, k even in the low nibble (the checkpoint format)."""
-    u = (q + 8).to(torch.uint8)
+    """Plain storage of int4 values [N, K] -> [N, ceil(K/2)] uint8, even k in the low nibble (the checkpoint
+    format)."""
+    u = (_pad(q, q.shape[0], q.shape[1] + q.shape[1] % 2) + 8).to(torch.uint8)
     return u[:, 0::2] | (u[:, 1::2] << 4)
 
 
-def unpack_int4_rows(p: torch.Tensor) -> torch.Tensor:
-    return (torch.stack([p & 15, p >> 4], -1).flatten(-2).to(torch.int8) - 8)
+def unpack_int4_rows(p: torch.Tensor, k: int) -> torch.Tensor:
+    return (torch.stack([p & 15, p >> 4], -1).flatten(-2).to(torch.int8) - 8)[:, :k]
 
 
 class PackedLinear(nn.Module):
@@ -154,60 +188,83 @@ class PackedLinear(nn.Module):
         self.parts = parts or []
         self.out_features = out_features or (n // 2 if act == "silu_mul" else n)
         self.group = group if quant == "int4" else 0
-        if quant == "int4" and k % group:
-            raise ValueError(f"int4 needs in_features ({k}) divisible by the group ({group})")
-        n_pad = -(-n // BLOCK) * BLOCK
-        nb = n_pad // BLOCK
-        if quant == "bf16":
-            k_pad = k + k % 2
-            w = _pad(weight.to(torch.bfloat16), n_pad, k_pad)
-            packed = w.view(nb, BLOCK, k_pad // 2, 2).transpose(1, 2).contiguous()
-            s = None
-        elif quant == "int8":
-            q, s = (weight, scale) if scale is not None else quantize_int8(weight)
-            packed = _pad(q, n_pad, k).view(nb, BLOCK, k).transpose(1, 2).contiguous()
-            s = F.pad(s.float(), (0, n_pad - n))
-        elif quant == "int4":
-            q, s = (weight, scale) if scale is not None else quantize_int4(weight, group)
-            u = (_pad(q, n_pad, k) + 8).to(torch.uint8)
-            # [nb, 64 cols, ng, 2 halves, g/4 rows, 2 k] -> [nb, ng, g/4 rows, 4 chunks, 16 cols, 2 k, 2 halves]
-            u = u.view(nb, 4, 16, k // group, 2, group // 4, 2).permute(0, 3, 5, 1, 2, 6, 4)
-            packed = (u[..., 0] | (u[..., 1] << 4)).contiguous()
-            s = _pad(s.to(torch.bfloat16), n_pad, k // group).view(nb, BLOCK, -1).transpose(1, 2).contiguous()
-        else:
+        if quant == "int4" and group % 4:
+            raise ValueError(f"the int4 group size must be a multiple of 4, got {group}")
+        if quant not in QUANTS:
             raise ValueError(f"unknown weight format {quant!r}")
-        self.register_buffer("weight", packed)
-        self.register_buffer("scale", s)
+        nb = -(-n // BLOCK)
+        k_pad = -(-k // group) * group if quant == "int4" else k + k % 2
+        if quant == "int4":
+            shape, dtype = (nb, k_pad // group, group // 4, 4, 16, 2), torch.uint8
+            self.register_buffer("scale", huge_empty((nb, k_pad // group, BLOCK), torch.bfloat16))
+        else:
+            shape, dtype = (nb, k_pad // 2, BLOCK, 2), torch.int8 if quant == "int8" else torch.bfloat16
+            self.register_buffer("scale", huge_empty((nb * BLOCK,), torch.float32) if quant == "int8" else None)
+        self.register_buffer("weight", huge_empty(shape, dtype))
+        rows = 64 * BLOCK  # packed a slice of rows at a time: bounded temporary memory even for the 248k-row head
+        for r in range(0, n, rows):
+            self._pack_rows(r // BLOCK, weight[r : r + rows], None if scale is None else scale[r : r + rows], k_pad)
         self.register_buffer("bias", None if bias is None else bias.float())
-        self.n_rows = n
+        self.n_rows, self.k_pad = n, k_pad
+        self._refresh()
+
+    def _pack_rows(self, block: int, w: torch.Tensor, scale: torch.Tensor | None, k_pad: int) -> None:
+        """Quantize (unless ``scale`` is given) and pack rows of the weight into the blocks from ``block`` on."""
+        n, k = w.shape
+        nb, group = -(-n // BLOCK), self.group
+        if self.quant == "bf16":
+            q = _pad(w.to(torch.bfloat16), nb * BLOCK, k_pad)
+        elif self.quant == "int8":
+            q, scale = (w, scale) if scale is not None else quantize_int8(w)
+            q = _pad(q, nb * BLOCK, k_pad)
+            self.scale[block * BLOCK : block * BLOCK + n] = scale
+            self.scale[block * BLOCK + n : (block + nb) * BLOCK] = 0
+        else:
+            q, scale = (w, scale) if scale is not None else quantize_int4(w, group)
+            u = (_pad(q, nb * BLOCK, k_pad) + 8).to(torch.uint8)
+            # [nb, 64 cols, ng, 2 halves, g/4 rows, 2 k] -> [nb, ng, g/4 rows, 4 chunks, 16 cols, 2 k, 2 halves]
+            u = u.view(nb, 4, 16, k_pad // group, 2, group // 4, 2).permute(0, 3, 5, 1, 2, 6, 4)
+            self.weight[block : block + nb] = u[..., 0] | (u[..., 1] << 4)
+            s = _pad(scale.to(torch.bfloat16), nb * BLOCK, k_pad // group)
+            self.scale[block : block + nb] = s.view(nb, BLOCK, -1).transpose(1, 2)
+            return
+        self.weight[block : block + nb] = q.view(nb, BLOCK, k_pad // 2, 2).transpose(1, 2)
+
+    def _refresh(self) -> None:
+        """The kernel's view of this weight (pointers: refreshed whenever the module's tensors are replaced)."""
+        self.desc = LinearDesc(self.weight.data_ptr(), _ptr(self.scale), _ptr(self.bias), self.weight.shape[0],
+                               self.k_pad, self.group, self.out_features, QUANTS.index(self.quant), ACTS[self.act])
+        self._kernel = None if library() is None else _lib.mm
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self._refresh()
+        return out
 
     # -- the weight back in [N, K] layout (fallback, large batches, saving) ------------------------------------------
     def quantized(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(values [N, K], scale) in the plain layout: bf16 weights and no scale, or int8 values and their scale."""
         nb, k, n = self.weight.shape[0], self.in_features, self.n_rows
-        if self.quant == "bf16":
+        if self.quant in ("bf16", "int8"):  # [nb, K/2, 64, 2]
             w = self.weight.transpose(1, 2).reshape(nb * BLOCK, -1)[:n, :k]
-            return w, None
-        if self.quant == "int8":
-            return self.weight.transpose(1, 2).reshape(nb * BLOCK, k)[:n], self.scale[:n]
+            return w, None if self.scale is None else self.scale[:n]
         g = self.group
         p = self.weight
         u = torch.stack([p & 15, p >> 4], -1)  # [nb, ng, g/4, 4, 16, 2, 2]
-        q = u.permute(0, 3, 4, 1, 6, 2, 5).reshape(nb * BLOCK, k).to(torch.int8) - 8
-        s = self.scale.transpose(1, 2).reshape(nb * BLOCK, k // g)
-        return q[:n], s[:n]
+        q = u.permute(0, 3, 4, 1, 6, 2, 5).reshape(nb * BLOCK, -1).to(torch.int8) - 8
+        s = self.scale.transpose(1, 2).reshape(nb * BLOCK, -1)
+        return q[:n, :k], s[:n]
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``ids`` of the weight, dequantized to float32 [len(ids), K] (embedding lookups from a tied head)."""
         b, c = ids // BLOCK, ids % BLOCK
-        if self.quant == "bf16":
-            return self.weight[b, :, c].reshape(len(ids), -1)[:, : self.in_features].float()
-        if self.quant == "int8":
-            return self.weight[b, :, c].float() * self.scale[ids, None]
+        if self.quant in ("bf16", "int8"):
+            w = self.weight[b, :, c].reshape(len(ids), -1)[:, : self.in_features].float()
+            return w if self.scale is None else w * self.scale[ids, None]
         p = self.weight[b, :, :, c // 16, c % 16]  # [len, ng, g/4, 2 k] bytes
         u = torch.stack([p & 15, p >> 4], 2)  # [len, ng, 2 halves, g/4, 2 k]
         q = u.reshape(len(ids), -1, self.group).float() - 8
-        return (q * self.scale[b, :, c].float()[..., None]).reshape(len(ids), -1)
+        return (q * self.scale[b, :, c].float()[..., None]).reshape(len(ids), -1)[:, : self.in_features]
 
     def dequantized(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         q, s = self.quantized()
@@ -215,33 +272,23 @@ class PackedLinear(nn.Module):
             return q.to(dtype)
         if self.quant == "int8":
             return (q.float() * s[:, None]).to(dtype)
-        return (q.float().view(q.shape[0], -1, self.group) * s.float()[..., None]).view(q.shape).to(dtype)
+        n, k = q.shape
+        q = _pad(q.float(), n, s.shape[1] * self.group).view(n, -1, self.group)
+        return (q * s.float()[..., None]).view(n, -1)[:, :k].to(dtype)
 
     def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-        lead, k = x.shape[:-1], x.shape[-1]
+        out_dtype = out_dtype or self.out_dtype or x.dtype
+        k = x.shape[-1]
         x2 = x.reshape(-1, k)
         m = x2.shape[0]
-        out_dtype = out_dtype or self.out_dtype or x.dtype
-        lib = library()
-        if lib is None or m > MAX_ROWS or x.dtype != torch.bfloat16 or out_dtype not in (torch.bfloat16, torch.float32):
-            return self._reference(x2, out_dtype).view(*lead, -1)
+        if self._kernel is None or x.dtype != torch.bfloat16 or out_dtype not in _OUT_DTYPES:
+            return self._reference(x2, out_dtype).view(*x.shape[:-1], -1)
+        if x2.stride(-1) != 1 or k != self.k_pad:
+            x2 = F.pad(x2, (0, self.k_pad - k)).contiguous()
         out = torch.empty(m, self.out_features, dtype=out_dtype)
-        tail = (_ptr(self.bias), out.data_ptr(), self.out_features, self.out_features, int(out_dtype == torch.float32),
-                ACTS[self.act])
-        nb = self.weight.shape[0]
-        if self.quant == "bf16":
-            if x2.stride(-1) != 1 or k % 2:
-                x2 = F.pad(x2, (0, k % 2)).contiguous()
-            lib.mm_bf16(x2.data_ptr(), m, x2.shape[1], x2.stride(0), self.weight.data_ptr(), nb, *tail)
-        elif self.quant == "int8":
-            xf = x2.float().contiguous()
-            lib.mm_int8(xf.data_ptr(), m, k, self.weight.data_ptr(), self.scale.data_ptr(), nb, *tail)
-        else:
-            x2 = x2.contiguous()
-            gsum = x2.view(m, -1, self.group).sum(-1, dtype=torch.float32)
-            lib.mm_int4(x2.data_ptr(), m, k, self.group, self.weight.data_ptr(), self.scale.data_ptr(),
-                        gsum.data_ptr(), nb, *tail)
-        return out.view(*lead, -1)
+        n = self.out_features
+        self._kernel(ctypes.byref(self.desc), x2.data_ptr(), m, x2.stride(0), out.data_ptr(), n, out_dtype == torch.float32)
+        return out.view(*x.shape[:-1], n)
 
     def _reference(self, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         w = self.dequantized(x.dtype)
@@ -250,6 +297,8 @@ class PackedLinear(nn.Module):
         if self.act == "silu_mul":
             y = y.view(-1, y.shape[-1] // BLOCK, 2, BLOCK // 2)
             y = (F.silu(y[:, :, 0]) * y[:, :, 1]).reshape(x.shape[0], -1)[:, : self.out_features]
+        elif self.act == "gelu_tanh":
+            y = F.gelu(y, approximate="tanh")
         return y.to(out_dtype)
 
     def extra_repr(self) -> str:
@@ -272,20 +321,37 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, offset: float, eps: float) ->
     return out.view(x.shape)
 
 
-def deltanet_decode(layer, mixed, z, b, a, conv: list[torch.Tensor], rec: list[torch.Tensor]) -> torch.Tensor:
-    """One token per sequence through ``layer`` (a GatedDeltaNet) from its projections to the normed core
-    [B, value_dim]; the conv and recurrent states are updated in place (each must be contiguous)."""
-    n = mixed.shape[0]
+def deltanet_forward(layer, mixed, z, b, a, lengths: list[int], conv: list[torch.Tensor], rec: list[torch.Tensor]):
+    """The tokens of several sequences (``lengths``) through ``layer`` (a GatedDeltaNet) from its projections to
+    the normed core [N, value_dim]; the conv and recurrent states are updated in place (each must be contiguous)."""
+    n, count = mixed.shape[0], len(lengths)
     out = torch.empty(n, layer.value_dim, dtype=torch.bfloat16)
-    scratch = torch.empty(n, layer.conv_dim, dtype=torch.float32)
-    conv_ptrs = (ctypes.c_void_p * n)(*[c.data_ptr() for c in conv])
-    rec_ptrs = (ctypes.c_void_p * n)(*[r.data_ptr() for r in rec])
+    taps = layer.kernel - 1
+    scratch = torch.empty(n * (layer.conv_dim + layer.v_heads * (layer.dv + 3)) + count * taps * layer.conv_dim)
+    starts = (ctypes.c_int64 * count)(*itertools.accumulate(lengths[:-1], initial=0))
+    lens = (ctypes.c_int64 * count)(*lengths)
+    conv_ptrs = (ctypes.c_void_p * count)(*[c.data_ptr() for c in conv])
+    rec_ptrs = (ctypes.c_void_p * count)(*[r.data_ptr() for r in rec])
     args = []
     for t in (mixed, z, b, a):
         assert t.stride(-1) == 1 and t.dtype == torch.bfloat16
         args += [t.data_ptr(), t.stride(0)]
-    _lib.deltanet_decode(n, layer.k_heads, layer.v_heads, layer.dk, layer.dv, layer.kernel, *args,
-                         layer.conv1d.weight.data_ptr(), conv_ptrs, rec_ptrs, layer.A_log.data_ptr(),
-                         layer.dt_bias.data_ptr(), layer.norm.weight.data_ptr(), layer.norm.eps, out.data_ptr(),
-                         scratch.data_ptr())
+    _lib.deltanet_forward(count, starts, lens, layer.k_heads, layer.v_heads, layer.dk, layer.dv, layer.kernel, *args,
+                          layer.conv_wt.data_ptr(), conv_ptrs, rec_ptrs, layer.A_log.data_ptr(),
+                          layer.dt_bias.data_ptr(), layer.norm.weight.data_ptr(), layer.norm.eps, out.data_ptr(),
+                          scratch.data_ptr())
+    return out
+
+
+def attention_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
+    """Bidirectional attention within each block of ``seqlens`` consecutive tokens. q, k, v: [L, heads, d] bf16
+    views sharing one row stride (d even); returns [L, heads * d] bf16."""
+    n, heads, d = q.shape
+    assert q.stride() == k.stride() == v.stride() and q.stride(-1) == 1 and d % 2 == 0
+    out = torch.empty(n, heads * d, dtype=torch.bfloat16)
+    count = len(seqlens)
+    starts = (ctypes.c_int64 * count)(*itertools.accumulate(seqlens[:-1], initial=0))
+    lens = (ctypes.c_int64 * count)(*seqlens)
+    _lib.attention_blocks(count, starts, lens, heads, d, q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(0),
+                          out.data_ptr())
     return out

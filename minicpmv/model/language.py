@@ -136,9 +136,12 @@ class LanguageModel(nn.Module):
         self.rotary = Rotary(cfg)
         # Index of each layer within its own kind: where its slot lives in a HybridState.
         self.slot = [cfg.layer_types[:i].count(t) for i, t in enumerate(cfg.layer_types)]
+        self.fused_decode = None  # set by fast.optimize (bf16 on the CPU): a whole decode step in one kernel
 
     def forward(self, hidden: torch.Tensor, lengths: list[int], states: list[HybridState]) -> torch.Tensor:
         """hidden: [N, d] input embeddings of ``len(states)`` sequences back to back. Advances every state."""
+        if self.fused_decode is not None and max(lengths) == 1:
+            return self.fused_decode(self, hidden, states)
         positions = torch.cat(
             [torch.arange(s.length, s.length + n, device=hidden.device) for n, s in zip(lengths, states)]
         )

@@ -44,17 +44,17 @@ def stored_shapes(name: str, shape: tuple[int, int], method: str, group: int) ->
     n, k = shape
     if method == "int8":
         return {f"{name}.qweight": (n, k), f"{name}.scales": (n,)}
-    return {f"{name}.qweight": (n, k // 2), f"{name}.scales": (n, k // group)}
+    return {f"{name}.qweight": (n, -(-k // 2)), f"{name}.scales": (n, -(-k // group))}
 
 
 def attach(linear: torch.nn.Module, qweight: torch.Tensor, scales: torch.Tensor, method: str) -> None:
     """Give an (empty) nn.Linear its stored quantized weight; fast.optimize packs it from there."""
-    q = qweight if method == "int8" else unpack_int4_rows(qweight)
+    q = qweight if method == "int8" else unpack_int4_rows(qweight, linear.in_features)
     linear.quantized = (q, scales, method)
 
 
 def _split(packed: PackedLinear) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    """(name, values [N, K] int8, scales) of each linear fused into ``packed``."""
+    """(name, values [N, K], scales) of each linear fused into ``packed`` (bf16 weights have no scales)."""
     q, s = packed.quantized()
     if packed.act == "silu_mul":  # 64-row blocks of 32 gate rows then 32 up rows
         (_, n_gate), (_, n_up) = packed.parts
@@ -63,7 +63,7 @@ def _split(packed: PackedLinear) -> list[tuple[str, torch.Tensor, torch.Tensor]]
         s = torch.cat([s[:, 0].flatten(0, 1)[:n_gate], s[:, 1].flatten(0, 1)[:n_up]])
     out, start = [], 0
     for name, rows in packed.parts:
-        out.append((name, q[start : start + rows], s[start : start + rows]))
+        out.append((name, q[start : start + rows], None if s is None else s[start : start + rows]))
         start += rows
     return out
 
@@ -81,6 +81,14 @@ def save_quantized(model, directory: str | Path, source: str | Path | None = Non
     packed_names = {n for n, m in modules if isinstance(m, PackedLinear)}
     tensors, group = {}, 0
     for m in {id(m): m for _, m in modules if isinstance(m, PackedLinear)}.values():
+        if m.quant == "bf16":  # the vision tower's: stored as in the bf16 checkpoint
+            start = 0
+            for name, w, _ in _split(m):
+                tensors[f"{name}.weight"] = w.contiguous()
+                if m.bias is not None:
+                    tensors[f"{name}.bias"] = m.bias[start : start + w.shape[0]].to(model.dtype)
+                start += w.shape[0]
+            continue
         group = m.group or group
         for name, q, s in _split(m):
             tensors[f"{name}.qweight"] = (q if method == "int8" else pack_int4_rows(q)).contiguous()

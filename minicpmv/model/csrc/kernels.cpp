@@ -3,7 +3,7 @@
 // Decode multiplies one (or a few) activation rows by every weight matrix once per token, so the work is bound by
 // how fast the weights stream from memory. The packed layouts make each 64-column block one linear stream:
 //   bf16: [N/64][K/2][64][2] bf16        one k-pair of 64 columns = 256 bytes = 4 zmm, fed to vdpbf16ps
-//   int8: [N/64][K][64] int8             + a float scale per column
+//   int8: [N/64][K/2][64][2] int8        the bf16 layout, converted to bf16 in registers; + a float scale per column
 //   int4: [N/64][K/G][G/4][4][16][2] u8  per group of G, 16 columns x 2 k per 32 bytes; low nibbles hold the group's
 //                                        first G/2 k, high nibbles the rest; + a bf16 scale per column and group
 // Each activation row's k-pair (or k) is broadcast and multiplied into 16-column accumulators, so a weight load is
@@ -13,8 +13,11 @@
 // int4 nibbles u = q + 8 are turned into bf16 by OR-ing the exponent of 128 (0x4300 | u == 128 + u exactly), so
 // the group sum is sum((136 + q) x) and 136 * sum(x) over the group is subtracted before scaling.
 //
-// The epilogue adds a bias, or (act = 1) computes silu(gate) * up where each 64-column block holds 32 gate and the
-// matching 32 up columns, and writes bf16 (round to nearest even) or float32.
+// The epilogue adds a bias and applies gelu (act = 2, tanh form), or (act = 1) computes silu(gate) * up where each
+// 64-column block holds 32 gate and the matching 32 up columns; it writes bf16 (round to nearest even) or float32.
+//
+// Below the matmul: the rest of the language model's hot path (RMSNorm, a Gated DeltaNet layer from its projections
+// to out_proj, one-token gated attention), attention within the vision tower's units, and a whole decode step.
 
 #include <immintrin.h>
 #include <math.h>
@@ -22,11 +25,18 @@
 #include <string.h>
 
 #include <algorithm>
+#include <vector>
 
 namespace {
 
 constexpr int BLOCK = 64;  // output columns per packed block
 constexpr int MT = 4;      // activation rows per register tile
+#ifndef PREFETCH
+#define PREFETCH 8192  // bytes to prefetch ahead in a weight stream (measured best: 8 KiB)
+#endif
+#ifndef HINT
+#define HINT _MM_HINT_NTA
+#endif
 
 inline __m512bh bcast_pair(const uint16_t* x) {
   uint32_t v;
@@ -48,6 +58,40 @@ inline uint16_t f32_to_bf16(float f) {  // round to nearest even, NaN kept quiet
   return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
 }
 
+// exp(x) for 16 floats: 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2 (Cephes' polynomial, ~1 ulp).
+inline __m512 exp512(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-88.0f)), _mm512_set1_ps(88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __m512 silu512(__m512 x) {
+  return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+}
+
+// gelu(x) with the tanh approximation: x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3).
+inline __m512 gelu_tanh512(__m512 x) {
+  const __m512 u = _mm512_mul_ps(_mm512_set1_ps(-1.5957691216f),  // -2 sqrt(2/pi)
+                                 _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), x), _mm512_mul_ps(x, x), x));
+  return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(u)));
+}
+
+inline void store16(void* out, int64_t j, __m512 v, int fp32, __mmask16 mask) {
+  if (fp32)
+    _mm512_mask_storeu_ps((float*)out + j, mask, v);
+  else
+    _mm256_mask_storeu_epi16((uint16_t*)out + j, mask, (__m256i)_mm512_cvtneps_pbh(v));
+}
+
 struct Epilogue {
   const float* bias;  // [N] or null
   void* out;
@@ -56,29 +100,23 @@ struct Epilogue {
 
   // acc: [rows][64] float32 for packed block b.
   void operator()(const float* acc, int rows, int64_t m0, int64_t b) const {
+    const int64_t col0 = act == 1 ? b * (BLOCK / 2) : b * BLOCK;
+    const int chunks = act == 1 ? 2 : 4;
     for (int m = 0; m < rows; ++m) {
       const float* a = acc + m * BLOCK;
-      float tmp[BLOCK];
-      int64_t col0, width;
-      if (act == 1) {
-        col0 = b * (BLOCK / 2), width = BLOCK / 2;
-        for (int j = 0; j < BLOCK / 2; ++j) {
-          float g = a[j];
-          tmp[j] = g / (1.0f + expf(-g)) * a[BLOCK / 2 + j];
+      char* o = (char*)out + ((m0 + m) * ldo) * (fp32 ? 4 : 2);
+      for (int c = 0; c < chunks; ++c) {
+        const int64_t j = col0 + 16 * c;
+        if (j >= n_out) break;
+        const __mmask16 mask = n_out - j >= 16 ? 0xffff : (__mmask16)((1u << (n_out - j)) - 1);
+        __m512 v = _mm512_loadu_ps(a + 16 * c);
+        if (act == 1) {
+          v = _mm512_mul_ps(silu512(v), _mm512_loadu_ps(a + BLOCK / 2 + 16 * c));
+        } else {
+          if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias + j));
+          if (act == 2) v = gelu_tanh512(v);
         }
-      } else {
-        col0 = b * BLOCK, width = BLOCK;
-        for (int j = 0; j < BLOCK; ++j) tmp[j] = a[j];
-        if (bias)
-          for (int j = 0; j < BLOCK && col0 + j < n_out; ++j) tmp[j] += bias[col0 + j];
-      }
-      width = std::min<int64_t>(width, n_out - col0);
-      if (width <= 0) continue;
-      if (fp32) {
-        memcpy((float*)out + (m0 + m) * ldo + col0, tmp, width * 4);
-      } else {
-        uint16_t* o = (uint16_t*)out + (m0 + m) * ldo + col0;
-        for (int64_t j = 0; j < width; ++j) o[j] = f32_to_bf16(tmp[j]);
+        store16(o, j, v, fp32, mask);
       }
     }
   }
@@ -92,10 +130,7 @@ void tile_bf16(const uint16_t* x, int64_t ldx, int64_t k2, const uint16_t* w, fl
     for (int c = 0; c < 4; ++c) acc[m][c] = _mm512_setzero_ps();
   for (int64_t p = 0; p < k2; ++p) {
     const uint16_t* wp = w + p * 2 * BLOCK;
-    _mm_prefetch((const char*)(wp + 16 * 2 * BLOCK), _MM_HINT_T0);
-    _mm_prefetch((const char*)(wp + 16 * 2 * BLOCK + 64), _MM_HINT_T0);
-    _mm_prefetch((const char*)(wp + 16 * 2 * BLOCK + 128), _MM_HINT_T0);
-    _mm_prefetch((const char*)(wp + 16 * 2 * BLOCK + 192), _MM_HINT_T0);
+    for (int i = 0; i < 4; ++i) _mm_prefetch((const char*)wp + PREFETCH + 64 * i, HINT);
     __m512bh w0 = (__m512bh)_mm512_loadu_si512(wp);
     __m512bh w1 = (__m512bh)_mm512_loadu_si512(wp + 32);
     __m512bh w2 = (__m512bh)_mm512_loadu_si512(wp + 64);
@@ -113,24 +148,29 @@ void tile_bf16(const uint16_t* x, int64_t ldx, int64_t k2, const uint16_t* w, fl
 }
 
 // ---- int8 ---------------------------------------------------------------------------------------------------------
+// 32 int8 weights (16 columns x a k-pair, the bf16 layout) -> bf16, exactly.
+inline __m512bh int8_pairs(const int8_t* p) {
+  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+  const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(p + 16))));
+  return _mm512_cvtne2ps_pbh(hi, lo);
+}
+
 template <int R>
-void tile_int8(const float* x, int64_t ldx, int64_t k, const int8_t* w, float* acc_out) {
+void tile_int8(const uint16_t* x, int64_t ldx, int64_t k2, const int8_t* w, float* acc_out) {
   __m512 acc[R][4];
   for (int m = 0; m < R; ++m)
     for (int c = 0; c < 4; ++c) acc[m][c] = _mm512_setzero_ps();
-  for (int64_t i = 0; i < k; ++i) {
-    const int8_t* wp = w + i * BLOCK;
-    _mm_prefetch((const char*)(wp + 16 * BLOCK), _MM_HINT_T0);
-    __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)wp)));
-    __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(wp + 16))));
-    __m512 w2 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(wp + 32))));
-    __m512 w3 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(wp + 48))));
+  for (int64_t p = 0; p < k2; ++p) {
+    const int8_t* wp = w + p * 2 * BLOCK;
+    _mm_prefetch((const char*)wp + PREFETCH, HINT);
+    _mm_prefetch((const char*)wp + PREFETCH + 64, HINT);
+    const __m512bh w0 = int8_pairs(wp), w1 = int8_pairs(wp + 32), w2 = int8_pairs(wp + 64), w3 = int8_pairs(wp + 96);
     for (int m = 0; m < R; ++m) {
-      __m512 xv = _mm512_set1_ps(x[m * ldx + i]);
-      acc[m][0] = _mm512_fmadd_ps(w0, xv, acc[m][0]);
-      acc[m][1] = _mm512_fmadd_ps(w1, xv, acc[m][1]);
-      acc[m][2] = _mm512_fmadd_ps(w2, xv, acc[m][2]);
-      acc[m][3] = _mm512_fmadd_ps(w3, xv, acc[m][3]);
+      const __m512bh xv = bcast_pair(x + m * ldx + 2 * p);
+      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], w0, xv);
+      acc[m][1] = _mm512_dpbf16_ps(acc[m][1], w1, xv);
+      acc[m][2] = _mm512_dpbf16_ps(acc[m][2], w2, xv);
+      acc[m][3] = _mm512_dpbf16_ps(acc[m][3], w3, xv);
     }
   }
   for (int m = 0; m < R; ++m)
@@ -149,7 +189,8 @@ void group_int4(const uint16_t* x, int64_t ldx, int64_t g, const uint8_t* w, con
   const int64_t rows = g / 4;  // k-pairs in the low nibbles; the same number in the high ones
   for (int64_t r = 0; r < rows; ++r) {
     const uint8_t* wp = w + r * 4 * 32;
-    _mm_prefetch((const char*)(wp + 8 * 128), _MM_HINT_T0);
+    _mm_prefetch((const char*)wp + PREFETCH, HINT);
+    _mm_prefetch((const char*)wp + PREFETCH + 64, HINT);
     __m512bh lo[4], hi[4];
     for (int c = 0; c < 4; ++c) {
       __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(wp + 32 * c)));
@@ -185,10 +226,11 @@ void tile_int4(const uint16_t* x, int64_t ldx, int64_t k, int64_t g, const uint8
     group_int4<R>(x + i * g, ldx, g, w + i * g * 32, scale + i * BLOCK, gsum + i, ldg, acc_out);
 }
 
-// Calls tile(rows, m0, acc) for row groups of at most MT, then the epilogue, for every block, in parallel.
+// Calls tile(rows, m0, acc) for row groups of at most MT, then the epilogue, for every block, shared among the
+// threads of the enclosing parallel region (the callers open one).
 template <class Tile>
 void run_blocks(int64_t M, int64_t nblocks, const Epilogue& ep, Tile tile) {
-#pragma omp parallel for schedule(dynamic, 1)  // dynamic: a thread slowed by another process does less
+#pragma omp for schedule(dynamic, 1)  // dynamic: a thread slowed by another process does less
   for (int64_t b = 0; b < nblocks; ++b) {
     alignas(64) float acc[MT * BLOCK];
     for (int64_t m0 = 0; m0 < M; m0 += MT) {
@@ -209,51 +251,80 @@ void run_blocks(int64_t M, int64_t nblocks, const Epilogue& ep, Tile tile) {
 
 }  // namespace
 
+// A packed weight, as kernels.PackedLinear holds it. x [M, K] bf16 with row stride ldx; w packed in nblocks blocks of
+// 64 columns (K padded to even for bf16 and int8, to a multiple of the group for int4); scale: int8 float32
+// [nblocks * 64], int4 bf16 [nblocks][K/group][64]; bias: float32 [n_out] or null; act 1 = silu(gate) * up,
+// 2 = gelu (tanh). Outputs [M, n_out] with row stride ldo, bf16 or float32.
+struct Linear {
+  const void* w;
+  const void* scale;
+  const float* bias;
+  int64_t nblocks, k, group, n_out;
+  int32_t quant, act;  // quant: 0 bf16, 1 int8, 2 int4
+};
+
+namespace {
+
+// y = x W^T for the threads of the enclosing parallel region. gsum: [M, K/group] float32 workspace (int4).
+void linear(const Linear& L, const uint16_t* x, int64_t M, int64_t ldx, void* out, int64_t ldo, int fp32,
+            float* gsum) {
+  const Epilogue ep{L.bias, out, ldo, L.n_out, fp32, L.act};
+  const int64_t K = L.k, k2 = K / 2;
+  if (L.quant == 0) {
+    const uint16_t* w = (const uint16_t*)L.w;
+    run_blocks(M, L.nblocks, ep, [&](int64_t b, int rows, int64_t m0, float* acc) {
+#define CALL(R) tile_bf16<R>(x + m0 * ldx, ldx, k2, w + b * k2 * 2 * BLOCK, acc)
+      DISPATCH_ROWS(rows, CALL)
+#undef CALL
+    });
+  } else if (L.quant == 1) {
+    const int8_t* w = (const int8_t*)L.w;
+    const float* scale = (const float*)L.scale;
+    run_blocks(M, L.nblocks, ep, [&](int64_t b, int rows, int64_t m0, float* acc) {
+      const int8_t* wb = w + b * K * BLOCK;
+      if (M <= MT) {  // decode: convert in registers as the weights stream by
+#define CALL(R) tile_int8<R>(x + m0 * ldx, ldx, k2, wb, acc)
+        DISPATCH_ROWS(rows, CALL)
+#undef CALL
+      } else {  // several row groups: convert the block to bf16 once, then run the bf16 tiles on it
+        thread_local std::vector<uint16_t> block;
+        if (m0 == 0) {
+          block.resize(K * BLOCK);
+          for (int64_t i = 0; i < K * BLOCK; i += 32) _mm512_storeu_si512(block.data() + i, (__m512i)int8_pairs(wb + i));
+        }
+#define CALL(R) tile_bf16<R>(x + m0 * ldx, ldx, k2, block.data(), acc)
+        DISPATCH_ROWS(rows, CALL)
+#undef CALL
+      }
+      const float* s = scale + b * BLOCK;
+      for (int m = 0; m < rows; ++m)
+        for (int j = 0; j < BLOCK; ++j) acc[m * BLOCK + j] *= s[j];
+    });
+  } else {
+    const int64_t g = L.group, ng = K / g;
+#pragma omp single
+    for (int64_t m = 0; m < M; ++m) {  // per row and group: sum of x, for the nibble offset
+      for (int64_t i = 0; i < ng; ++i) gsum[m * ng + i] = 0.0f;
+      for (int64_t i = 0; i < K; ++i) gsum[m * ng + i / g] += bf16_to_f32(x[m * ldx + i]);
+    }
+    const uint8_t* w = (const uint8_t*)L.w;
+    const uint16_t* scale = (const uint16_t*)L.scale;
+    run_blocks(M, L.nblocks, ep, [&](int64_t b, int rows, int64_t m0, float* acc) {
+#define CALL(R) tile_int4<R>(x + m0 * ldx, ldx, K, g, w + b * K * BLOCK / 2, scale + b * ng * BLOCK, gsum + m0 * ng, ng, acc)
+      DISPATCH_ROWS(rows, CALL)
+#undef CALL
+    });
+  }
+}
+
+}  // namespace
+
 extern "C" {
 
-// x: [M, K] bf16 with row stride ldx; w: packed, nblocks blocks of K (padded to even) rows.
-void mm_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* w, int64_t nblocks,
-             const float* bias, void* out, int64_t ldo, int64_t n_out, int fp32, int act) {
-  Epilogue ep{bias, out, ldo, n_out, fp32, act};
-  const int64_t k2 = K / 2;
-  run_blocks(M, nblocks, ep, [&](int64_t b, int rows, int64_t m0, float* acc) {
-    const uint16_t* wb = w + b * k2 * 2 * BLOCK;
-    const uint16_t* xm = x + m0 * ldx;
-#define CALL(R) tile_bf16<R>(xm, ldx, k2, wb, acc)
-    DISPATCH_ROWS(rows, CALL)
-#undef CALL
-  });
-}
-
-// x: [M, K] float32 (contiguous); scale: [nblocks * 64] per output column.
-void mm_int8(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scale, int64_t nblocks,
-             const float* bias, void* out, int64_t ldo, int64_t n_out, int fp32, int act) {
-  Epilogue ep{bias, out, ldo, n_out, fp32, act};
-  run_blocks(M, nblocks, ep, [&](int64_t b, int rows, int64_t m0, float* acc) {
-    const int8_t* wb = w + b * K * BLOCK;
-#define CALL(R) tile_int8<R>(x + m0 * K, K, K, wb, acc)
-    DISPATCH_ROWS(rows, CALL)
-#undef CALL
-    const float* s = scale + b * BLOCK;
-    for (int m = 0; m < rows; ++m)
-      for (int j = 0; j < BLOCK; ++j) acc[m * BLOCK + j] *= s[j];
-  });
-}
-
-// x: [M, K] bf16 (contiguous, K a multiple of g); gsum: [M, K/g] float32 group sums of x; scale: bf16
-// [nblocks][K/g][64].
-void mm_int4(const uint16_t* x, int64_t M, int64_t K, int64_t g, const uint8_t* w, const uint16_t* scale,
-             const float* gsum, int64_t nblocks, const float* bias, void* out, int64_t ldo, int64_t n_out, int fp32,
-             int act) {
-  Epilogue ep{bias, out, ldo, n_out, fp32, act};
-  const int64_t ng = K / g;
-  run_blocks(M, nblocks, ep, [&](int64_t b, int rows, int64_t m0, float* acc) {
-    const uint8_t* wb = w + b * K * BLOCK / 2;
-    const uint16_t* sb = scale + b * ng * BLOCK;
-#define CALL(R) tile_int4<R>(x + m0 * K, K, K, g, wb, sb, gsum + m0 * ng, ng, acc)
-    DISPATCH_ROWS(rows, CALL)
-#undef CALL
-  });
+void mm(const Linear* L, const uint16_t* x, int64_t M, int64_t ldx, void* out, int64_t ldo, int fp32) {
+  std::vector<float> gsum(L->quant == 2 ? M * (L->k / L->group) : 0);
+#pragma omp parallel
+  linear(*L, x, M, ldx, out, ldo, fp32, gsum.data());
 }
 
 }  // extern "C"
@@ -261,98 +332,481 @@ void mm_int4(const uint16_t* x, int64_t M, int64_t K, int64_t g, const uint8_t* 
 // ---- decode-step helpers (one token per sequence; float32 maths, bf16 in and out) --------------------------------
 namespace {
 
-inline float silu(float v) { return v / (1.0f + expf(-v)); }
+inline __m512 bf16x16(const uint16_t* p, __mmask16 mask) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+}
 
-inline void load_row(const uint16_t* src, float* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(src[i]);
+// For columns [j0, j0 + 16 NV) of a [dk, dv] state: pred[j] = sum_i S[i][j] k[i] and sq[j] = sum_i S[i][j] q[i].
+template <int NV>
+void state_dots(const float* S, int64_t dk, int64_t dv, int64_t j0, const float* k, const float* q, float* pred,
+                float* sq) {
+  __m512 p[NV], o[NV];
+  for (int c = 0; c < NV; ++c) p[c] = _mm512_setzero_ps(), o[c] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < dk; ++i) {
+    const float* row = S + i * dv + j0;
+    const __m512 ki = _mm512_set1_ps(k[i]), qi = _mm512_set1_ps(q[i]);
+    for (int c = 0; c < NV; ++c) {
+      const __m512 s = _mm512_loadu_ps(row + 16 * c);
+      p[c] = _mm512_fmadd_ps(s, ki, p[c]);
+      o[c] = _mm512_fmadd_ps(s, qi, o[c]);
+    }
+  }
+  for (int c = 0; c < NV; ++c) _mm512_storeu_ps(pred + j0 + 16 * c, p[c]), _mm512_storeu_ps(sq + j0 + 16 * c, o[c]);
+}
+
+// S[i][j] = decay S[i][j] + k[i] delta[j] for columns [j0, j0 + 16 NV).
+template <int NV>
+void state_update(float* S, int64_t dk, int64_t dv, int64_t j0, float decay, const float* k, const float* delta) {
+  __m512 d[NV];
+  const __m512 g = _mm512_set1_ps(decay);
+  for (int c = 0; c < NV; ++c) d[c] = _mm512_loadu_ps(delta + j0 + 16 * c);
+  for (int64_t i = 0; i < dk; ++i) {
+    float* row = S + i * dv + j0;
+    const __m512 ki = _mm512_set1_ps(k[i]);
+    for (int c = 0; c < NV; ++c)
+      _mm512_storeu_ps(row + 16 * c, _mm512_fmadd_ps(ki, d[c], _mm512_mul_ps(g, _mm512_loadu_ps(row + 16 * c))));
+  }
+}
+
+// sum_i q[i] * k[i] for float32 q and bf16 k.
+inline float dot_bf16(const float* q, const uint16_t* k, int64_t d) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < d; i += 16) {
+    const __mmask16 mask = d - i >= 16 ? 0xffff : (__mmask16)((1u << (d - i)) - 1);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, q + i), bf16x16(k + i, mask), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+// acc[i] += a * v[i] for bf16 v.
+inline void axpy_bf16(float a, const uint16_t* v, float* acc, int64_t d) {
+  const __m512 av = _mm512_set1_ps(a);
+  for (int64_t i = 0; i < d; i += 16) {
+    const __mmask16 mask = d - i >= 16 ? 0xffff : (__mmask16)((1u << (d - i)) - 1);
+    _mm512_mask_storeu_ps(acc + i, mask, _mm512_fmadd_ps(av, bf16x16(v + i, mask), _mm512_maskz_loadu_ps(mask, acc + i)));
+  }
+}
+
+inline void rms_scale(float* x, int64_t n, const uint16_t* w, float offset, float eps) {
+  float ss = 0.0f;
+  for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
+  const float r = 1.0f / sqrtf(ss / n + eps);
+  for (int64_t i = 0; i < n; ++i) x[i] *= r * (offset + bf16_to_f32(w[i]));
+}
+
+// Rotate-half RoPE on the first ``rot`` dims; cos, sin: [rot] (the angles repeated for both halves).
+inline void rope(float* x, int64_t rot, const uint16_t* cos, const uint16_t* sin) {
+  const int64_t half = rot / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = x[i], b = x[i + half];
+    x[i] = a * bf16_to_f32(cos[i]) - b * bf16_to_f32(sin[i]);
+    x[i + half] = b * bf16_to_f32(cos[i + half]) + a * bf16_to_f32(sin[i + half]);
+  }
+}
+
+// out = rmsnorm(x) * (offset + w) for rows [m0, m1) of x, out: [M, D] with row strides; w: [D] bf16.
+void rmsnorm_rows(const uint16_t* x, int64_t ldx, int64_t m0, int64_t m1, int64_t D, const uint16_t* w, float offset,
+                  float eps, uint16_t* out, int64_t ldo) {
+  for (int64_t m = m0; m < m1; ++m) {
+    const uint16_t* xr = x + m * ldx;
+    float ss = 0.0f;
+    for (int64_t i = 0; i < D; ++i) {
+      const float v = bf16_to_f32(xr[i]);
+      ss += v * v;
+    }
+    const float r = 1.0f / sqrtf(ss / D + eps);
+    for (int64_t i = 0; i < D; ++i) out[m * ldo + i] = f32_to_bf16(bf16_to_f32(xr[i]) * r * (offset + bf16_to_f32(w[i])));
+  }
+}
+
+// B sequences (rows starts[b] .. starts[b] + lens[b] - 1 of the inputs) through a Gated DeltaNet layer, everything
+// between the input projections and out_proj: the causal conv (continuing from and updating each conv state), silu,
+// q/k l2 norms, decay and beta, the delta rule token by token on the float32 state (updated in place; per head it
+// stays in cache), and the gated RMSNorm. conv_wt: the conv weights transposed, [kernel, conv_dim] float32; out:
+// [N, hv * dv] bf16; scratch: N * (conv_dim + hv * (dv + 3)) + B * (kernel - 1) * conv_dim floats; dv a multiple of
+// 16, dk and dv <= 512.
+// For the threads of the enclosing parallel region.
+void deltanet_team(int64_t B, const int64_t* starts, const int64_t* lens, int64_t hk, int64_t hv, int64_t dk,
+                   int64_t dv, int64_t kernel, const uint16_t* mixed, int64_t ld_mixed, const uint16_t* z,
+                   int64_t ld_z, const uint16_t* b_in, int64_t ld_b, const uint16_t* a_in, int64_t ld_a,
+                   const float* conv_wt, uint16_t* const* conv_state, float* const* rec, const uint16_t* a_log,
+                   const uint16_t* dt_bias, const uint16_t* norm_w, float eps, uint16_t* out, float* scratch) {
+  const int64_t key_dim = hk * dk, conv_dim = 2 * key_dim + hv * dv, taps = kernel - 1, rep = hv / hk;
+  const int64_t n = starts[B - 1] + lens[B - 1];
+  const float q_scale = 1.0f / sqrtf((float)dk);
+  float* core = scratch + n * conv_dim;    // [n, hv * dv]: the outputs before the gated norm
+  float* params = core + n * hv * dv;       // [n, hv, 3]: exp(g), beta, k.q
+  float* hist = params + n * hv * 3;        // [B, taps, conv_dim]: the conv states, transposed
+#pragma omp for schedule(static)
+  for (int64_t bc = 0; bc < B * conv_dim; ++bc)
+    for (int64_t j = 0; j < taps; ++j)
+      hist[(bc / conv_dim * taps + j) * conv_dim + bc % conv_dim] = bf16_to_f32(conv_state[bc / conv_dim][bc % conv_dim * taps + j]);
+  // The causal conv + silu, token by token (each needs only the inputs before it), 16 channels a vector.
+#pragma omp for schedule(static)
+  for (int64_t t = 0; t < n; ++t) {
+    int64_t b = 0;
+    while (t >= starts[b] + lens[b]) ++b;
+    const int64_t local = t - starts[b];
+    for (int64_t c = 0; c < conv_dim; c += 16) {
+      const __mmask16 mask = conv_dim - c >= 16 ? 0xffff : (__mmask16)((1u << (conv_dim - c)) - 1);
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t j = 0; j <= taps; ++j) {  // input t - taps + j: from this sequence's rows, else its conv state
+        const int64_t u = local - taps + j;
+        const __m512 x = u >= 0 ? bf16x16(mixed + (starts[b] + u) * ld_mixed + c, mask)
+                                : _mm512_maskz_loadu_ps(mask, hist + (b * taps + taps + u) * conv_dim + c);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, conv_wt + j * conv_dim + c), x, acc);
+      }
+      _mm512_mask_storeu_ps(scratch + t * conv_dim + c, mask, silu512(acc));
+    }
+  }
+#pragma omp for schedule(static)
+  for (int64_t bc = 0; bc < B * conv_dim; ++bc) {  // the new conv states: each sequence's last taps inputs
+    const int64_t b = bc / conv_dim, c = bc % conv_dim;
+    for (int64_t j = 0; j < taps; ++j) {
+      const int64_t u = lens[b] - taps + j;
+      conv_state[b][c * taps + j] = u >= 0 ? mixed[(starts[b] + u) * ld_mixed + c]
+                                           : f32_to_bf16(hist[(b * taps + taps + u) * conv_dim + c]);
+    }
+  }
+#pragma omp for schedule(static)
+  for (int64_t tk = 0; tk < n * hk; ++tk) {  // l2-normalise q (and scale it by dk^-1/2) and k, in place
+    float* q = scratch + (tk / hk) * conv_dim + (tk % hk) * dk;
+    float* k = q + key_dim;
+    float qq = 0.0f, kk = 0.0f;
+    for (int64_t i = 0; i < dk; ++i) qq += q[i] * q[i], kk += k[i] * k[i];
+    const float rq = q_scale / sqrtf(qq + 1e-6f), rk = 1.0f / sqrtf(kk + 1e-6f);
+    for (int64_t i = 0; i < dk; ++i) q[i] *= rq, k[i] *= rk;
+  }
+#pragma omp for schedule(static)
+  for (int64_t th = 0; th < n * hv; ++th) {
+    const int64_t t = th / hv, h = th % hv;
+    const float* q = scratch + t * conv_dim + (h / rep) * dk;
+    float kq = 0.0f;
+    for (int64_t i = 0; i < dk; ++i) kq += q[i] * q[key_dim + i];
+    const float a = bf16_to_f32(a_in[t * ld_a + h]) + bf16_to_f32(dt_bias[h]);
+    const float g = -expf(bf16_to_f32(a_log[h])) * (a > 20.0f ? a : log1pf(expf(a)));  // -e^A softplus(a + dt)
+    params[th * 3] = expf(g);
+    params[th * 3 + 1] = 1.0f / (1.0f + expf(-bf16_to_f32(b_in[t * ld_b + h])));
+    params[th * 3 + 2] = kq;
+  }
+  // The recurrence is independent per column of the state: each task keeps a [dk, width] slice in L1 for all tokens.
+  const int64_t width = dv % 64 == 0 ? 64 : 16, slices = dv / width;
+#pragma omp for schedule(dynamic, 1)
+  for (int64_t task = 0; task < B * hv * slices; ++task) {
+    const int64_t b = task / (hv * slices), h = task / slices % hv, col = task % slices * width, kh = h / rep;
+    float* state = rec[b] + h * dk * dv;
+    // Over several tokens the slice is copied out contiguously: in place its rows, a state row apart, would contend
+    // for the same few L1 sets.
+    thread_local std::vector<float> local;
+    const bool copy = lens[b] > 1;
+    float* S = state;
+    int64_t ld = dv, j0 = col;
+    if (copy) {
+      local.resize(dk * width);
+      for (int64_t i = 0; i < dk; ++i) memcpy(&local[i * width], state + i * dv + col, width * 4);
+      S = local.data(), ld = width, j0 = 0;
+    }
+    for (int64_t t = starts[b]; t < starts[b] + lens[b]; ++t) {
+      const float* row = scratch + t * conv_dim;
+      const float *q = row + kh * dk, *k = row + key_dim + kh * dk, *v = row + 2 * key_dim + h * dv;
+      const float decay = params[(t * hv + h) * 3], beta = params[(t * hv + h) * 3 + 1];
+      const float kq = params[(t * hv + h) * 3 + 2];
+      alignas(64) float pred[512], sq[512], delta[512];
+      if (width == 64)
+        state_dots<4>(S, dk, ld, j0, k, q, pred, sq);
+      else
+        state_dots<1>(S, dk, ld, j0, k, q, pred, sq);
+      float* o = core + t * hv * dv + h * dv + col - j0;
+      for (int64_t j = j0; j < j0 + width; ++j) {
+        delta[j] = (v[col - j0 + j] - decay * pred[j]) * beta;
+        o[j] = decay * sq[j] + delta[j] * kq;  // S'^T q with S' the updated state
+      }
+      if (width == 64)
+        state_update<4>(S, dk, ld, j0, decay, k, delta);
+      else
+        state_update<1>(S, dk, ld, j0, decay, k, delta);
+    }
+    if (copy)
+      for (int64_t i = 0; i < dk; ++i) memcpy(state + i * dv + col, &local[i * width], width * 4);
+  }
+#pragma omp for schedule(static)
+  for (int64_t th = 0; th < n * hv; ++th) {  // the gated RMSNorm of each head's output
+    const int64_t t = th / hv, h = th % hv;
+    const float* c = core + th * dv;
+    float ss = 0.0f;
+    for (int64_t j = 0; j < dv; ++j) ss += c[j] * c[j];
+    const __m512 r = _mm512_set1_ps(1.0f / sqrtf(ss / dv + eps));
+    const uint16_t* zr = z + t * ld_z + h * dv;
+    for (int64_t j = 0; j < dv; j += 16) {
+      const __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(c + j), r), bf16x16(norm_w + j, 0xffff));
+      store16(out + th * dv, j, _mm512_mul_ps(y, silu512(bf16x16(zr + j, 0xffff))), 0, 0xffff);
+    }
+  }
+}
+
+// One decode token for each of B sequences through a gated attention layer, between the projections and o_proj:
+// q/k RMSNorm (zero-centred weights), RoPE on the first ``rot`` dims, the new key and value written into each
+// sequence's cache [hkv, cap, d] at ``pos`` (the cache has room), attention over keys 0..pos, times sigmoid(gate).
+// qg: [B, h, 2d] (each head's q then its gate); out: [B, h * d] bf16; d <= 512.
+// For the threads of the enclosing parallel region.
+void attention_team(int64_t B, int64_t h, int64_t hkv, int64_t d, int64_t rot, const uint16_t* qg, int64_t ld_qg,
+                    const uint16_t* k_in, int64_t ld_k, const uint16_t* v_in, int64_t ld_v, const uint16_t* qn_w,
+                    const uint16_t* kn_w, float eps, const uint16_t* cos, const uint16_t* sin, int64_t ld_rot,
+                    uint16_t* const* kcache, uint16_t* const* vcache, const int64_t* cap, const int64_t* pos,
+                    uint16_t* out) {
+  const float scale = 1.0f / sqrtf((float)d);
+  const int64_t rep = h / hkv;
+#pragma omp for schedule(static)
+  for (int64_t bk = 0; bk < B * hkv; ++bk) {
+    const int64_t b = bk / hkv, kh = bk % hkv;
+    float k[512];
+    for (int64_t i = 0; i < d; ++i) k[i] = bf16_to_f32(k_in[b * ld_k + kh * d + i]);
+    rms_scale(k, d, kn_w, 1.0f, eps);
+    rope(k, rot, cos + b * ld_rot, sin + b * ld_rot);
+    uint16_t* kc = kcache[b] + (kh * cap[b] + pos[b]) * d;
+    uint16_t* vc = vcache[b] + (kh * cap[b] + pos[b]) * d;
+    for (int64_t i = 0; i < d; ++i) kc[i] = f32_to_bf16(k[i]), vc[i] = v_in[b * ld_v + kh * d + i];
+  }
+#pragma omp for schedule(dynamic, 1)
+  for (int64_t bh = 0; bh < B * h; ++bh) {
+    const int64_t b = bh / h, hh = bh % h, kh = hh / rep, n = pos[b] + 1;
+    const uint16_t* qr = qg + b * ld_qg + hh * 2 * d;
+    float q[512], acc[512];
+    for (int64_t i = 0; i < d; ++i) q[i] = bf16_to_f32(qr[i]), acc[i] = 0.0f;
+    rms_scale(q, d, qn_w, 1.0f, eps);
+    rope(q, rot, cos + b * ld_rot, sin + b * ld_rot);
+    const uint16_t* keys = kcache[b] + kh * cap[b] * d;
+    const uint16_t* vals = vcache[b] + kh * cap[b] * d;
+    std::vector<float> p(n);
+    float top = -INFINITY;
+    for (int64_t j = 0; j < n; ++j) {
+      p[j] = dot_bf16(q, keys + j * d, d) * scale;
+      top = std::max(top, p[j]);
+    }
+    float total = 0.0f;
+    for (int64_t j = 0; j < n; ++j) p[j] = expf(p[j] - top), total += p[j];
+    for (int64_t j = 0; j < n; ++j) axpy_bf16(p[j] / total, vals + j * d, acc, d);
+    uint16_t* o = out + b * h * d + hh * d;
+    for (int64_t i = 0; i < d; i += 16) {  // acc * sigmoid(gate)
+      const __mmask16 mask = d - i >= 16 ? 0xffff : (__mmask16)((1u << (d - i)) - 1);
+      const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), bf16x16(qr + d + i, mask)));
+      const __m512 v = _mm512_div_ps(_mm512_maskz_loadu_ps(mask, acc + i), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+      store16(o, i, v, 0, mask);
+    }
+  }
 }
 
 }  // namespace
 
 extern "C" {
 
-// out = rmsnorm(x) * (offset + w) per row; x, out: [M, D] with row strides; w: [D] bf16.
 void rmsnorm_bf16(const uint16_t* x, int64_t ldx, int64_t M, int64_t D, const uint16_t* w, float offset, float eps,
                   uint16_t* out, int64_t ldo) {
 #pragma omp parallel for schedule(static) if (M > 8)
-  for (int64_t m = 0; m < M; ++m) {
-    const uint16_t* xr = x + m * ldx;
-    float ss = 0.0f;
-    for (int64_t i = 0; i < D; ++i) {
-      float v = bf16_to_f32(xr[i]);
-      ss += v * v;
+  for (int64_t m = 0; m < M; ++m) rmsnorm_rows(x, ldx, m, m + 1, D, w, offset, eps, out, ldo);
+}
+
+void deltanet_forward(int64_t B, const int64_t* starts, const int64_t* lens, int64_t hk, int64_t hv, int64_t dk,
+                      int64_t dv, int64_t kernel, const uint16_t* mixed, int64_t ld_mixed, const uint16_t* z,
+                      int64_t ld_z, const uint16_t* b_in, int64_t ld_b, const uint16_t* a_in, int64_t ld_a,
+                      const float* conv_wt, uint16_t** conv_state, float** rec, const uint16_t* a_log,
+                      const uint16_t* dt_bias, const uint16_t* norm_w, float eps, uint16_t* out, float* scratch) {
+#pragma omp parallel
+  deltanet_team(B, starts, lens, hk, hv, dk, dv, kernel, mixed, ld_mixed, z, ld_z, b_in, ld_b, a_in, ld_a, conv_wt,
+                conv_state, rec, a_log, dt_bias, norm_w, eps, out, scratch);
+}
+
+}  // extern "C"
+
+// ---- block attention (the vision tower: bidirectional within each unit) ------------------------------------------
+namespace {
+
+// acc[r][c] (16 output dims per chunk c < NC) += sum over key pairs of P[r] . V, V packed [pairs][16][2] per chunk.
+template <int R, int NC>
+void tile_pv(const uint16_t* p, int64_t ldp, int64_t pairs, const uint16_t* v, int64_t ldv_chunk, float* acc_out,
+             int64_t ld_acc) {
+  __m512 acc[R][NC];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < pairs; ++j) {
+    __m512bh w[NC];
+    for (int c = 0; c < NC; ++c) w[c] = (__m512bh)_mm512_loadu_si512(v + c * ldv_chunk + j * 32);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh pv = bcast_pair(p + r * ldp + 2 * j);
+      for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], w[c], pv);
     }
-    float r = 1.0f / sqrtf(ss / D + eps);
-    for (int64_t i = 0; i < D; ++i) out[m * ldo + i] = f32_to_bf16(bf16_to_f32(xr[i]) * r * (offset + bf16_to_f32(w[i])));
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < NC; ++c) _mm512_storeu_ps(acc_out + r * ld_acc + 16 * c, acc[r][c]);
+}
+
+template <int R>
+void pv_chunks(const uint16_t* p, int64_t ldp, int64_t pairs, const uint16_t* v, int64_t ldv_chunk, int64_t nc,
+               float* acc_out, int64_t ld_acc) {
+  for (int64_t c = 0; c < nc; c += 4) {
+    const uint16_t* vc = v + c * ldv_chunk;
+    float* ac = acc_out + 16 * c;
+    switch (std::min<int64_t>(4, nc - c)) {
+      case 1: tile_pv<R, 1>(p, ldp, pairs, vc, ldv_chunk, ac, ld_acc); break;
+      case 2: tile_pv<R, 2>(p, ldp, pairs, vc, ldv_chunk, ac, ld_acc); break;
+      case 3: tile_pv<R, 3>(p, ldp, pairs, vc, ldv_chunk, ac, ld_acc); break;
+      default: tile_pv<R, 4>(p, ldp, pairs, vc, ldv_chunk, ac, ld_acc); break;
+    }
   }
 }
 
-// One decode token for each of B sequences through a Gated DeltaNet layer, everything between the input
-// projections and out_proj: the causal conv step (shifting the conv state), silu, q/k l2 norms, decay and beta, the
-// delta rule on the float32 state (updated in place), and the gated RMSNorm. out: [B, hv * dv] bf16.
-void deltanet_decode(int64_t B, int64_t hk, int64_t hv, int64_t dk, int64_t dv, int64_t kernel,
-                     const uint16_t* mixed, int64_t ld_mixed, const uint16_t* z, int64_t ld_z,
-                     const uint16_t* b_in, int64_t ld_b, const uint16_t* a_in, int64_t ld_a,
-                     const uint16_t* conv_w, uint16_t** conv_state, float** rec, const uint16_t* a_log,
-                     const uint16_t* dt_bias, const uint16_t* norm_w, float eps, uint16_t* out, float* scratch) {
-  const int64_t key_dim = hk * dk, conv_dim = 2 * key_dim + hv * dv, taps = kernel - 1;
-#pragma omp parallel for schedule(static)
-  for (int64_t bc = 0; bc < B * conv_dim; ++bc) {
-    const int64_t b = bc / conv_dim, c = bc % conv_dim;
-    uint16_t* s = conv_state[b] + c * taps;
-    const uint16_t* w = conv_w + c * kernel;
-    const uint16_t x = mixed[b * ld_mixed + c];
-    float acc = bf16_to_f32(w[taps]) * bf16_to_f32(x);
-    for (int64_t t = 0; t < taps; ++t) acc += bf16_to_f32(w[t]) * bf16_to_f32(s[t]);
-    for (int64_t t = 0; t + 1 < taps; ++t) s[t] = s[t + 1];
-    if (taps) s[taps - 1] = x;
-    scratch[bc] = silu(acc);
+}  // namespace
+
+extern "C" {
+
+// Attention within blocks of consecutive tokens (rows starts[b] .. starts[b] + lens[b] - 1): q, k, v [L, h, d] bf16
+// with row stride ld; out [L, h * d] bf16. Per (block, head) the keys are packed like a weight ([n/64][d/2][64][2])
+// and the values as [ceil(d/16)][n/2][16][2], so both products run on dpbf16 tiles; softmax in float32. d even.
+void attention_blocks(int64_t nblk, const int64_t* starts, const int64_t* lens, int64_t h, int64_t d,
+                      const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t ld, uint16_t* out) {
+  const float scale = 1.0f / sqrtf((float)d);
+  const int64_t d2 = d / 2, nc = (d + 15) / 16;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t task = 0; task < nblk * h; ++task) {
+    const int64_t b = task / h, hh = task % h, n = lens[b], s0 = starts[b];
+    const int64_t n64 = (n + BLOCK - 1) / BLOCK * BLOCK, pairs = (n + 1) / 2;
+    thread_local std::vector<uint16_t> kp, vp, pb;
+    thread_local std::vector<float> scores, acc;
+    kp.assign(n64 * d, 0);
+    vp.assign(nc * pairs * 32, 0);
+    pb.assign(MT * pairs * 2, 0);
+    scores.resize(MT * n64);
+    acc.resize(MT * nc * 16);
+    for (int64_t j = 0; j < n; ++j) {
+      const uint16_t* kr = k + (s0 + j) * ld + hh * d;
+      const uint16_t* vr = v + (s0 + j) * ld + hh * d;
+      uint16_t* kb = kp.data() + (j / BLOCK) * d2 * 2 * BLOCK + (j % BLOCK) * 2;
+      for (int64_t p = 0; p < d2; ++p) kb[p * 2 * BLOCK] = kr[2 * p], kb[p * 2 * BLOCK + 1] = kr[2 * p + 1];
+      for (int64_t i = 0; i < d; ++i) vp[(i / 16) * pairs * 32 + (j / 2) * 32 + (i % 16) * 2 + j % 2] = vr[i];
+    }
+    for (int64_t m0 = 0; m0 < n; m0 += MT) {
+      const int rows = (int)std::min<int64_t>(MT, n - m0);
+      const uint16_t* qm = q + (s0 + m0) * ld + hh * d;
+      alignas(64) float tile[MT * BLOCK];
+      for (int64_t kb = 0; kb < n64 / BLOCK; ++kb) {
+        const uint16_t* kblock = kp.data() + kb * d2 * 2 * BLOCK;
+#define CALL(R) tile_bf16<R>(qm, ld, d2, kblock, tile)
+        DISPATCH_ROWS(rows, CALL)
+#undef CALL
+        for (int r = 0; r < rows; ++r) memcpy(&scores[r * n64 + kb * BLOCK], tile + r * BLOCK, BLOCK * 4);
+      }
+      for (int r = 0; r < rows; ++r) {
+        float* s = &scores[r * n64];
+        __m512 top = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
+        for (int64_t j = 0; j < n; j += 16) {
+          const __mmask16 mask = n - j >= 16 ? 0xffff : (__mmask16)((1u << (n - j)) - 1);
+          top = _mm512_mask_max_ps(top, mask, top, _mm512_loadu_ps(s + j));
+        }
+        const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(top)), sc = _mm512_set1_ps(scale);
+        for (int64_t j = 0; j < n; j += 16) {
+          const __mmask16 mask = n - j >= 16 ? 0xffff : (__mmask16)((1u << (n - j)) - 1);
+          const __m512 e = exp512(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(s + j), shift), sc));
+          _mm512_mask_storeu_ps(s + j, mask, e);
+          sum = _mm512_mask_add_ps(sum, mask, sum, e);
+        }
+        const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+        for (int64_t j = 0; j < n; j += 16) {
+          const __mmask16 mask = n - j >= 16 ? 0xffff : (__mmask16)((1u << (n - j)) - 1);
+          store16(&pb[r * pairs * 2], j, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, s + j), inv), 0, mask);
+        }
+      }
+#define CALL(R) pv_chunks<R>(pb.data(), pairs * 2, pairs, vp.data(), pairs * 32, nc, acc.data(), nc * 16)
+      DISPATCH_ROWS(rows, CALL)
+#undef CALL
+      for (int r = 0; r < rows; ++r) {
+        uint16_t* o = out + (s0 + m0 + r) * h * d + hh * d;
+        for (int64_t i = 0; i < d; i += 16) {
+          const __mmask16 mask = d - i >= 16 ? 0xffff : (__mmask16)((1u << (d - i)) - 1);
+          store16(o, i, _mm512_maskz_loadu_ps(mask, &acc[r * nc * 16 + i]), 0, mask);
+        }
+      }
+    }
   }
-  const int64_t rep = hv / hk;
-  const float q_scale = 1.0f / sqrtf((float)dk);
-#pragma omp parallel for schedule(static)
-  for (int64_t bh = 0; bh < B * hv; ++bh) {
-    const int64_t b = bh / hv, h = bh % hv, kh = h / rep;
-    const float* row = scratch + b * conv_dim;
-    float q[512], k[512], pred[512], sq[512], delta[512];
-    float qq = 0.0f, kk = 0.0f;
-    for (int64_t i = 0; i < dk; ++i) {
-      q[i] = row[kh * dk + i], k[i] = row[key_dim + kh * dk + i];
-      qq += q[i] * q[i], kk += k[i] * k[i];
+}
+
+}  // extern "C"
+
+// ---- a whole decode step --------------------------------------------------------------------------------------------
+// One token for each of B sequences through every layer of the language model inside one parallel region: no
+// Python between the kernels, no thread start-up per kernel. Matmuls, norms and DeltaNet layers are the kernels the
+// per-layer path runs, with the same roundings; attention for the one new token is computed in float32.
+struct Layer {
+  int64_t kind;  // 0 Gated DeltaNet, 1 gated attention
+  const uint16_t* in_norm;
+  const uint16_t* post_norm;
+  float eps, mixer_eps;  // the layer norms' eps; the gated norm's (DeltaNet) or the q/k norms' (attention)
+  Linear proj, out, gate_up, down;
+  int64_t hk, hv, dk, dv, kernel;  // Gated DeltaNet
+  const float* conv_wt;  // [kernel, conv_dim]
+  const uint16_t *a_log, *dt_bias, *norm_w;
+  int64_t heads, kv_heads, head_dim;  // gated attention
+  const uint16_t *q_norm, *k_norm;
+};
+
+namespace {
+
+void add_rows(uint16_t* a, const uint16_t* b, int64_t n) {  // a += b in bf16, like a bf16 tensor add
+  for (int64_t i = 0; i < n; ++i) a[i] = f32_to_bf16(bf16_to_f32(a[i]) + bf16_to_f32(b[i]));
+}
+
+}  // namespace
+
+extern "C" {
+
+// hidden [B, d]: the token embeddings in, the final-normed hidden states out. Per DeltaNet layer (in order) B conv
+// and recurrent states; per attention layer B key and value caches (with room at pos[b]) and their capacities.
+// cos, sin: [B, rot] for each sequence's position. Workspaces: x [B, d], proj [B, widest projection], core [B, widest
+// mixer output], tmp [B, d], gu [B, intermediate] (bf16); scratch (deltanet_team's), gsum [B, K/group] (float32).
+void decode_step(int64_t n_layers, const Layer* layers, int64_t B, int64_t d, uint16_t* hidden,
+                 const uint16_t* final_norm, float final_eps, uint16_t** conv, float** rec, uint16_t** kcache,
+                 uint16_t** vcache, const int64_t* cap, const int64_t* pos, const uint16_t* cos, const uint16_t* sin,
+                 int64_t rot, uint16_t* x, uint16_t* proj, uint16_t* core, uint16_t* tmp, uint16_t* gu, float* scratch,
+                 float* gsum) {
+  std::vector<int64_t> starts(B), lens(B, 1);
+  for (int64_t b = 0; b < B; ++b) starts[b] = b;
+#pragma omp parallel
+  {
+    int64_t delta = 0, attn = 0;  // layers of each kind so far: where their states are
+    for (int64_t l = 0; l < n_layers; ++l) {
+      const Layer& L = layers[l];
+#pragma omp single
+      rmsnorm_rows(hidden, d, 0, B, d, L.in_norm, 1.0f, L.eps, x, d);
+      linear(L.proj, x, B, d, proj, L.proj.n_out, 0, gsum);
+      const int64_t ld = L.proj.n_out;
+      int64_t width;  // of the mixer's output
+      if (L.kind == 0) {
+        const int64_t conv_dim = 2 * L.hk * L.dk + L.hv * L.dv;
+        width = L.hv * L.dv;
+        const uint16_t *z = proj + conv_dim, *b_in = z + width, *a_in = b_in + L.hv;
+        deltanet_team(B, starts.data(), lens.data(), L.hk, L.hv, L.dk, L.dv, L.kernel, proj, ld, z, ld, b_in, ld, a_in,
+                      ld, L.conv_wt, conv + delta * B, rec + delta * B, L.a_log, L.dt_bias, L.norm_w, L.mixer_eps,
+                      core, scratch);
+        ++delta;
+      } else {
+        width = L.heads * L.head_dim;
+        const uint16_t *k_in = proj + 2 * width, *v_in = k_in + L.kv_heads * L.head_dim;
+        attention_team(B, L.heads, L.kv_heads, L.head_dim, rot, proj, ld, k_in, ld, v_in, ld, L.q_norm, L.k_norm,
+                       L.mixer_eps, cos, sin, rot, kcache + attn * B, vcache + attn * B, cap + attn * B, pos, core);
+        ++attn;
+      }
+      linear(L.out, core, B, width, tmp, d, 0, gsum);
+#pragma omp single
+      {
+        add_rows(hidden, tmp, B * d);
+        rmsnorm_rows(hidden, d, 0, B, d, L.post_norm, 1.0f, L.eps, x, d);
+      }
+      linear(L.gate_up, x, B, d, gu, L.gate_up.n_out, 0, gsum);
+      linear(L.down, gu, B, L.gate_up.n_out, tmp, d, 0, gsum);
+#pragma omp single
+      add_rows(hidden, tmp, B * d);
     }
-    const float rq = q_scale / sqrtf(qq + 1e-6f), rk = 1.0f / sqrtf(kk + 1e-6f);
-    float kq = 0.0f;
-    for (int64_t i = 0; i < dk; ++i) q[i] *= rq, k[i] *= rk, kq += k[i] * q[i];
-    const float a = bf16_to_f32(a_in[b * ld_a + h]) + bf16_to_f32(dt_bias[h]);
-    const float softplus = a > 20.0f ? a : log1pf(expf(a));
-    const float decay = expf(-expf(bf16_to_f32(a_log[h])) * softplus);
-    const float beta = 1.0f / (1.0f + expf(-bf16_to_f32(b_in[b * ld_b + h])));
-    float* S = rec[b] + h * dk * dv;
-    for (int64_t j = 0; j < dv; ++j) pred[j] = 0.0f, sq[j] = 0.0f;
-    for (int64_t i = 0; i < dk; ++i) {
-      const float* Si = S + i * dv;
-      const float ki = k[i], qi = q[i];
-#pragma omp simd
-      for (int64_t j = 0; j < dv; ++j) pred[j] += Si[j] * ki, sq[j] += Si[j] * qi;
-    }
-    const float* v = row + 2 * key_dim + h * dv;
-    float ss = 0.0f;
-    for (int64_t j = 0; j < dv; ++j) {
-      delta[j] = (v[j] - decay * pred[j]) * beta;
-      sq[j] = decay * sq[j] + delta[j] * kq;  // the output: S'^T q with S' the updated state
-      ss += sq[j] * sq[j];
-    }
-    for (int64_t i = 0; i < dk; ++i) {
-      float* Si = S + i * dv;
-      const float ki = k[i];
-#pragma omp simd
-      for (int64_t j = 0; j < dv; ++j) Si[j] = decay * Si[j] + ki * delta[j];
-    }
-    const float r = 1.0f / sqrtf(ss / dv + eps);
-    const uint16_t* zr = z + b * ld_z + h * dv;
-    uint16_t* o = out + b * hv * dv + h * dv;
-    for (int64_t j = 0; j < dv; ++j)
-      o[j] = f32_to_bf16(sq[j] * r * bf16_to_f32(norm_w[j]) * silu(bf16_to_f32(zr[j])));
+#pragma omp single
+    rmsnorm_rows(hidden, d, 0, B, d, final_norm, 1.0f, final_eps, hidden, d);
   }
 }
 

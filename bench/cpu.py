@@ -1,0 +1,331 @@
+"""CPU benchmark on the full-size random-weight checkpoint: ours (bf16, int8, int4) beside transformers (bf16).
+
+One process, engines one after another (each freed before the next): a memory-bandwidth probe, then for each
+engine single-stream decode tokens/s, prefill of 512 text tokens, time to first token for a 448x448 and a 1344x1344
+image (9 slices), and peak memory. Ours are printed as ratios to transformers bf16, and every decode rate as a
+fraction of its roofline: measured bandwidth / weight bytes read per token. Inputs come from our processor for
+both. With LLAMA_CPP_DIR pointing to a llama.cpp checkout with a build, its figures for the same weights converted
+to GGUF (BF16, Q8_0, Q4_0) are added.
+
+Usage: python bench/cpu.py [--decode-tokens 64] [--repeats 2] [--engines ours-bf16,ours-int8,ours-int4,transformers]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import dataclasses
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import CACHE, full_checkpoint, image, table  # noqa: E402
+
+PREFILL_TOKENS = 512
+IMAGES = (("TTFT 448 s", 448, 1), ("TTFT 1344 s", 1344, 2))
+
+
+def user(text, *images):
+    return [{"role": "user", "content": [*({"type": "image", "image": i} for i in images), {"type": "text", "text": text}]}]
+
+
+# -- memory ---------------------------------------------------------------------------------------------------------
+def bandwidth_probe(gigabytes: float = 2.0, repeats: int = 5) -> float:
+    """Best of ``repeats`` full reads (a sum over all cores) of a float32 tensor, in GB/s. The tensor sits in
+    huge-page memory where the OS allows it, like our packed weights, so the probe is not handicapped."""
+    from minicpmv.model.kernels import huge_empty
+
+    t = huge_empty((int(gigabytes * 1e9) // 4,), torch.float32).fill_(1.0)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        t.sum()
+        best = min(best, time.perf_counter() - start)
+    return t.numel() * 4 / best / 1e9
+
+
+class PeakRSS:
+    """Highest resident set size seen (sampled every 5 ms) while the block runs, in GB."""
+
+    def __enter__(self):
+        self.peak, self._stop = _rss(), threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss()) / 1e9
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def release_memory() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+# -- ours ----------------------------------------------------------------------------------------------------------
+def quantized_checkpoint(source: Path, method: str) -> Path:
+    """``source`` quantized once with ``save_quantized`` (so loading it repeats no work)."""
+    from minicpmv.checkpoint import load_model
+    from minicpmv.model.quant import save_quantized
+
+    path = CACHE / f"full-random-{method}"
+    config = path / "config.json"
+    if not config.exists() or json.loads(config.read_text()).get("quantization", {}).get("method") != method:
+        print(f"writing a {method} checkpoint to {path} (once)", flush=True)
+        save_quantized(load_model(source, dtype="bfloat16", quantization=method, progress=False), path)
+        release_memory()
+    return path
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the language model's matrices and the head: what one decode step reads."""
+    from minicpmv.model.kernels import PackedLinear
+
+    seen, total = set(), 0
+    for m in [*model.model.language_model.modules(), model.lm_head]:
+        if isinstance(m, PackedLinear) and id(m) not in seen:
+            seen.add(id(m))
+            total += sum(t.numel() * t.element_size() for t in (m.weight, m.scale) if t is not None)
+        elif isinstance(m, torch.nn.Linear) and m.weight.device.type != "meta":
+            total += m.weight.numel() * m.weight.element_size()
+    return total
+
+
+def measure_ours(ckpt: Path, method: str | None, args) -> dict:
+    from minicpmv import LLM, SamplingParams
+    from minicpmv.engine.sequence import Sequence
+    from minicpmv.llm import ChatOptions
+
+    if method:
+        ckpt = quantized_checkpoint(ckpt, method)
+    out = {}
+    with PeakRSS() as rss:
+        start = time.perf_counter()
+        llm = LLM(ckpt, dtype="bfloat16", device="cpu", progress=False)
+        out["load s"] = time.perf_counter() - start
+        lm = llm.model.model.language_model
+        out["weight GB/token"] = weight_bytes(llm.model) / 1e9
+        engine = llm.engine
+        greedy = lambda n: SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)  # noqa: E731
+
+        def run(seq) -> list[float]:
+            """Time stamps of each generated token (the engine cleared of cached images and prefixes first)."""
+            engine.vision_cache.clear()
+            engine.prefix_cache.clear()
+            stamps, start = [], time.perf_counter()
+            engine.add(seq)
+            while seq.finish_reason is None:
+                before = len(seq.output_ids)
+                engine.step()
+                if len(seq.output_ids) > before:
+                    stamps.append(time.perf_counter() - start)
+            return stamps
+
+        def prepared(messages, n):
+            options = ChatOptions.build(dataclasses.asdict(llm.default_options), {"max_slice_nums": 9})
+            return llm.prepare(messages, greedy(n), options)
+
+        run(prepared(user("warm up"), 4))
+        decode = [run(prepared(user("Write a short story about a cat."), args.decode_tokens + 1))
+                  for _ in range(args.repeats)]
+        out["decode tok/s"] = max(args.decode_tokens / (s[-1] - s[0]) for s in decode)
+        ids = torch.randint(0, 150000, (PREFILL_TOKENS,), generator=torch.Generator().manual_seed(0)).tolist()
+        out["prefill 512 s"] = min(run(Sequence(list(ids), greedy(1), []))[0] for _ in range(args.repeats))
+        for name, size, seed in IMAGES:
+            seqs = [prepared(user("Describe the image.", image(size, size, seed)), 1) for _ in range(args.repeats)]
+            out[name] = min(run(seq)[0] for seq in seqs)
+        del llm, engine, lm
+        release_memory()
+    out["peak RSS GB"] = rss.peak
+    return out
+
+
+# -- transformers --------------------------------------------------------------------------------------------------
+def measure_transformers(ckpt: Path, args) -> dict:
+    from transformers import MiniCPMV4_6ForConditionalGeneration
+
+    from minicpmv.processing.prompt import Processor
+
+    processor = Processor.from_dir(ckpt)
+    out = {}
+    with PeakRSS() as rss:
+        start = time.perf_counter()
+        model = MiniCPMV4_6ForConditionalGeneration.from_pretrained(ckpt, dtype=torch.bfloat16).eval()
+        out["load s"] = time.perf_counter() - start
+        lm = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ("language_model" in n or n == "lm_head")]
+        out["weight GB/token"] = sum(m.weight.numel() * m.weight.element_size() for m in lm) / 1e9
+
+        def inputs(messages, **kw):
+            p = processor(messages, max_slice_nums=9, **kw)
+            batch = {"input_ids": p.input_ids[None]}
+            if p.images:
+                patches = torch.cat([i.pixel_values for i in p.images])
+                n = patches.shape[0]  # ours [L, 3*14*14] -> the reference's NaViT packing [1, 3, 14, L*14]
+                batch["pixel_values"] = patches.view(n, 3, 14, 14).permute(1, 2, 0, 3).reshape(1, 3, 14, n * 14)
+                batch["target_sizes"] = torch.cat([i.target_sizes for i in p.images])
+            return batch
+
+        def seconds(batch, n) -> float:
+            start = time.perf_counter()
+            with torch.inference_mode():
+                model.generate(**batch, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            return time.perf_counter() - start
+
+        seconds(inputs(user("warm up")), 4)
+        story = inputs(user("Write a short story about a cat."))
+        first = min(seconds(story, 1) for _ in range(args.repeats))
+        full = min(seconds(story, args.decode_tokens + 1) for _ in range(args.repeats))
+        out["decode tok/s"] = args.decode_tokens / (full - first)
+        ids = torch.randint(0, 150000, (PREFILL_TOKENS,), generator=torch.Generator().manual_seed(0))
+        out["prefill 512 s"] = min(seconds({"input_ids": ids[None]}, 1) for _ in range(args.repeats))
+        for name, size, seed in IMAGES:
+            batch = inputs(user("Describe the image.", image(size, size, seed)))
+            out[name] = min(seconds(batch, 1) for _ in range(1 if size > 448 else args.repeats))
+        del model
+        release_memory()
+    out["peak RSS GB"] = rss.peak
+    return out
+
+
+# -- llama.cpp -----------------------------------------------------------------------------------------------------
+def measure_llama_cpp(ckpt: Path, root: Path, threads: int) -> dict[str, dict]:
+    """llama-bench decode / prefill for BF16, Q8_0 and Q4_0 GGUFs of the same weights, and the image encode time
+    that llama-mtmd-cli reports. Best effort: a step that fails is reported and skipped."""
+    binaries = next((p for p in (root / "build" / "bin", root / "bin", root) if (p / "llama-bench").exists()), None)
+    if binaries is None:
+        print(f"LLAMA_CPP_DIR={root}: no llama-bench found under build/bin, bin or the directory itself")
+        return {}
+    work = CACHE / "llama-cpp"
+    work.mkdir(parents=True, exist_ok=True)
+    bf16, mmproj = work / "model-bf16.gguf", work / "mmproj-bf16.gguf"
+    convert = [sys.executable, str(root / "convert_hf_to_gguf.py"), str(ckpt), "--outtype", "bf16"]
+    results = {}
+    try:
+        if not bf16.exists():
+            subprocess.run([*convert, "--outfile", str(bf16)], check=True, capture_output=True, text=True)
+        if not mmproj.exists():
+            subprocess.run([*convert, "--mmproj", "--outfile", str(mmproj)], capture_output=True, text=True)
+    except subprocess.CalledProcessError as exc:
+        print(f"llama.cpp: converting to GGUF failed: {exc.stderr.strip()[-500:]}")
+        return {}
+    for name in ("BF16", "Q8_0", "Q4_0"):
+        gguf = bf16 if name == "BF16" else work / f"model-{name.lower()}.gguf"
+        row = {}
+        try:
+            if not gguf.exists():
+                subprocess.run([str(binaries / "llama-quantize"), str(bf16), str(gguf), name], check=True,
+                               capture_output=True, text=True)
+            bench = subprocess.run([str(binaries / "llama-bench"), "-m", str(gguf), "-p", str(PREFILL_TOKENS), "-n", "64",
+                                    "-t", str(threads), "-o", "json"], check=True, capture_output=True, text=True)
+            for r in json.loads(bench.stdout):
+                if r.get("n_gen"):
+                    row["decode tok/s"] = r["avg_ts"]
+                elif r.get("n_prompt"):
+                    row["prefill 512 s"] = PREFILL_TOKENS / r["avg_ts"]
+            row["weight GB/token"] = gguf.stat().st_size / 1e9  # the file is nearly all weights
+        except (subprocess.CalledProcessError, ValueError, OSError) as exc:
+            print(f"llama.cpp {name}: {getattr(exc, 'stderr', '') or exc}".strip()[-500:])
+        cli = binaries / "llama-mtmd-cli"
+        if row and mmproj.exists() and cli.exists():
+            for key, size, seed in IMAGES:
+                path = work / f"image-{size}.png"
+                from PIL import Image
+
+                Image.fromarray(image(size, size, seed)).save(path)
+                start = time.perf_counter()
+                run = subprocess.run([str(cli), "-m", str(gguf), "--mmproj", str(mmproj), "--image", str(path), "-p",
+                                      "Describe the image.", "-n", "1", "-t", str(threads)], capture_output=True, text=True)
+                if run.returncode == 0:  # includes loading the model: an upper bound on the time to first token
+                    row[key] = time.perf_counter() - start
+        results[f"llama.cpp {name}"] = row
+    return results
+
+
+# -- report --------------------------------------------------------------------------------------------------------
+METRICS = ["decode tok/s", "roofline %", "prefill 512 s", "TTFT 448 s", "TTFT 1344 s", "peak RSS GB", "load s"]
+
+
+def report(results: dict[str, dict], bandwidth: float) -> None:
+    for r in results.values():
+        if "decode tok/s" in r and "weight GB/token" in r:
+            r["roofline %"] = 100 * r["decode tok/s"] * r["weight GB/token"] / bandwidth
+    rows = [[name, *(r.get(k, "-") for k in ["weight GB/token", *METRICS])] for name, r in results.items()]
+    print(table(rows, ["engine", "weights GB/tok", *METRICS]))
+    peer = results.get("transformers bf16")
+    if not peer:
+        return
+    print("\nspeed-up over transformers bf16 (higher is better)")
+    keys = ["decode tok/s", "prefill 512 s", "TTFT 448 s", "TTFT 1344 s"]
+    rows = []
+    for name, r in results.items():
+        if name == "transformers bf16":
+            continue
+        cells = []
+        for k in keys:
+            if k in r and k in peer:
+                cells.append(f"{r[k] / peer[k] if 'tok/s' in k else peer[k] / r[k]:.2f}x")
+            else:
+                cells.append("-")
+        rows.append([name, *cells])
+    print(table(rows, ["engine", "decode", "prefill 512", "TTFT 448", "TTFT 1344"]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=2, help="take the best of this many runs of each measurement")
+    parser.add_argument("--engines", default="ours-bf16,ours-int8,ours-int4,transformers")
+    args = parser.parse_args()
+    from minicpmv.model import fast, kernels
+
+    threads = fast.set_threads()
+    ckpt = full_checkpoint()
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    print(f"{cpu}, {threads} threads, torch {torch.__version__}, kernels: "
+          f"{'AVX-512 BF16' if kernels.available() else 'unavailable (plain PyTorch)'}; checkpoint {ckpt}")
+    bandwidth = bandwidth_probe()
+    print(f"memory bandwidth (best of 5 reads of 2 GB, {threads} threads): {bandwidth:.1f} GB/s", flush=True)
+    results = {}
+    for engine in args.engines.split(","):
+        print(f"measuring {engine} ...", flush=True)
+        if engine.startswith("ours-"):
+            method = engine.removeprefix("ours-")
+            results[f"ours {method}"] = measure_ours(ckpt, None if method == "bf16" else method, args)
+        elif engine == "transformers":
+            results["transformers bf16"] = measure_transformers(ckpt, args)
+        else:
+            raise SystemExit(f"unknown engine {engine!r}")
+        print(json.dumps({k: round(v, 3) for k, v in results[list(results)[-1]].items()}), flush=True)
+        release_memory()
+    if os.environ.get("LLAMA_CPP_DIR"):
+        results.update(measure_llama_cpp(ckpt, Path(os.environ["LLAMA_CPP_DIR"]), threads))
+    print()
+    report(results, bandwidth)
+
+
+if __name__ == "__main__":
+    main()
