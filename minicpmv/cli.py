@@ -18,6 +18,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when present)")
     p.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoded together")
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
+    p.add_argument("--quantization", choices=["int8", "int4"], default=None, help="weight-only quantization (CPU)")
 
 
 def _processing_args(p: argparse.ArgumentParser) -> None:
@@ -96,7 +97,9 @@ def _llm(args, **options):
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
     if getattr(args, "max_waiting", None):
         config.max_waiting = args.max_waiting
-    return LLM(args.model, dtype=args.dtype, device=args.device, engine_config=config, **options)
+    return LLM(
+        args.model, dtype=args.dtype, device=args.device, engine_config=config, quantization=args.quantization, **options
+    )
 
 
 def _sampling(args):

@@ -60,6 +60,12 @@ def test_run_json(demo, picture):
     assert out["finish_reason"] == "length" and out["timings"]["seconds"] > 0
 
 
+def test_run_quantized(demo):
+    r = cli("run", demo, "--max-tokens", 3, "--quantization", "int8", "--json", "Hi")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["usage"]["completion_tokens"] == 3
+
+
 def test_run_plain_and_4x(demo, picture):
     r16 = cli("run", demo, "--image", picture, "--max-tokens", 3, "--json", "Hi")
     r4 = cli("run", demo, "--image", picture, "--max-tokens", 3, "--mode", "4x", "--json", "Hi")
