@@ -112,7 +112,8 @@ class LLM:
         directory = resolve(model)
         dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
         self.dtype = _auto_dtype(dev) if dtype == "auto" else dtype
-        if dtype == "auto" and (quantization or "quantization" in json.loads((directory / "config.json").read_text())):
+        raw_config = json.loads((directory / "config.json").read_text())
+        if dtype == "auto" and (quantization or "quantization" in raw_config):
             self.dtype = "bfloat16"  # weight-only int8 / int4 run with bf16 activations
         self.model = load_model(directory, dtype=self.dtype, device=dev, progress=progress, quantization=quantization)
         self.processor = Processor.from_dir(directory)
@@ -124,7 +125,7 @@ class LLM:
         self.engine = Engine(self.model, self.processor.tokenizer.backend, self.eos_token_ids, engine_config)
         self.default_options = ChatOptions.build(default_options)
         self.name = str(model)
-        self.demo = bool(json.loads((directory / "config.json").read_text()).get("demo_random_weights", False))
+        self.demo = bool(raw_config.get("demo_random_weights", False))
 
     # -- building requests ------------------------------------------------------------------------------------
     def prepare(self, messages: list[dict], params: SamplingParams | None, options: ChatOptions) -> Sequence:
