@@ -21,7 +21,6 @@ import os
 import platform
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -54,27 +53,18 @@ def bandwidth_probe(gigabytes: float = 2.0, repeats: int = 5) -> float:
 
 
 class PeakRSS:
-    """Highest resident set size seen (sampled every 5 ms) while the block runs, in GB."""
+    """The highest resident set size while the block runs, in GB: the kernel's high-water mark, reset on entry (a
+    sampling thread would take the GIL and a core from the engine being timed)."""
 
     def __enter__(self):
-        self.peak, self._stop = _rss(), threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
         return self
 
-    def _sample(self):
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, _rss())
-
     def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss()) / 1e9
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/self/status") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        self.peak = kb * 1024 / 1e9
 
 
 def release_memory() -> None:

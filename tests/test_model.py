@@ -109,6 +109,21 @@ def test_several_sliced_images_logits_match_reference(mode):
     compare_logits("base", ids, pixels, sizes, mode)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_units_encode_alike_alone_or_together(dtype, monkeypatch):
+    """The tower runs units in groups (attention never crosses units): grouping must not change a feature."""
+    _, directory = reference_checkpoint("base")
+    model = load_model(directory, dtype=dtype)
+    pixel_values, target_sizes = image_inputs([(1084, 820), (448, 448)], "16x")
+    patches = to_patches(pixel_values)
+    monkeypatch.setattr(MiniCPMV, "UNIT_GROUP_PATCHES", 10**9)
+    together = model.encode_images(patches, target_sizes)
+    monkeypatch.setattr(MiniCPMV, "UNIT_GROUP_PATCHES", 1)
+    alone = model.encode_images(patches, target_sizes)
+    assert len(target_sizes) == 8 and together.shape == alone.shape
+    assert (together.float() - alone.float()).abs().max().item() <= (1e-5 if dtype == "float32" else 0.0)
+
+
 def test_asymmetric_grid_image_matches_reference():
     from transformers import MiniCPMV4_6ImageProcessor
 

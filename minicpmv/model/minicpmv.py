@@ -45,6 +45,8 @@ class MiniCPMV(nn.Module):
     def new_state(self) -> HybridState:
         return HybridState.empty(self.cfg.text, self.dtype, self.device)
 
+    UNIT_GROUP_PATCHES = 2048
+
     @torch.inference_mode()
     def encode_images(self, pixel_values: torch.Tensor, target_sizes, downsample_mode: str = "16x") -> torch.Tensor:
         """Visual embeddings for units packed as [sum(h*w), 3*p*p] with patch grids ``target_sizes`` [(h, w)].
@@ -59,8 +61,19 @@ class MiniCPMV(nn.Module):
                 f"pixel_values hold {pixel_values.shape[0]} patches but target_sizes describe "
                 f"{sum(h * w for h, w in grids)}"
             )
-        x, grids = self.model.vision_tower(pixel_values.to(self.device), grids, downsample_mode == "16x")
-        return self.model.merger(x, grids).to(self.dtype)
+        # Units never attend to each other, so they go through in groups of about UNIT_GROUP_PATCHES: activations
+        # stay in cache and the allocator reuses them (a video's hundreds of frames no longer stack up in memory).
+        features, start, groups = [], 0, [[]]
+        for h, w in grids:
+            if groups[-1] and sum(a * b for a, b in groups[-1]) + h * w > self.UNIT_GROUP_PATCHES:
+                groups.append([])
+            groups[-1].append((h, w))
+        for group in groups:
+            n = sum(h * w for h, w in group)
+            x, merged = self.model.vision_tower(pixel_values[start : start + n].to(self.device), group, downsample_mode == "16x")
+            features.append(self.model.merger(x, merged))
+            start += n
+        return torch.cat(features).to(self.dtype)
 
     def embed(
         self,

@@ -88,6 +88,9 @@ inline __m512 gelu_tanh512(__m512 x) {
   return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(u)));
 }
 
+// Lanes [0, min(left, 16)) of a 16-float vector.
+inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1); }
+
 inline void store16(void* out, int64_t j, __m512 v, int fp32, __mmask16 mask) {
   if (fp32)
     _mm512_mask_storeu_ps((float*)out + j, mask, v);
@@ -268,9 +271,9 @@ struct Linear {
 
 namespace {
 
-// y = x W^T for the threads of the enclosing parallel region. gsum: [M, K/group] float32 workspace (int4).
-void linear(const Linear& L, const uint16_t* x, int64_t M, int64_t ldx, void* out, int64_t ldo, int fp32,
-            float* gsum) {
+// y = x W^T for rows that fit one panel (below).
+void linear_panel(const Linear& L, const uint16_t* x, int64_t M, int64_t ldx, void* out, int64_t ldo, int fp32,
+                  float* gsum) {
   const Epilogue ep{L.bias, out, ldo, L.n_out, fp32, L.act};
   const int64_t K = L.k, k2 = K / 2;
   if (L.quant == 0) {
@@ -318,6 +321,17 @@ void linear(const Linear& L, const uint16_t* x, int64_t M, int64_t ldx, void* ou
 #undef CALL
     });
   }
+}
+
+// y = x W^T for the threads of the enclosing parallel region. gsum: [M, K/group] float32 workspace (int4).
+// Many rows (prefill, the vision tower) go in panels of about 2 MB of activations, which stay in cache while every
+// weight block passes over them: measured 1.4x faster on the vision tower's 10240 x 1152 @ 1152 x 4304.
+void linear(const Linear& L, const uint16_t* x, int64_t M, int64_t ldx, void* out, int64_t ldo, int fp32,
+            float* gsum) {
+  const int64_t panel = std::max<int64_t>(16 * MT, (int64_t{1} << 21) / (2 * L.k) / MT * MT);
+  const int64_t out_row = ldo * (fp32 ? 4 : 2), ng = L.quant == 2 ? L.k / L.group : 0;
+  for (int64_t m0 = 0; m0 < M; m0 += panel)
+    linear_panel(L, x + m0 * ldx, std::min(panel, M - m0), ldx, (char*)out + m0 * out_row, ldo, fp32, gsum + m0 * ng);
 }
 
 }  // namespace
@@ -646,14 +660,17 @@ void tile_pv(const uint16_t* p, int64_t ldp, int64_t pairs, const uint16_t* v, i
 template <int R>
 void pv_chunks(const uint16_t* p, int64_t ldp, int64_t pairs, const uint16_t* v, int64_t ldv_chunk, int64_t nc,
                float* acc_out, int64_t ld_acc) {
-  for (int64_t c = 0; c < nc; c += 4) {
+  const int64_t step = nc <= 6 ? 6 : 4;  // head dims up to 96 in one pass (the vision tower's 72: 5 chunks)
+  for (int64_t c = 0; c < nc; c += step) {
     const uint16_t* vc = v + c * ldv_chunk;
     float* ac = acc_out + 16 * c;
-    switch (std::min<int64_t>(4, nc - c)) {
+    switch (std::min<int64_t>(step, nc - c)) {
       case 1: tile_pv<R, 1>(p, ldp, pairs, vc, ldv_chunk, ac, ld_acc); break;
       case 2: tile_pv<R, 2>(p, ldp, pairs, vc, ldv_chunk, ac, ld_acc); break;
       case 3: tile_pv<R, 3>(p, ldp, pairs, vc, ldv_chunk, ac, ld_acc); break;
-      default: tile_pv<R, 4>(p, ldp, pairs, vc, ldv_chunk, ac, ld_acc); break;
+      case 4: tile_pv<R, 4>(p, ldp, pairs, vc, ldv_chunk, ac, ld_acc); break;
+      case 5: tile_pv<R, 5>(p, ldp, pairs, vc, ldv_chunk, ac, ld_acc); break;
+      default: tile_pv<R, 6>(p, ldp, pairs, vc, ldv_chunk, ac, ld_acc); break;
     }
   }
 }
@@ -676,47 +693,58 @@ void attention_blocks(int64_t nblk, const int64_t* starts, const int64_t* lens, 
     thread_local std::vector<uint16_t> kp, vp, pb;
     thread_local std::vector<float> scores, acc;
     kp.assign(n64 * d, 0);
-    vp.assign(nc * pairs * 32, 0);
+    vp.resize(nc * pairs * 32);
     pb.assign(MT * pairs * 2, 0);
     scores.resize(MT * n64);
     acc.resize(MT * nc * 16);
-    for (int64_t j = 0; j < n; ++j) {
+    for (int64_t j = 0; j < n; ++j) {  // each key's dim pairs to its column of the key block
       const uint16_t* kr = k + (s0 + j) * ld + hh * d;
-      const uint16_t* vr = v + (s0 + j) * ld + hh * d;
       uint16_t* kb = kp.data() + (j / BLOCK) * d2 * 2 * BLOCK + (j % BLOCK) * 2;
-      for (int64_t p = 0; p < d2; ++p) kb[p * 2 * BLOCK] = kr[2 * p], kb[p * 2 * BLOCK + 1] = kr[2 * p + 1];
-      for (int64_t i = 0; i < d; ++i) vp[(i / 16) * pairs * 32 + (j / 2) * 32 + (i % 16) * 2 + j % 2] = vr[i];
+      for (int64_t p = 0; p < d2; ++p) memcpy(kb + p * 2 * BLOCK, kr + 2 * p, 4);
+    }
+    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                                22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    for (int64_t j = 0; j < n; j += 2) {  // values j and j + 1, 16 dims at a time, interleaved into pairs
+      const uint16_t* v0 = v + (s0 + j) * ld + hh * d;
+      for (int64_t c = 0; c < nc; ++c) {
+        const __mmask16 mask = tail_mask(d - 16 * c);
+        const __m256i a = _mm256_maskz_loadu_epi16(mask, v0 + 16 * c);
+        const __m256i b = j + 1 < n ? _mm256_maskz_loadu_epi16(mask, v0 + ld + 16 * c) : _mm256_setzero_si256();
+        const __m512i ab = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
+        _mm512_storeu_si512(vp.data() + c * pairs * 32 + (j / 2) * 32, _mm512_permutexvar_epi16(interleave, ab));
+      }
     }
     for (int64_t m0 = 0; m0 < n; m0 += MT) {
       const int rows = (int)std::min<int64_t>(MT, n - m0);
       const uint16_t* qm = q + (s0 + m0) * ld + hh * d;
       alignas(64) float tile[MT * BLOCK];
+      __m512 top[MT];
+      for (int r = 0; r < MT; ++r) top[r] = _mm512_set1_ps(-INFINITY);
       for (int64_t kb = 0; kb < n64 / BLOCK; ++kb) {
         const uint16_t* kblock = kp.data() + kb * d2 * 2 * BLOCK;
 #define CALL(R) tile_bf16<R>(qm, ld, d2, kblock, tile)
         DISPATCH_ROWS(rows, CALL)
 #undef CALL
-        for (int r = 0; r < rows; ++r) memcpy(&scores[r * n64 + kb * BLOCK], tile + r * BLOCK, BLOCK * 4);
+        for (int r = 0; r < rows; ++r)
+          for (int64_t j = kb * BLOCK; j < std::min(n, (kb + 1) * BLOCK); j += 16) {
+            const __m512 v = _mm512_loadu_ps(tile + r * BLOCK + j - kb * BLOCK);
+            _mm512_storeu_ps(&scores[r * n64 + j], v);
+            top[r] = _mm512_mask_max_ps(top[r], tail_mask(n - j), top[r], v);
+          }
       }
+      // exp(s - max) into P unnormalised; the output is divided by the row's sum at the end (one pass fewer).
+      float inv[MT];
       for (int r = 0; r < rows; ++r) {
-        float* s = &scores[r * n64];
-        __m512 top = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
+        const float* s = &scores[r * n64];
+        const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(top[r])), sc = _mm512_set1_ps(scale);
+        __m512 sum = _mm512_setzero_ps();
         for (int64_t j = 0; j < n; j += 16) {
-          const __mmask16 mask = n - j >= 16 ? 0xffff : (__mmask16)((1u << (n - j)) - 1);
-          top = _mm512_mask_max_ps(top, mask, top, _mm512_loadu_ps(s + j));
-        }
-        const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(top)), sc = _mm512_set1_ps(scale);
-        for (int64_t j = 0; j < n; j += 16) {
-          const __mmask16 mask = n - j >= 16 ? 0xffff : (__mmask16)((1u << (n - j)) - 1);
+          const __mmask16 mask = tail_mask(n - j);
           const __m512 e = exp512(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(s + j), shift), sc));
-          _mm512_mask_storeu_ps(s + j, mask, e);
           sum = _mm512_mask_add_ps(sum, mask, sum, e);
+          store16(&pb[r * pairs * 2], j, e, 0, mask);
         }
-        const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
-        for (int64_t j = 0; j < n; j += 16) {
-          const __mmask16 mask = n - j >= 16 ? 0xffff : (__mmask16)((1u << (n - j)) - 1);
-          store16(&pb[r * pairs * 2], j, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, s + j), inv), 0, mask);
-        }
+        inv[r] = 1.0f / _mm512_reduce_add_ps(sum);
       }
 #define CALL(R) pv_chunks<R>(pb.data(), pairs * 2, pairs, vp.data(), pairs * 32, nc, acc.data(), nc * 16)
       DISPATCH_ROWS(rows, CALL)
@@ -724,8 +752,8 @@ void attention_blocks(int64_t nblk, const int64_t* starts, const int64_t* lens, 
       for (int r = 0; r < rows; ++r) {
         uint16_t* o = out + (s0 + m0 + r) * h * d + hh * d;
         for (int64_t i = 0; i < d; i += 16) {
-          const __mmask16 mask = d - i >= 16 ? 0xffff : (__mmask16)((1u << (d - i)) - 1);
-          store16(o, i, _mm512_maskz_loadu_ps(mask, &acc[r * nc * 16 + i]), 0, mask);
+          const __mmask16 mask = tail_mask(d - i);
+          store16(o, i, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, &acc[r * nc * 16 + i]), _mm512_set1_ps(inv[r])), 0, mask);
         }
       }
     }
