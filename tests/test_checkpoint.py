@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import pytest
 import torch
@@ -157,3 +158,24 @@ def test_progress_bar_is_shown_when_asked(ckpt, capsys):
 
 def test_weight_files_helper_prefers_the_index(ckpt):
     assert checkpoint.weight_files(ckpt) == [ckpt / "model.safetensors"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_packing_releases_the_checkpoint_file_pages_and_leaves_other_memory_alone(tmp_path):
+    from safetensors import safe_open
+
+    from minicpmv.model.fast import release_file_pages
+
+    def resident_file_mb() -> float:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("RssFile:")) / 1024
+
+    data = torch.randn(4096, 1024)  # 16 MB
+    save_file({"w": data}, str(tmp_path / "w.safetensors"))
+    mapped = safe_open(str(tmp_path / "w.safetensors"), framework="pt").get_tensor("w")
+    assert torch.equal(mapped, data)  # every page read
+    before = resident_file_mb()
+    anonymous = data.clone()
+    release_file_pages([mapped, anonymous])
+    assert resident_file_mb() < before - 12
+    assert torch.equal(mapped, data) and torch.equal(anonymous, data)  # read back from the file; a copy untouched

@@ -12,7 +12,9 @@ reference's.
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -239,7 +241,35 @@ def _pack(linears: list[nn.Linear], names: dict, quant: str, group: int, gate_up
     biases = [lin.bias for lin in linears]
     bias = torch.cat(biases) if all(b is not None for b in biases) else None
     parts = [(names[id(lin)], lin.out_features) for lin in linears]
-    return PackedLinear(weight, bias, quant=quant, group=group, scale=scale, parts=parts, **kw)
+    packed = PackedLinear(weight, bias, quant=quant, group=group, scale=scale, parts=parts, **kw)
+    release_file_pages([*weights, *(scales or [])])
+    return packed
+
+
+def release_file_pages(tensors: list[torch.Tensor]) -> None:
+    """Take the pages of tensors memory-mapped from the checkpoint file out of the resident set. Packing reads each
+    weight once; without this every page read stays resident until the whole file is unmapped, and loading peaks
+    at the file's size above the packed model. A private file mapping refaults from the file if read again, so
+    only ranges inside one (never anonymous memory, which this would zero) are released."""
+    if _libc is None:
+        return
+    try:
+        with open("/proc/self/maps") as f:
+            maps = [line.split() for line in f]
+    except OSError:
+        return
+    files = [tuple(int(a, 16) for a in m[0].split("-")) for m in maps if len(m) >= 6 and m[4] != "0" and m[5].startswith("/")]
+    page = mmap.PAGESIZE
+    for t in tensors:
+        start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+        for lo, hi in files:
+            if lo <= start and end <= hi:
+                a, b = max(lo, start // page * page), min(hi, -(-end // page) * page)
+                _libc.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), 4)  # MADV_DONTNEED
+                break
+
+
+_libc = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
 
 
 def _pack_vision(model, names: dict) -> None:
