@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from minicpmv.model import kernels
-from minicpmv.model.kernels import PackedLinear, interleave_gate_up
+from minicpmv.model.kernels import PackedLinear, interleave_gate_up, unpack_int4_rows
 from minicpmv.model.language import RMSNorm
 
 QUANTIZATIONS = (None, "int8", "int4")
@@ -224,7 +224,8 @@ def _weights(linears: list[nn.Linear], quant: str) -> tuple[list[torch.Tensor], 
         return [lin.weight.detach() for lin in linears], None
     if any(a is None or a[2] != quant for a in attached):
         raise ValueError(f"mixed quantized and unquantized weights for a {quant} layer")
-    return [a[0] for a in attached], [a[1] for a in attached]
+    values = [a[0] if quant == "int8" else unpack_int4_rows(a[0], lin.in_features) for a, lin in zip(attached, linears)]
+    return values, [a[1] for a in attached]
 
 
 def _pack(linears: list[nn.Linear], names: dict, quant: str, group: int, gate_up: bool = False, **kw) -> PackedLinear:
@@ -242,7 +243,7 @@ def _pack(linears: list[nn.Linear], names: dict, quant: str, group: int, gate_up
     bias = torch.cat(biases) if all(b is not None for b in biases) else None
     parts = [(names[id(lin)], lin.out_features) for lin in linears]
     packed = PackedLinear(weight, bias, quant=quant, group=group, scale=scale, parts=parts, **kw)
-    release_file_pages([*weights, *(scales or [])])
+    release_file_pages([*(getattr(lin, "quantized", (w,))[0] for lin, w in zip(linears, weights)), *(scales or [])])
     return packed
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from minicpmv.model.kernels import BLOCK, PackedLinear, pack_int4_rows, unpack_int4_rows
+from minicpmv.model.kernels import BLOCK, PackedLinear, pack_int4_rows
 
 METHODS = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
@@ -48,9 +48,8 @@ def stored_shapes(name: str, shape: tuple[int, int], method: str, group: int) ->
 
 
 def attach(linear: torch.nn.Module, qweight: torch.Tensor, scales: torch.Tensor, method: str) -> None:
-    """Give an (empty) nn.Linear its stored quantized weight; fast.optimize packs it from there."""
-    q = qweight if method == "int8" else unpack_int4_rows(qweight, linear.in_features)
-    linear.quantized = (q, scales, method)
+    """Give an (empty) nn.Linear its stored quantized weight; fast.optimize unpacks and packs it from there."""
+    linear.quantized = (qweight, scales, method)
 
 
 def _split(packed: PackedLinear) -> list[tuple[str, torch.Tensor, torch.Tensor]]:

@@ -189,9 +189,12 @@ template <int R>
 void group_int4(const uint16_t* x, int64_t ldx, int64_t g, const uint8_t* w, const uint16_t* scale,
                 const float* gsum, int64_t ldg, float* acc_out) {
   const __m512i lo_mask = _mm512_set1_epi16(0x000f), bias = _mm512_set1_epi16(0x4300);
-  __m512 acc[R][4];
+  // Low and high nibbles into separate accumulators where registers allow: two dependency chains per column
+  // vector instead of one (a single row is latency bound otherwise).
+  constexpr int A = R <= 2 ? 2 : 1;
+  __m512 acc[R][4], acc2[R][4];
   for (int m = 0; m < R; ++m)
-    for (int c = 0; c < 4; ++c) acc[m][c] = _mm512_setzero_ps();
+    for (int c = 0; c < 4; ++c) acc[m][c] = _mm512_setzero_ps(), acc2[m][c] = _mm512_setzero_ps();
   const int64_t rows = g / 4;  // k-pairs in the low nibbles; the same number in the high ones
   for (int64_t r = 0; r < rows; ++r) {
     const uint8_t* wp = w + r * 4 * 32;
@@ -207,10 +210,16 @@ void group_int4(const uint16_t* x, int64_t ldx, int64_t g, const uint8_t* w, con
       __m512bh xl = bcast_pair(x + m * ldx + 2 * r), xh = bcast_pair(x + m * ldx + 2 * (r + rows));
       for (int c = 0; c < 4; ++c) {
         acc[m][c] = _mm512_dpbf16_ps(acc[m][c], lo[c], xl);
-        acc[m][c] = _mm512_dpbf16_ps(acc[m][c], hi[c], xh);
+        if (A == 2)
+          acc2[m][c] = _mm512_dpbf16_ps(acc2[m][c], hi[c], xh);
+        else
+          acc[m][c] = _mm512_dpbf16_ps(acc[m][c], hi[c], xh);
       }
     }
   }
+  if (A == 2)
+    for (int m = 0; m < R; ++m)
+      for (int c = 0; c < 4; ++c) acc[m][c] = _mm512_add_ps(acc[m][c], acc2[m][c]);
   __m512 s[4];
   for (int c = 0; c < 4; ++c)
     s[c] = _mm512_castsi512_ps(
