@@ -32,7 +32,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # -- kernels -------------------------------------------------------------------------------------------------------
 SHAPES = [(1, 64, 64), (2, 128, 130), (3, 96, 200), (4, 256, 64), (5, 64, 1000), (7, 192, 77), (8, 1024, 129),
-          (13, 130, 70), (64, 320, 256)]  # (M, K, N): one to many rows, odd and unaligned sizes
+          (13, 130, 70), (64, 320, 256), (600, 4096, 70)]  # (M, K, N): one to many rows, odd and unaligned sizes;
+# the last runs in three row panels (256 rows of K = 4096 each, the last 88 rows)
 
 
 @needs_kernels
