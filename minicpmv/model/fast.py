@@ -243,7 +243,8 @@ def _pack(linears: list[nn.Linear], names: dict, quant: str, group: int, gate_up
     bias = torch.cat(biases) if all(b is not None for b in biases) else None
     parts = [(names[id(lin)], lin.out_features) for lin in linears]
     packed = PackedLinear(weight, bias, quant=quant, group=group, scale=scale, parts=parts, **kw)
-    release_file_pages([*(getattr(lin, "quantized", (w,))[0] for lin, w in zip(linears, weights)), *(scales or [])])
+    read = [getattr(lin, "quantized", (w,))[0] for lin, w in zip(linears, weights)]  # the tensors as loaded
+    release_file_pages([*read, *(scales or [])])
     return packed
 
 
@@ -259,7 +260,8 @@ def release_file_pages(tensors: list[torch.Tensor]) -> None:
             maps = [line.split() for line in f]
     except OSError:
         return
-    files = [tuple(int(a, 16) for a in m[0].split("-")) for m in maps if len(m) >= 6 and m[4] != "0" and m[5].startswith("/")]
+    files = [tuple(int(a, 16) for a in m[0].split("-"))  # address ranges with an inode and a path
+             for m in maps if len(m) >= 6 and m[4] != "0" and m[5].startswith("/")]
     page = mmap.PAGESIZE
     for t in tensors:
         start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()

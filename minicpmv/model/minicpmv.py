@@ -45,7 +45,7 @@ class MiniCPMV(nn.Module):
     def new_state(self) -> HybridState:
         return HybridState.empty(self.cfg.text, self.dtype, self.device)
 
-    UNIT_GROUP_PATCHES = 2048
+    UNIT_GROUP_PATCHES = 2048  # two 448x448 slices: measured fastest of 1024 / 2048 / 4096 / all at once
 
     @torch.inference_mode()
     def encode_images(self, pixel_values: torch.Tensor, target_sizes, downsample_mode: str = "16x") -> torch.Tensor:
@@ -62,15 +62,19 @@ class MiniCPMV(nn.Module):
                 f"{sum(h * w for h, w in grids)}"
             )
         # Units never attend to each other, so they go through in groups of about UNIT_GROUP_PATCHES: activations
-        # stay in cache and the allocator reuses them (a video's hundreds of frames no longer stack up in memory).
-        features, start, groups = [], 0, [[]]
+        # stay in cache, and their memory is bounded by the group, not by the number of slices or video frames.
+        groups, size = [], 0
         for h, w in grids:
-            if groups[-1] and sum(a * b for a, b in groups[-1]) + h * w > self.UNIT_GROUP_PATCHES:
+            if not groups or size and size + h * w > self.UNIT_GROUP_PATCHES:
                 groups.append([])
+                size = 0
             groups[-1].append((h, w))
+            size += h * w
+        features, start = [], 0
         for group in groups:
             n = sum(h * w for h, w in group)
-            x, merged = self.model.vision_tower(pixel_values[start : start + n].to(self.device), group, downsample_mode == "16x")
+            patches = pixel_values[start : start + n].to(self.device)
+            x, merged = self.model.vision_tower(patches, group, downsample_mode == "16x")
             features.append(self.model.merger(x, merged))
             start += n
         return torch.cat(features).to(self.dtype)
