@@ -110,6 +110,19 @@ def test_second_turn_reuses_prefix_state_and_image_features(llm, tiny_dir):
     assert second.token_ids == cold.token_ids
 
 
+def test_a_prompt_runs_in_one_forward_and_leaves_its_turn_start_state(llm):
+    engine = llm.engine
+    engine.prefix_cache.clear()
+    seq = llm.prepare(user("Hi there"), SamplingParams(temperature=0, max_tokens=1), llm.default_options)
+    engine.add(seq)
+    steps = 0
+    while seq.finish_reason is None:
+        engine.step()
+        steps += 1
+    assert steps == 1 and 0 < seq.snapshot_at < seq.num_prompt  # the snapshot point lies inside the one chunk
+    assert len(engine.prefix_cache) == 1
+
+
 def test_seeded_sampling_is_reproducible(llm):
     params = SamplingParams(temperature=1.0, top_p=0.9, seed=123, max_tokens=10, ignore_eos=True)
     a = llm.chat(user("Hi"), params)[0]

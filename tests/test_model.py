@@ -10,6 +10,7 @@ from minicpmv.checkpoint import load_model
 from minicpmv.config import ModelConfig
 from minicpmv.errors import InvalidInputError
 from minicpmv.model.minicpmv import MiniCPMV
+from minicpmv.model.state import Snapshots
 from tests.tiny import (
     IMAGE_TOKEN,
     VIDEO_TOKEN,
@@ -122,6 +123,29 @@ def test_units_encode_alike_alone_or_together(dtype, monkeypatch):
     alone = model.encode_images(patches, target_sizes)
     assert len(target_sizes) == 8 and together.shape == alone.shape
     assert (together.float() - alone.float()).abs().max().item() <= (1e-5 if dtype == "float32" else 0.0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_snapshot_taken_partway_through_a_chunk_equals_the_state_after_that_prefix(dtype):
+    """The prefix cache's turn-start state comes out of the forward that crosses it, beside another sequence."""
+    _, directory = reference_checkpoint("base")
+    model = load_model(directory, dtype=dtype)
+    ids = torch.randint(0, 248000, (40,), generator=torch.Generator().manual_seed(3))
+    other = torch.randint(0, 248000, (7,), generator=torch.Generator().manual_seed(4))
+    state, neighbour = model.new_state(), model.new_state()
+    model(ids[:5], [state])
+    snapshots = Snapshots({0: 20, 1: 7})  # the neighbour's chunk ends at its point: nothing to keep there
+    model(torch.cat([ids[5:35], other]), [state, neighbour], lengths=[30, 7], snapshots=snapshots)
+    assert list(snapshots.states) == [0] and snapshots.states[0].length == 25 and state.length == 35
+    expected = model.new_state()
+    model(ids[:25], [expected])
+    got = snapshots.states[0]
+    tol = {"atol": 1e-4, "rtol": 1e-4} if dtype == "float32" else {"atol": 0.05, "rtol": 0.02}
+    for a, b in zip(got.keys + got.values, expected.keys + expected.values):
+        torch.testing.assert_close(a.float(), b[:, :25].float(), **tol)
+    for a, b in zip(got.conv + got.recurrent, expected.conv + expected.recurrent):
+        torch.testing.assert_close(a.float(), b.float(), **tol)
+    torch.testing.assert_close(model(ids[25:40], [got]), model(ids[25:40], [expected]), **tol)
 
 
 def test_asymmetric_grid_image_matches_reference():

@@ -17,6 +17,7 @@ from minicpmv.engine.sequence import Sequence, Status
 from minicpmv.engine.stops import StopStringMatcher
 from minicpmv.errors import ContextLengthError, InvalidInputError
 from minicpmv.model.minicpmv import MiniCPMV
+from minicpmv.model.state import Snapshots
 
 IM_START = 248045
 
@@ -107,8 +108,11 @@ class Engine:
         if not batch:
             return []
         prefill_tokens = sum(n for seq, n in batch if seq.prefilling)
+        # A chunk that crosses a sequence's snapshot point leaves the state there behind, from the same forward.
+        snapshots = Snapshots({i: seq.snapshot_at - seq.num_computed for i, (seq, n) in enumerate(batch)
+                               if seq.prefilling and seq.num_computed < seq.snapshot_at < seq.num_computed + n})
         try:
-            logits = self.runner.run(batch)
+            logits = self.runner.run(batch, snapshots)
         except Exception as exc:  # a failed forward ends the sequences in it, never the engine
             outputs = []
             for seq, _ in batch:
@@ -121,6 +125,9 @@ class Engine:
                 seq.features.clear()  # the prompt is in the state: its visual features are no longer needed
             if seq.snapshot_at and seq.num_computed == seq.snapshot_at:
                 self.prefix_cache.put(self._prefix_key(seq, seq.snapshot_at), seq.state)
+        for i, state in snapshots.states.items():
+            seq = batch[i][0]
+            self.prefix_cache.put(self._prefix_key(seq, seq.snapshot_at), state)
         ready = [i for i, (seq, _) in enumerate(batch) if not seq.prefilling]
         if not ready:
             return []

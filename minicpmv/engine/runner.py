@@ -13,6 +13,7 @@ import torch
 from minicpmv.engine.cache import VisionCache
 from minicpmv.engine.sequence import Sequence, VisualInput
 from minicpmv.model.minicpmv import MiniCPMV
+from minicpmv.model.state import Snapshots
 
 
 class Runner:
@@ -58,8 +59,9 @@ class Runner:
             offset += visual.num_tokens
         return torch.cat(parts)
 
-    def run(self, batch: list[tuple[Sequence, int]]) -> torch.Tensor:
-        """Feed each sequence its next ``n`` tokens; return logits of each sequence's last fed token [B, vocab]."""
+    def run(self, batch: list[tuple[Sequence, int]], snapshots: Snapshots | None = None) -> torch.Tensor:
+        """Feed each sequence its next ``n`` tokens; return logits of each sequence's last fed token [B, vocab]
+        (and fill ``snapshots``, states kept from partway through a chunk)."""
         ids, images, videos = [], [], []
         for seq, n in batch:
             start = seq.num_computed
@@ -78,4 +80,5 @@ class Runner:
             lengths=[n for _, n in batch],
             image_features=torch.cat(images) if images else None,
             video_features=torch.cat(videos) if videos else None,
+            snapshots=snapshots,
         )

@@ -1,8 +1,7 @@
 """Which sequences run in the next forward, and with how many tokens.
 
 Every step: each running sequence past its prompt decodes one token; the remaining token budget goes to prompt
-chunks (running sequences first, then new ones admitted from the waiting queue up to ``max_num_seqs``). A chunk
-ends at a sequence's snapshot boundary so the prefix cache can save the state there.
+chunks (running sequences first, then new ones admitted from the waiting queue up to ``max_num_seqs``).
 """
 
 from __future__ import annotations
@@ -54,8 +53,6 @@ class Scheduler:
                 continue
             start = seq.num_computed
             n = min(seq.num_prompt - start, budget)
-            if start < seq.snapshot_at < start + n:
-                n = seq.snapshot_at - start
             batch.append((seq, n))
             budget -= n
         return batch

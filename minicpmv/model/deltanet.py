@@ -135,11 +135,14 @@ class GatedDeltaNet(nn.Module):
         q = l2_normalize(q) * self.dk**-0.5
         return q, l2_normalize(k), v
 
-    def forward(self, x: torch.Tensor, lengths: list[int], conv: list[torch.Tensor], rec: list[torch.Tensor]):
+    def forward(self, x: torch.Tensor, lengths: list[int], conv: list[torch.Tensor], rec: list[torch.Tensor],
+                cuts: dict[int, int] | None = None, captured: dict | None = None):
         """x: [N, d], the tokens of several sequences back to back (``lengths``). ``conv`` and ``rec`` hold each
-        sequence's state and are replaced in place by the new states."""
+        sequence's state and are replaced in place by the new states. For each ``cuts`` entry (sequence index ->
+        token count, 0 < count < its length) ``captured[index]`` gets copies of (conv, rec) after those tokens."""
+        cuts = cuts or {}
         if self.fused_forward is not None:
-            return self.fused_forward(self, x, lengths, conv, rec)
+            return self.fused_forward(self, x, lengths, conv, rec, cuts, captured)
         mixed, z, b, a = self.project(x)
         beta = b.sigmoid().float()
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
@@ -162,11 +165,14 @@ class GatedDeltaNet(nn.Module):
         for i, n in enumerate(lengths):
             if n == 1:
                 continue
-            s = slice(offsets[i], offsets[i] + n)
-            out, conv[i] = self._conv(mixed[s], conv[i])
-            q, k, v = (t.transpose(0, 1) for t in self._heads(out))
-            o, rec[i] = chunked_delta_rule(q, k, v, g[s].T, beta[s].T, rec[i])
-            core[s] = o.transpose(0, 1).to(x.dtype)
+            for lo, hi in ((0, cuts[i]), (cuts[i], n)) if i in cuts else ((0, n),):
+                s = slice(offsets[i] + lo, offsets[i] + hi)
+                out, conv[i] = self._conv(mixed[s], conv[i])
+                q, k, v = (t.transpose(0, 1) for t in self._heads(out))
+                o, rec[i] = chunked_delta_rule(q, k, v, g[s].T, beta[s].T, rec[i])
+                core[s] = o.transpose(0, 1).to(x.dtype)
+                if i in cuts and hi == cuts[i]:
+                    captured[i] = (conv[i].clone(), rec[i].clone())
 
         core = self.norm(core.reshape(-1, self.dv), z.reshape(-1, self.dv)).reshape(x.shape[0], -1)
         return self.out_proj(core)

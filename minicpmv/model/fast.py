@@ -114,15 +114,30 @@ class FastRMSNorm(nn.Module):
 
 
 def deltanet_forward(layer: nn.Module, x: torch.Tensor, lengths: list[int], conv: list[torch.Tensor],
-                     rec: list[torch.Tensor]) -> torch.Tensor:
+                     rec: list[torch.Tensor], cuts: dict[int, int], captured: dict | None) -> torch.Tensor:
     """GatedDeltaNet.fused_forward: prefill chunks and decode steps alike, the states updated in place by one kernel
-    (the delta rule token by token in float32: the chunked form's result up to rounding, with the state in cache)."""
+    (the delta rule token by token in float32: the chunked form's result up to rounding, with the state in cache).
+    With ``cuts`` the kernel runs twice: every sequence up to its cut, then the cut ones on from there."""
     for states in (conv, rec):
         for i, t in enumerate(states):
             if not t.is_contiguous():
                 states[i] = t.contiguous()
     mixed, z, b, a = layer.project(x)
-    return layer.out_proj(kernels.deltanet_forward(layer, mixed, z, b, a, lengths, conv, rec))
+    if not cuts:
+        return layer.out_proj(kernels.deltanet_forward(layer, mixed, z, b, a, lengths, conv, rec))
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    core = torch.empty(x.shape[0], layer.value_dim, dtype=torch.bfloat16)
+    spans = [[(starts[i], cuts.get(i, n)) for i, n in enumerate(lengths)],
+             [(starts[i] + cut, lengths[i] - cut) for i, cut in cuts.items()]]
+    for step, part in enumerate(spans):
+        rows = torch.cat([torch.arange(start, start + n) for start, n in part])
+        which = range(len(lengths)) if step == 0 else list(cuts)
+        core[rows] = kernels.deltanet_forward(layer, *(t[rows] for t in (mixed, z, b, a)), [n for _, n in part],
+                                              [conv[i] for i in which], [rec[i] for i in which])
+        if step == 0:
+            for i in cuts:
+                captured[i] = (conv[i].clone(), rec[i].clone())
+    return layer.out_proj(core)
 
 
 class FastDecoder:

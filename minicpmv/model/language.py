@@ -13,7 +13,7 @@ from torch import nn
 
 from minicpmv.config import TextConfig
 from minicpmv.model.deltanet import GatedDeltaNet
-from minicpmv.model.state import HybridState
+from minicpmv.model.state import HybridState, Snapshots
 
 
 class RMSNorm(nn.Module):
@@ -138,10 +138,14 @@ class LanguageModel(nn.Module):
         self.slot = [cfg.layer_types[:i].count(t) for i, t in enumerate(cfg.layer_types)]
         self.fused_decode = None  # set by fast.optimize (bf16 on the CPU): a whole decode step in one kernel
 
-    def forward(self, hidden: torch.Tensor, lengths: list[int], states: list[HybridState]) -> torch.Tensor:
-        """hidden: [N, d] input embeddings of ``len(states)`` sequences back to back. Advances every state."""
+    def forward(self, hidden: torch.Tensor, lengths: list[int], states: list[HybridState],
+                snapshots: Snapshots | None = None) -> torch.Tensor:
+        """hidden: [N, d] input embeddings of ``len(states)`` sequences back to back. Advances every state, and
+        fills ``snapshots`` with the states it asks for partway through a chunk."""
+        cuts = {i: n for i, n in (snapshots.at.items() if snapshots else ()) if 0 < n < lengths[i]}
         if self.fused_decode is not None and max(lengths) == 1:
             return self.fused_decode(self, hidden, states)
+        captured = {i: [] for i in cuts}  # sequence index -> each DeltaNet layer's (conv, rec) at the cut
         positions = torch.cat(
             [torch.arange(s.length, s.length + n, device=hidden.device) for n, s in zip(lengths, states)]
         )
@@ -151,13 +155,22 @@ class LanguageModel(nn.Module):
             if layer.layer_type == "linear_attention":
                 conv = [s.conv[slot] for s in states]
                 rec = [s.recurrent[slot] for s in states]
-                h = layer.linear_attn(h, lengths, conv, rec)
+                at_cut = {}
+                h = layer.linear_attn(h, lengths, conv, rec, cuts, at_cut)
                 for s, c, r in zip(states, conv, rec):
                     s.conv[slot], s.recurrent[slot] = c, r
+                for i, pair in at_cut.items():
+                    captured[i].append(pair)
             else:
                 h = layer.self_attn(h, self.rotary, cos, sin, lengths, states, slot)
             hidden = hidden + h
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        for i, layers in captured.items():  # attention layers: the keys and values before the cut, copied
+            length = states[i].length + cuts[i]
+            snapshots.states[i] = HybridState(
+                keys=[k[:, :length].clone() for k in states[i].keys],
+                values=[v[:, :length].clone() for v in states[i].values],
+                conv=[c for c, _ in layers], recurrent=[r for _, r in layers], length=length)
         for n, s in zip(lengths, states):
             s.length += n
         return self.norm(hidden)

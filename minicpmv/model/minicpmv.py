@@ -13,7 +13,7 @@ from minicpmv.config import DOWNSAMPLE_MODES, ModelConfig
 from minicpmv.errors import InvalidInputError
 from minicpmv.model.language import LanguageModel
 from minicpmv.model.merger import Merger
-from minicpmv.model.state import HybridState
+from minicpmv.model.state import HybridState, Snapshots
 from minicpmv.model.vision import VisionTower
 
 
@@ -111,9 +111,10 @@ class MiniCPMV(nn.Module):
         image_features: torch.Tensor | None = None,
         video_features: torch.Tensor | None = None,
         all_logits: bool = False,
+        snapshots: Snapshots | None = None,
     ) -> torch.Tensor:
         """Run the tokens of ``len(states)`` sequences given back to back in ``input_ids`` [N] (``lengths`` tokens
-        each; all N for one sequence) and advance their states.
+        each; all N for one sequence) and advance their states (``snapshots``: states to keep from partway).
 
         Returns float32 logits of each sequence's last token [B, vocab], or of every token [N, vocab].
         """
@@ -122,7 +123,7 @@ class MiniCPMV(nn.Module):
         if sum(lengths) != input_ids.shape[0] or len(lengths) != len(states):
             raise ValueError(f"lengths {lengths} do not describe {input_ids.shape[0]} tokens of {len(states)} states")
         hidden = self.embed(input_ids, image_features, video_features)
-        hidden = self.model.language_model(hidden, lengths, states)
+        hidden = self.model.language_model(hidden, lengths, states, snapshots)
         if not all_logits:
             last = torch.tensor(lengths, device=hidden.device).cumsum(0) - 1
             hidden = hidden[last]

@@ -7,7 +7,7 @@ resumed later (the prefix cache).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -66,6 +66,16 @@ class HybridState:
     def nbytes(self) -> int:
         tensors = [*self.keys, *self.values, *self.conv, *self.recurrent]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass
+class Snapshots:
+    """States to keep from partway through a forward (for the prefix cache, without a forward of their own):
+    ``at`` maps a sequence's index in the batch to a number of tokens inside its chunk; the model fills ``states``
+    with a HybridState covering the tokens before that point (for each index of ``at`` whose chunk runs past it)."""
+
+    at: dict[int, int]
+    states: dict[int, HybridState] = field(default_factory=dict)
 
 
 def _grow(t: torch.Tensor, capacity: int, keep: int) -> torch.Tensor:
