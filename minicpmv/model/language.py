@@ -102,10 +102,11 @@ class GatedAttention(nn.Module):
             qs = q[s].transpose(0, 1)  # [heads, length, head_dim]
             past = state.length
             mask = None
-            if length > 1:  # query i sits at position past + i and sees keys 0..past + i
+            if length > 1 and past:  # query i sits at position past + i and sees keys 0..past + i
                 mask = torch.ones(length, past + length, dtype=torch.bool, device=x.device).tril(past)
-            o = F.scaled_dot_product_attention(
-                qs.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask, enable_gqa=True
+            o = F.scaled_dot_product_attention(  # (is_causal where it means the same: it skips the masked blocks)
+                qs.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask,
+                is_causal=length > 1 and not past, enable_gqa=True,
             )
             out[s] = o.squeeze(0).transpose(0, 1)
             start += length
