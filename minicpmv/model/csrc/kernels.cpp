@@ -25,6 +25,7 @@
 #include <string.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -128,32 +129,7 @@ struct Epilogue {
   }
 };
 
-// ---- bf16 ---------------------------------------------------------------------------------------------------------
-template <int R>
-void tile_bf16(const uint16_t* x, int64_t ldx, int64_t k2, const uint16_t* w, float* acc_out) {
-  __m512 acc[R][4];
-  for (int m = 0; m < R; ++m)
-    for (int c = 0; c < 4; ++c) acc[m][c] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < k2; ++p) {
-    const uint16_t* wp = w + p * 2 * BLOCK;
-    for (int i = 0; i < 4; ++i) _mm_prefetch((const char*)wp + PREFETCH + 64 * i, HINT);
-    __m512bh w0 = (__m512bh)_mm512_loadu_si512(wp);
-    __m512bh w1 = (__m512bh)_mm512_loadu_si512(wp + 32);
-    __m512bh w2 = (__m512bh)_mm512_loadu_si512(wp + 64);
-    __m512bh w3 = (__m512bh)_mm512_loadu_si512(wp + 96);
-    for (int m = 0; m < R; ++m) {
-      __m512bh xv = bcast_pair(x + m * ldx + 2 * p);
-      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], w0, xv);
-      acc[m][1] = _mm512_dpbf16_ps(acc[m][1], w1, xv);
-      acc[m][2] = _mm512_dpbf16_ps(acc[m][2], w2, xv);
-      acc[m][3] = _mm512_dpbf16_ps(acc[m][3], w3, xv);
-    }
-  }
-  for (int m = 0; m < R; ++m)
-    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(acc_out + m * BLOCK + 16 * c, acc[m][c]);
-}
-
-// ---- int8 ---------------------------------------------------------------------------------------------------------
+// ---- bf16 and int8 ------------------------------------------------------------------------------------------------
 // 32 int8 weights (16 columns x a k-pair, the bf16 layout) -> bf16, exactly.
 inline __m512bh int8_pairs(const int8_t* p) {
   const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
@@ -161,22 +137,29 @@ inline __m512bh int8_pairs(const int8_t* p) {
   return _mm512_cvtne2ps_pbh(hi, lo);
 }
 
-template <int R>
-void tile_int8(const uint16_t* x, int64_t ldx, int64_t k2, const int8_t* w, float* acc_out) {
+// acc_out[R][64] = x[R, 2 k2] . the block's k2 k-pairs of 64 columns; W = uint16_t (bf16) or int8_t (converted to bf16
+// in registers as it streams by; the column scales come later).
+template <int R, class W>
+void matmul_tile(const uint16_t* x, int64_t ldx, int64_t k2, const W* w, float* acc_out) {
+  constexpr bool int8 = std::is_same_v<W, int8_t>;
   __m512 acc[R][4];
   for (int m = 0; m < R; ++m)
     for (int c = 0; c < 4; ++c) acc[m][c] = _mm512_setzero_ps();
   for (int64_t p = 0; p < k2; ++p) {
-    const int8_t* wp = w + p * 2 * BLOCK;
-    _mm_prefetch((const char*)wp + PREFETCH_Q, HINT);
-    _mm_prefetch((const char*)wp + PREFETCH_Q + 64, HINT);
-    const __m512bh w0 = int8_pairs(wp), w1 = int8_pairs(wp + 32), w2 = int8_pairs(wp + 64), w3 = int8_pairs(wp + 96);
+    const W* wp = w + p * 2 * BLOCK;
+    __m512bh wv[4];
+    for (int c = 0; c < 4; ++c) {
+      if constexpr (int8) {
+        if (c < 2) _mm_prefetch((const char*)wp + PREFETCH_Q + 64 * c, HINT);
+        wv[c] = int8_pairs(wp + 32 * c);
+      } else {
+        _mm_prefetch((const char*)wp + PREFETCH + 64 * c, HINT);
+        wv[c] = (__m512bh)_mm512_loadu_si512(wp + 32 * c);
+      }
+    }
     for (int m = 0; m < R; ++m) {
       const __m512bh xv = bcast_pair(x + m * ldx + 2 * p);
-      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], w0, xv);
-      acc[m][1] = _mm512_dpbf16_ps(acc[m][1], w1, xv);
-      acc[m][2] = _mm512_dpbf16_ps(acc[m][2], w2, xv);
-      acc[m][3] = _mm512_dpbf16_ps(acc[m][3], w3, xv);
+      for (int c = 0; c < 4; ++c) acc[m][c] = _mm512_dpbf16_ps(acc[m][c], wv[c], xv);
     }
   }
   for (int m = 0; m < R; ++m)
@@ -288,7 +271,7 @@ void linear_panel(const Linear& L, const uint16_t* x, int64_t M, int64_t ldx, vo
   if (L.quant == 0) {
     const uint16_t* w = (const uint16_t*)L.w;
     run_blocks(M, L.nblocks, ep, [&](int64_t b, int rows, int64_t m0, float* acc) {
-#define CALL(R) tile_bf16<R>(x + m0 * ldx, ldx, k2, w + b * k2 * 2 * BLOCK, acc)
+#define CALL(R) matmul_tile<R>(x + m0 * ldx, ldx, k2, w + b * k2 * 2 * BLOCK, acc)
       DISPATCH_ROWS(rows, CALL)
 #undef CALL
     });
@@ -298,7 +281,7 @@ void linear_panel(const Linear& L, const uint16_t* x, int64_t M, int64_t ldx, vo
     run_blocks(M, L.nblocks, ep, [&](int64_t b, int rows, int64_t m0, float* acc) {
       const int8_t* wb = w + b * K * BLOCK;
       if (M <= MT) {  // decode: convert in registers as the weights stream by
-#define CALL(R) tile_int8<R>(x + m0 * ldx, ldx, k2, wb, acc)
+#define CALL(R) matmul_tile<R>(x + m0 * ldx, ldx, k2, wb, acc)
         DISPATCH_ROWS(rows, CALL)
 #undef CALL
       } else {  // several row groups: convert the block to bf16 once, then run the bf16 tiles on it
@@ -307,7 +290,7 @@ void linear_panel(const Linear& L, const uint16_t* x, int64_t M, int64_t ldx, vo
           block.resize(K * BLOCK);
           for (int64_t i = 0; i < K * BLOCK; i += 32) _mm512_storeu_si512(block.data() + i, (__m512i)int8_pairs(wb + i));
         }
-#define CALL(R) tile_bf16<R>(x + m0 * ldx, ldx, k2, block.data(), acc)
+#define CALL(R) matmul_tile<R>(x + m0 * ldx, ldx, k2, block.data(), acc)
         DISPATCH_ROWS(rows, CALL)
 #undef CALL
       }
@@ -734,7 +717,7 @@ void attention_blocks(int64_t nblk, const int64_t* starts, const int64_t* lens, 
       for (int r = 0; r < MT; ++r) top[r] = _mm512_set1_ps(-INFINITY);
       for (int64_t kb = 0; kb < n64 / BLOCK; ++kb) {
         const uint16_t* kblock = kp.data() + kb * d2 * 2 * BLOCK;
-#define CALL(R) tile_bf16<R>(qm, ld, d2, kblock, tile)
+#define CALL(R) matmul_tile<R>(qm, ld, d2, kblock, tile)
         DISPATCH_ROWS(rows, CALL)
 #undef CALL
         for (int r = 0; r < rows; ++r)
