@@ -12,19 +12,31 @@ import numpy as np
 CACHE = Path(os.environ.get("MINICPMV_BENCH_DIR", Path.home() / ".cache" / "minicpmv" / "bench"))
 
 
-def full_checkpoint() -> Path:
-    """The real 1.3B architecture with random bf16 weights and the real tokenizer; written once (2.6 GB)."""
+def demo_checkpoint(size: str = "full") -> Path:
+    """A random-weight checkpoint with the real tokenizer, written once: ``full`` is the real 1.3B architecture
+    (2.6 GB), ``tiny`` the test-sized one."""
     from minicpmv.demo import write_demo_checkpoint
 
-    path = CACHE / "full-random"
+    path = CACHE / f"{size}-random"
     if not (path / "model.safetensors").exists():
-        print(f"writing a full-size random checkpoint to {path} (once)")
-        write_demo_checkpoint(path, size="full")
+        print(f"writing a {size} random checkpoint to {path} (once)")
+        write_demo_checkpoint(path, size=size)
     return path
 
 
 def image(width: int, height: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def user(text: str, *images) -> list[dict]:
+    """One user message: the images, then the text."""
+    return [{"role": "user", "content": [*({"type": "image", "image": i} for i in images), {"type": "text", "text": text}]}]
+
+
+def proc_status(key: str) -> int:
+    """A /proc/self/status memory figure (VmRSS, VmHWM, ...) in bytes."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(f"{key}:")) * 1024
 
 
 def peak_rss_mb() -> float:

@@ -34,14 +34,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import CACHE, full_checkpoint, image, table  # noqa: E402
+from bench.common import CACHE, demo_checkpoint, image, proc_status, table, user  # noqa: E402
 
 PREFILL_TOKENS = 512
 IMAGES = (("TTFT 448 s", 448, 1), ("TTFT 1344 s", 1344, 2))
 
-
-def user(text, *images):
-    return [{"role": "user", "content": [*({"type": "image", "image": i} for i in images), {"type": "text", "text": text}]}]
 
 
 # -- memory ---------------------------------------------------------------------------------------------------------
@@ -71,17 +68,11 @@ class PeakRSS:
     def __enter__(self):
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        self.entry = _status("VmRSS")
+        self.entry = proc_status("VmRSS")
         return self
 
     def __exit__(self, *exc):
-        self.peak = (self.baseline + _status("VmHWM") - self.entry) / 1e9
-
-
-def _status(key: str) -> int:
-    """A /proc/self/status memory figure in bytes."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(f"{key}:")) * 1024
+        self.peak = (self.baseline + proc_status("VmHWM") - self.entry) / 1e9
 
 
 def release_memory() -> None:
@@ -322,14 +313,14 @@ def main() -> None:
     from minicpmv.model import fast, kernels
 
     threads = fast.set_threads()
-    ckpt = full_checkpoint()
+    ckpt = demo_checkpoint()
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     print(f"{cpu}, {threads} threads, torch {torch.__version__}, kernels: "
           f"{'AVX-512 BF16' if kernels.available() else 'unavailable (plain PyTorch)'}; checkpoint {ckpt}")
     bandwidth = bandwidth_probe()
     print(f"memory bandwidth (best of 5 reads of 2 GB, {threads} threads): {bandwidth:.1f} GB/s", flush=True)
-    baseline = _status("VmRSS")
+    baseline = proc_status("VmRSS")
     engines = {}  # name -> (figures, one more decode measurement)
     for engine in args.engines.split(","):
         print(f"measuring {engine} ...", flush=True)

@@ -1,7 +1,8 @@
 """Engine benchmark on the full-size random-weight checkpoint (bf16): ours beside transformers, same run.
 
 Reports single-stream decode tokens/s, time to first token for a 448x448 and a 1344x1344 image, and aggregate
-tokens/s at 1, 4 and 16 concurrent requests. Usage: python bench/engine.py [--decode-tokens 32] [--quick]
+tokens/s at 1, 4 and 16 concurrent requests (peak memory: bench/cpu.py).
+Usage: python bench/engine.py [--decode-tokens 32] [--gen-tokens 16] [--concurrency 1 4 16]
 """
 
 from __future__ import annotations
@@ -15,14 +16,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import Timer, full_checkpoint, image, peak_rss_mb, table  # noqa: E402
+from bench.common import Timer, demo_checkpoint, image, table, user  # noqa: E402
 
 PROMPTS = [f"Write a short story about a {animal} who learns to sail." for animal in
            ("cat", "dog", "fox", "owl", "bear", "wolf", "frog", "duck", "goat", "hare", "lynx", "mole", "newt", "seal", "swan", "yak")]
 
-
-def user(text, *images):
-    return [{"role": "user", "content": [*({"type": "image", "image": i} for i in images), {"type": "text", "text": text}]}]
 
 
 def measure_ours(ckpt: Path, decode_tokens: int, concurrency: list[int], gen_tokens: int) -> dict:
@@ -33,7 +31,6 @@ def measure_ours(ckpt: Path, decode_tokens: int, concurrency: list[int], gen_tok
     llm.chat(user("warm up"), greedy(4))
     out = {}
     stamps = []
-    start = time.perf_counter()
     for _ in llm.chat_stream(user(PROMPTS[0]), greedy(decode_tokens + 1)):
         stamps.append(time.perf_counter())
     out["decode tok/s"] = decode_tokens / (stamps[-1] - stamps[0])
@@ -47,7 +44,6 @@ def measure_ours(ckpt: Path, decode_tokens: int, concurrency: list[int], gen_tok
         with Timer() as t:
             results = llm.chat([user(p + f" ({n})") for p in (PROMPTS * 2)[:n]], greedy(gen_tokens))
         out[f"aggregate tok/s @{n}"] = sum(len(r.token_ids) for r in results) / t.seconds
-    out["peak RSS MB"] = peak_rss_mb()
     del llm
     gc.collect()
     return out
@@ -86,7 +82,6 @@ def measure_transformers(ckpt: Path, decode_tokens: int, concurrency: list[int],
         with Timer() as t:
             generate(batch, gen_tokens)
         out[f"aggregate tok/s @{n}"] = n * gen_tokens / t.seconds
-    out["peak RSS MB"] = peak_rss_mb()
     del model
     gc.collect()
     return out
@@ -98,19 +93,16 @@ def main() -> None:
     parser.add_argument("--gen-tokens", type=int, default=16, help="tokens per request in the concurrency runs")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     args = parser.parse_args()
-    ckpt = full_checkpoint()
+    ckpt = demo_checkpoint()
     print(f"threads: {torch.get_num_threads()}, checkpoint: {ckpt}")
     ours = measure_ours(ckpt, args.decode_tokens, args.concurrency, args.gen_tokens)
     peer = measure_transformers(ckpt, args.decode_tokens, args.concurrency, args.gen_tokens)
     rows = []
     for key in ours:
-        if key == "peak RSS MB":
-            continue
         higher_is_better = "tok/s" in key
         ratio = ours[key] / peer[key] if higher_is_better else peer[key] / ours[key]
         rows.append([key, ours[key], peer[key], f"{ratio:.2f}x"])
     print(table(rows, ["metric", "minicpmv", "transformers", "speed-up"]))
-    print("(peak RSS is per process: the transformers figure includes ours, measured first)")
 
 
 if __name__ == "__main__":

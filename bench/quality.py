@@ -21,16 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import CACHE, full_checkpoint, table  # noqa: E402
-
-
-def tiny_checkpoint() -> Path:
-    from minicpmv.demo import write_demo_checkpoint
-
-    path = CACHE / "tiny-random"
-    if not (path / "model.safetensors").exists():
-        write_demo_checkpoint(path, size="tiny")
-    return path
+from bench.common import demo_checkpoint, table  # noqa: E402
 
 
 @torch.inference_mode()
@@ -83,7 +74,7 @@ def main() -> None:
     fast.set_threads()
     rows = []
     for size in args.sizes.split(","):
-        rows += measure(full_checkpoint() if size == "full" else tiny_checkpoint(), args.steps)
+        rows += measure(demo_checkpoint(size), args.steps)
     print()
     print(table(rows, ["checkpoint", "model", "top-1 agreement with bf16", "mean logit cosine"]))
 

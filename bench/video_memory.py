@@ -22,17 +22,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import CACHE, peak_rss_mb, table  # noqa: E402
+from bench.common import CACHE, peak_rss_mb, proc_status, table  # noqa: E402
 
 MiB = 1 << 20
-
-
-def current_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def write_clip(path: Path, minutes: float, fps: int, width: int = 1280, height: int = 720) -> None:
@@ -70,7 +62,7 @@ def child(mode: str, path: str, max_slice_nums: int) -> dict:
     from minicpmv.processing.video import VideoSettings, probe_video, process_video
 
     probe_video(path)  # warm up lazy imports and the demuxer
-    baseline = current_rss_mb()
+    baseline = proc_status("VmRSS") / MiB
     start = time.perf_counter()
     if mode == "decode":
         with av.open(path) as container:

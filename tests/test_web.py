@@ -1,7 +1,7 @@
 """The web chat page (minicpmv/serve/web/index.html) in headless Chromium against a real server on 127.0.0.1.
 
 The browser is the Debian `chromium` (scripts/install_test_deps.sh installs it), driven by the Python `playwright`
-package (requirements-web-test.txt) through `executable_path`: no browser is downloaded at runtime. A missing
+package (the `test` extra) through `executable_path`: no browser is downloaded at runtime. A missing
 browser or driver fails these tests with instructions; they are never skipped.
 
 The page never sends the server's test hooks. To make the model's output deterministic, each page's requests to
@@ -42,7 +42,7 @@ def _playwright():
         from playwright import sync_api
     except ImportError:
         pytest.fail("the web tests need the Python 'playwright' package: "
-                    "pip install -r requirements-web-test.txt (no 'playwright install' needed)", pytrace=False)
+                    "pip install -e '.[test]' or make test (no 'playwright install' needed)", pytrace=False)
     return sync_api
 
 
