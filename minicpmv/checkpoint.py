@@ -94,7 +94,7 @@ def load_model(
     directory = resolve(model)
     cfg = ModelConfig.from_file(directory)
     try:
-        stored = quant.checkpoint_quantization(json.loads((directory / "config.json").read_text()))
+        stored = quant.checkpoint_quantization(cfg.quantization)
     except ValueError as exc:
         raise CheckpointError(f"{directory / 'config.json'}: {exc}") from None
     if quantization not in (None, *quant.METHODS):
@@ -102,6 +102,8 @@ def load_model(
     if stored and quantization not in (None, stored[0]):
         raise CheckpointError(f"checkpoint {directory} is quantized as {stored[0]}, not {quantization}")
     method, group_size = (stored or (quantization, group_size))
+    if method == "int4" and group_size not in quant.GROUP_SIZES:
+        raise CheckpointError(f"int4 group_size must be one of {list(quant.GROUP_SIZES)}, got {group_size!r}")
     if method and (dtype != torch.bfloat16 or device.type != "cpu"):
         raise CheckpointError(f"{method} quantization needs dtype bfloat16 on the CPU")
     with torch.device("meta"):

@@ -127,6 +127,7 @@ class ModelConfig:
     downsample_mode: str = "16x"
     merge_kernel_size: tuple[int, int] = (2, 2)
     merger_times: int = 1
+    quantization: Any = None  # a quantized checkpoint's {"method", "group_size"} (model/quant.py)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:

@@ -4,6 +4,7 @@ int8 / int4 quality and checkpoints, and the pure-PyTorch fallback when the C++ 
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -180,6 +181,18 @@ def test_quantized_checkpoint_is_smaller_and_refuses_another_method(tmp_path):
         load_model(tmp_path / "q", dtype="bfloat16", quantization="int8")
     with pytest.raises(CheckpointError, match="needs dtype bfloat16"):
         load_model(directory, dtype="float32", quantization="int8")
+
+
+@pytest.mark.parametrize("section", ["int8", [1], {"method": "int4", "group_size": None}, {"method": "int3"}])
+def test_a_malformed_quantization_section_or_group_size_is_a_checkpoint_error(section, tmp_path):
+    _, directory = reference_checkpoint("base")
+    shutil.copytree(directory, tmp_path / "q")
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    (tmp_path / "q" / "config.json").write_text(json.dumps({**config, "quantization": section}))
+    with pytest.raises(CheckpointError, match="quantization section"):
+        load_model(tmp_path / "q", dtype="bfloat16")
+    with pytest.raises(CheckpointError, match="group_size must be one of"):
+        load_model(directory, dtype="bfloat16", quantization="int4", group_size=0)
 
 
 def test_quantized_model_runs_without_kernels(no_kernels):

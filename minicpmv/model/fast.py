@@ -15,16 +15,17 @@ import ctypes
 import mmap
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from minicpmv.model import kernels
+from minicpmv.model import kernels, quant
 from minicpmv.model.kernels import PackedLinear, interleave_gate_up, unpack_int4_rows
 from minicpmv.model.language import RMSNorm
 
-QUANTIZATIONS = (None, "int8", "int4")
+QUANTIZATIONS = (None, *quant.METHODS)
 
 
 def physical_cores() -> int:
@@ -69,11 +70,11 @@ class FusedVisionMLP(nn.Module):
 class FastVisionAttention(nn.Module):
     """The vision tower's attention: q, k, v as one matmul, attention within each unit in one kernel."""
 
-    def __init__(self, attn: nn.Module, names: dict):
+    def __init__(self, attn: nn.Module, source: Source):
         super().__init__()
         self.heads, self.head_dim = attn.heads, attn.head_dim
-        self.qkv = _pack([attn.q_proj, attn.k_proj, attn.v_proj], names, "bf16", 0)
-        self.out_proj = _pack([attn.out_proj], names, "bf16", 0)
+        self.qkv = _pack([attn.q_proj, attn.k_proj, attn.v_proj], source, "bf16", 0)
+        self.out_proj = _pack([attn.out_proj], source, "bf16", 0)
 
     def forward(self, x: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
         q, k, v = self.qkv(x).view(x.shape[0], 3, self.heads, self.head_dim).unbind(1)
@@ -197,8 +198,8 @@ class FastDecoder:
     def __call__(self, lm: nn.Module, hidden: torch.Tensor, states: list) -> torch.Tensor:
         n, d = hidden.shape
         hidden = hidden.contiguous()
-        positions = torch.tensor([s.length for s in states])
-        cos, sin = (t.contiguous() for t in lm.rotary.cos_sin(positions, hidden.dtype))
+        positions = [s.length for s in states]
+        cos, sin = (t.contiguous() for t in lm.rotary.cos_sin(torch.tensor(positions), hidden.dtype))
         for s in states:
             for i in range(self.attn_slots):  # room for one more key: append_kv grows (the kernel overwrites the zeros)
                 if s.length >= s.keys[i].shape[1]:
@@ -219,7 +220,7 @@ class FastDecoder:
         keys = pointers(ctypes.c_void_p, [s.keys[i] for i in attn for s in states])
         values = pointers(ctypes.c_void_p, [s.values[i] for i in attn for s in states])
         cap = (ctypes.c_int64 * (self.attn_slots * n))(*[s.keys[i].shape[1] for i in attn for s in states])
-        pos = (ctypes.c_int64 * n)(*positions.tolist())
+        pos = (ctypes.c_int64 * n)(*positions)
         w = self.widths
         bufs = [torch.empty(n, width, dtype=dtype) for width, dtype in (
             (d, torch.bfloat16), (w["proj"], torch.bfloat16), (w["core"], torch.bfloat16), (d, torch.bfloat16),
@@ -243,7 +244,7 @@ def _weights(linears: list[nn.Linear], quant: str) -> tuple[list[torch.Tensor], 
     return values, [a[1] for a in attached]
 
 
-def _pack(linears: list[nn.Linear], names: dict, quant: str, group: int, gate_up: bool = False, **kw) -> PackedLinear:
+def _pack(linears: list[nn.Linear], source: Source, quant: str, group: int, gate_up: bool = False, **kw) -> PackedLinear:
     weights, scales = _weights(linears, quant)
     if gate_up:
         weight = interleave_gate_up(*weights)
@@ -256,28 +257,40 @@ def _pack(linears: list[nn.Linear], names: dict, quant: str, group: int, gate_up
         scale = None if scales is None else torch.cat(scales) if len(scales) > 1 else scales[0]
     biases = [lin.bias for lin in linears]
     bias = torch.cat(biases) if all(b is not None for b in biases) else None
-    parts = [(names[id(lin)], lin.out_features) for lin in linears]
+    parts = [(source.names[id(lin)], lin.out_features) for lin in linears]
     packed = PackedLinear(weight, bias, quant=quant, group=group, scale=scale, parts=parts, **kw)
     read = [getattr(lin, "quantized", (w,))[0] for lin, w in zip(linears, weights)]  # the tensors as loaded
-    release_file_pages([*read, *(scales or [])])
+    release_file_pages([*read, *(scales or [])], source.files)
     return packed
 
 
-def release_file_pages(tensors: list[torch.Tensor]) -> None:
-    """Take the pages of tensors memory-mapped from the checkpoint file out of the resident set. Packing reads each
-    weight once; without this every page read stays resident until the whole file is unmapped, and loading peaks
-    at the file's size above the packed model. A private file mapping refaults from the file if read again, so
-    only ranges inside one (never anonymous memory, which this would zero) are released."""
-    if _libc is None:
-        return
+@dataclass
+class Source:
+    """What packing needs to know of the loaded model: module names, and the address ranges mapped from files."""
+
+    names: dict[int, str]
+    files: list[tuple[int, int]]
+
+
+def file_ranges() -> list[tuple[int, int]]:
+    """This process's address ranges mapped from files (those with an inode and a path)."""
     try:
         with open("/proc/self/maps") as f:
             maps = [line.split() for line in f]
     except OSError:
+        return []
+    return [tuple(int(a, 16) for a in m[0].split("-")) for m in maps if len(m) >= 6 and m[4] != "0" and m[5].startswith("/")]
+
+
+def release_file_pages(tensors: list[torch.Tensor], files: list[tuple[int, int]] | None = None) -> None:
+    """Take the pages of tensors memory-mapped from the checkpoint file out of the resident set. Packing reads each
+    weight once; without this every page read stays resident until the whole file is unmapped, and loading peaks
+    at the file's size above the packed model. A private file mapping refaults from the file if read again, so
+    only ranges inside one (``files``, default: read now; never anonymous memory, which this would zero) are
+    released."""
+    if _libc is None:
         return
-    files = [tuple(int(a, 16) for a in m[0].split("-"))  # address ranges with an inode and a path
-             for m in maps if len(m) >= 6 and m[4] != "0" and m[5].startswith("/")]
-    page = mmap.PAGESIZE
+    page, files = mmap.PAGESIZE, file_ranges() if files is None else files
     for t in tensors:
         start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
         for lo, hi in files:
@@ -290,23 +303,23 @@ def release_file_pages(tensors: list[torch.Tensor]) -> None:
 _libc = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
 
 
-def _pack_vision(model, names: dict) -> None:
+def _pack_vision(model, source: Source) -> None:
     """The vision tower's and the merger's linears in bf16 (their batches are large: this is about compute, and
     the kernel keeps up with oneDNN there), the tanh gelu fused into each encoder fc1."""
     vision = model.model.vision_tower
     for layer in vision.encoder.layers:
         if layer.self_attn.head_dim % 2 == 0:
-            layer.self_attn = FastVisionAttention(layer.self_attn, names)
+            layer.self_attn = FastVisionAttention(layer.self_attn, source)
         mlp = layer.mlp
-        layer.mlp = FusedVisionMLP(_pack([mlp.fc1], names, "bf16", 0, act="gelu_tanh"), _pack([mlp.fc2], names, "bf16", 0))
+        layer.mlp = FusedVisionMLP(_pack([mlp.fc1], source, "bf16", 0, act="gelu_tanh"), _pack([mlp.fc2], source, "bf16", 0))
     merger = vision.vit_merger
     for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-        setattr(merger.self_attn, name, _pack([getattr(merger.self_attn, name)], names, "bf16", 0))
-    merger.linear_1 = _pack([merger.linear_1], names, "bf16", 0)
-    merger.linear_2 = _pack([merger.linear_2], names, "bf16", 0)
+        setattr(merger.self_attn, name, _pack([getattr(merger.self_attn, name)], source, "bf16", 0))
+    merger.linear_1 = _pack([merger.linear_1], source, "bf16", 0)
+    merger.linear_2 = _pack([merger.linear_2], source, "bf16", 0)
     for mlp in model.model.merger.mlp:
-        mlp.linear_1 = _pack([mlp.linear_1], names, "bf16", 0)
-        mlp.linear_2 = _pack([mlp.linear_2], names, "bf16", 0)
+        mlp.linear_1 = _pack([mlp.linear_1], source, "bf16", 0)
+        mlp.linear_2 = _pack([mlp.linear_2], source, "bf16", 0)
 
 
 @torch.no_grad()  # (no autograd graph may keep the original weights alive)
@@ -324,19 +337,19 @@ def optimize(model, quantization: str | None = None, group: int = 64):
     if quantization is None and not kernels.available():
         return model
     quant = quantization or "bf16"
-    names = {id(m): n for n, m in model.named_modules()}
+    source = Source({id(m): n for n, m in model.named_modules()}, file_ranges())
     lm = model.model.language_model
     for layer in lm.layers:
         mlp = layer.mlp
         layer.mlp = FusedMLP(
-            _pack([mlp.gate_proj, mlp.up_proj], names, quant, group, gate_up=True),
-            _pack([mlp.down_proj], names, quant, group),
+            _pack([mlp.gate_proj, mlp.up_proj], source, quant, group, gate_up=True),
+            _pack([mlp.down_proj], source, quant, group),
         )
         if layer.layer_type == "linear_attention":
             attn = layer.linear_attn
             parts = [attn.in_proj_qkv, attn.in_proj_z, attn.in_proj_b, attn.in_proj_a]
-            attn.fused_proj = SplitLinear(_pack(parts, names, quant, group), [p.out_features for p in parts])
-            attn.out_proj = _pack([attn.out_proj], names, quant, group)
+            attn.fused_proj = SplitLinear(_pack(parts, source, quant, group), [p.out_features for p in parts])
+            attn.out_proj = _pack([attn.out_proj], source, quant, group)
             del attn.in_proj_qkv, attn.in_proj_z, attn.in_proj_b, attn.in_proj_a
             if kernels.available() and attn.dv % 16 == 0 and max(attn.dk, attn.dv) <= 512 and attn.kernel <= 16:
                 attn.fused_forward = deltanet_forward
@@ -345,14 +358,14 @@ def optimize(model, quantization: str | None = None, group: int = 64):
         else:
             attn = layer.self_attn
             parts = [attn.q_proj, attn.k_proj, attn.v_proj]
-            attn.fused_proj = SplitLinear(_pack(parts, names, quant, group), [p.out_features for p in parts])
-            attn.o_proj = _pack([attn.o_proj], names, quant, group)
+            attn.fused_proj = SplitLinear(_pack(parts, source, quant, group), [p.out_features for p in parts])
+            attn.o_proj = _pack([attn.o_proj], source, quant, group)
             del attn.q_proj, attn.k_proj, attn.v_proj
-    model.lm_head = _pack([model.lm_head], names, quant, group, out_dtype=torch.float32)
+    model.lm_head = _pack([model.lm_head], source, quant, group, out_dtype=torch.float32)
     if model.cfg.tie_word_embeddings:
         lm.embed_tokens = PackedEmbedding(model.lm_head, torch.bfloat16)
     if kernels.available():
-        _pack_vision(model, names)
+        _pack_vision(model, source)
     for module in model.modules():  # own memory for what stays unpacked: nothing then maps the checkpoint file
         if not isinstance(module, PackedLinear):
             for p in module.parameters(recurse=False):

@@ -248,7 +248,6 @@ class PackedLinear(nn.Module):
         if self.quant in ("bf16", "int8"):  # [nb, K/2, 64, 2]
             w = self.weight.transpose(1, 2).reshape(nb * BLOCK, -1)[:n, :k]
             return w, None if self.scale is None else self.scale[:n]
-        g = self.group
         p = self.weight
         u = torch.stack([p & 15, p >> 4], -1)  # [nb, ng, g/4, 4, 16, 2, 2]
         q = u.permute(0, 3, 4, 1, 6, 2, 5).reshape(nb * BLOCK, -1).to(torch.int8) - 8

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -23,14 +24,14 @@ METHODS = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
 
 
-def checkpoint_quantization(config: dict) -> tuple[str, int] | None:
-    """(method, group_size) of a quantized checkpoint's config.json, else None."""
-    q = config.get("quantization")
-    if q is None:
+def checkpoint_quantization(section: Any) -> tuple[str, int] | None:
+    """(method, group_size) from config.json's ``quantization`` section (``ModelConfig.quantization``), else None."""
+    if section is None:
         return None
-    method, group = q.get("method"), int(q.get("group_size", 0))
-    if method not in METHODS or (method == "int4" and group not in GROUP_SIZES):
-        raise ValueError(f"unsupported quantization section in config.json: {q}")
+    method = section.get("method") if isinstance(section, dict) else None
+    group = section.get("group_size", 0) if isinstance(section, dict) else None
+    if method not in METHODS or not isinstance(group, int) or (method == "int4" and group not in GROUP_SIZES):
+        raise ValueError(f"unsupported quantization section in config.json: {section!r}")
     return method, group
 
 

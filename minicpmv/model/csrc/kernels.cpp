@@ -115,7 +115,7 @@ struct Epilogue {
       for (int c = 0; c < chunks; ++c) {
         const int64_t j = col0 + 16 * c;
         if (j >= n_out) break;
-        const __mmask16 mask = n_out - j >= 16 ? 0xffff : (__mmask16)((1u << (n_out - j)) - 1);
+        const __mmask16 mask = tail_mask(n_out - j);
         __m512 v = _mm512_loadu_ps(a + 16 * c);
         if (act == 1) {
           v = _mm512_mul_ps(silu512(v), _mm512_loadu_ps(a + BLOCK / 2 + 16 * c));
@@ -384,7 +384,7 @@ void state_update(float* S, int64_t dk, int64_t dv, int64_t j0, float decay, con
 inline float dot_bf16(const float* q, const uint16_t* k, int64_t d) {
   __m512 acc = _mm512_setzero_ps();
   for (int64_t i = 0; i < d; i += 16) {
-    const __mmask16 mask = d - i >= 16 ? 0xffff : (__mmask16)((1u << (d - i)) - 1);
+    const __mmask16 mask = tail_mask(d - i);
     acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, q + i), bf16x16(k + i, mask), acc);
   }
   return _mm512_reduce_add_ps(acc);
@@ -394,7 +394,7 @@ inline float dot_bf16(const float* q, const uint16_t* k, int64_t d) {
 inline void axpy_bf16(float a, const uint16_t* v, float* acc, int64_t d) {
   const __m512 av = _mm512_set1_ps(a);
   for (int64_t i = 0; i < d; i += 16) {
-    const __mmask16 mask = d - i >= 16 ? 0xffff : (__mmask16)((1u << (d - i)) - 1);
+    const __mmask16 mask = tail_mask(d - i);
     _mm512_mask_storeu_ps(acc + i, mask, _mm512_fmadd_ps(av, bf16x16(v + i, mask), _mm512_maskz_loadu_ps(mask, acc + i)));
   }
 }
@@ -460,7 +460,7 @@ void deltanet_team(int64_t B, const int64_t* starts, const int64_t* lens, int64_
     while (t >= starts[b] + lens[b]) ++b;
     const int64_t local = t - starts[b];
     for (int64_t c = 0; c < conv_dim; c += 16) {
-      const __mmask16 mask = conv_dim - c >= 16 ? 0xffff : (__mmask16)((1u << (conv_dim - c)) - 1);
+      const __mmask16 mask = tail_mask(conv_dim - c);
       __m512 acc = _mm512_setzero_ps();
       for (int64_t j = 0; j <= taps; ++j) {  // input t - taps + j: from this sequence's rows, else its conv state
         const int64_t u = local - taps + j;
@@ -589,7 +589,8 @@ void attention_team(int64_t B, int64_t h, int64_t hkv, int64_t d, int64_t rot, c
     rope(q, rot, cos + b * ld_rot, sin + b * ld_rot);
     const uint16_t* keys = kcache[b] + kh * cap[b] * d;
     const uint16_t* vals = vcache[b] + kh * cap[b] * d;
-    std::vector<float> p(n);
+    thread_local std::vector<float> p;
+    p.resize(n);
     float top = -INFINITY;
     for (int64_t j = 0; j < n; ++j) {
       p[j] = dot_bf16(q, keys + j * d, d) * scale;
@@ -600,7 +601,7 @@ void attention_team(int64_t B, int64_t h, int64_t hkv, int64_t d, int64_t rot, c
     for (int64_t j = 0; j < n; ++j) axpy_bf16(p[j] / total, vals + j * d, acc, d);
     uint16_t* o = out + b * h * d + hh * d;
     for (int64_t i = 0; i < d; i += 16) {  // acc * sigmoid(gate)
-      const __mmask16 mask = d - i >= 16 ? 0xffff : (__mmask16)((1u << (d - i)) - 1);
+      const __mmask16 mask = tail_mask(d - i);
       const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), bf16x16(qr + d + i, mask)));
       const __m512 v = _mm512_div_ps(_mm512_maskz_loadu_ps(mask, acc + i), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
       store16(o, i, v, 0, mask);
