@@ -181,6 +181,18 @@ def test_local_file_media_only_under_the_allowed_path(server, media_dir, tmp_pat
     assert r.status_code == 400 and "outside.png" in r.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("spelling", ["image", "path", "url"])
+def test_every_media_spelling_goes_through_the_media_policy(server, media_dir, tmp_path, spelling):
+    """The processor also reads {"type": "image", "image": ...}, {"path": ...} and {"url": ...} parts: the server
+    must fetch those under the same policy, never hand a client's path to the processor."""
+    Image.fromarray(np.zeros((60, 80, 3), np.uint8)).save(media_dir / "grey.png")
+    Image.fromarray(np.zeros((60, 80, 3), np.uint8)).save(tmp_path / "secret.png")
+    inside = [{"role": "user", "content": [{"type": "image", spelling: str(media_dir / "grey.png")}]}]
+    assert image_tokens(server, inside)["prompt_tokens_details"]["image_tokens"] > 0
+    outside = [{"role": "user", "content": [{"type": "image", spelling: str(tmp_path / "secret.png")}]}]
+    assert "secret.png" in error_of(server.post({"model": "tiny", "messages": outside}), 400)
+
+
 def test_thinking_on_and_off(server):
     forced = "Let me look.\n</think>\n\nIt is a cat."
     on = chat(server, [{"role": "user", "content": "?"}], max_tokens=50, extra_body={"test_output": forced, "chat_template_kwargs": {"enable_thinking": True}})

@@ -93,6 +93,18 @@ def _part_source(part: Mapping, key: str, error: type[InvalidInputError] = Image
     return value
 
 
+def media_part(part: Any) -> tuple[str, Any] | None:
+    """("image" or "video", the media it carries) for a media content part in any of the usual spellings, else
+    None. The one definition of a media part: the server fetches exactly what the processor will read."""
+    if not isinstance(part, Mapping):
+        return None
+    kind = part.get("type")
+    for name, keys, error in (("image", IMAGE_KEYS, ImageError), ("video", VIDEO_KEYS, VideoError)):
+        if kind in keys or any(k in part for k in keys):
+            return name, _part_source(part, next((k for k in keys if k in part), name), error)
+    return None
+
+
 def collect_media(messages: list[dict]) -> tuple[list[dict], list[Any], list[Any]]:
     """Copy of `messages` whose media parts are reduced to {"type": "image"|"video"}, plus the media they carried
     (None where a part names no data), in conversation order."""
@@ -106,13 +118,10 @@ def collect_media(messages: list[dict]) -> tuple[list[dict], list[Any], list[Any
             continue
         parts = []
         for part in content:
-            kind = part.get("type") if isinstance(part, Mapping) else None
-            if isinstance(part, Mapping) and (kind in IMAGE_KEYS or any(k in part for k in IMAGE_KEYS)):
-                images.append(_part_source(part, next((k for k in IMAGE_KEYS if k in part), "image")))
-                part = {"type": "image"}
-            elif isinstance(part, Mapping) and (kind in VIDEO_KEYS or any(k in part for k in VIDEO_KEYS)):
-                videos.append(_part_source(part, next((k for k in VIDEO_KEYS if k in part), "video"), VideoError))
-                part = {"type": "video"}
+            media = media_part(part)
+            if media is not None:
+                (images if media[0] == "image" else videos).append(media[1])
+                part = {"type": media[0]}
             parts.append(part)
         out.append({**message, "content": parts})
     return out, images, videos

@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from minicpmv.engine.sequence import Sequence
 from minicpmv.errors import InvalidInputError, MiniCPMVError, QueueFullError
 from minicpmv.llm import LLM, ChatOptions, ChatResult
+from minicpmv.processing.prompt import media_part
 from minicpmv.serve import responses
 from minicpmv.serve.async_engine import AsyncEngine
 from minicpmv.serve.media import MediaPolicy, fetch_media_async
@@ -25,7 +26,6 @@ from minicpmv.serve.metrics import Metrics
 from minicpmv.serve.protocol import ChatCompletionRequest, error_body
 
 log = logging.getLogger("minicpmv.serve")
-MEDIA_KEYS = {"image_url": "image", "video_url": "video", "image": "image", "video": "video"}
 
 
 @dataclass
@@ -228,14 +228,14 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
             return message
         parts = []
         for part in content:
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind in ("image_url", "video_url"):
-                value = part.get(kind)
-                url = value.get("url") if isinstance(value, dict) else value
-                if not isinstance(url, str):
-                    raise InvalidInputError(f"a {kind} content part needs {{'{kind}': {{'url': ...}}}}")
-                data = await fetch_media_async(url, config.media, MEDIA_KEYS[kind])
-                part = {"type": MEDIA_KEYS[kind], MEDIA_KEYS[kind]: data}
+            media = media_part(part)
+            if media is not None:  # every spelling the processor reads goes through the media policy
+                kind, source = media
+                if isinstance(source, str):
+                    source = await fetch_media_async(source, config.media, kind)
+                elif not isinstance(source, bytes):
+                    raise InvalidInputError(f"a {kind} content part needs {{'{kind}_url': {{'url': ...}}}}")
+                part = {"type": kind, kind: source}
             parts.append(part)
         return {**message, "content": parts}
 
