@@ -19,6 +19,7 @@ from minicpmv.engine.sequence import Sequence, VisualInput
 from minicpmv.errors import InvalidInputError
 from minicpmv.processing.prompt import Processor
 from minicpmv.serve.output import OutputParser, ParsedOutput, ToolCall, aggregate
+from minicpmv.serve.tool_parser import index_tools
 
 DEFAULT_EOS = [248044, 248046]
 
@@ -132,10 +133,11 @@ class LLM:
         """Messages -> a Sequence ready for the engine (template, images, placeholders, ids)."""
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise InvalidInputError("messages must be a list of {'role': ..., 'content': ...} dicts")
+        prefix = self._forced_tool_prefix(options)
         out = self.processor(
             messages,
             # A forced tool call starts right after the generation prompt, so there is no thinking block.
-            enable_thinking=options.enable_thinking and not self._forced_tool_prefix(options),
+            enable_thinking=options.enable_thinking and not prefix,
             tools=options.tools,
             use_image_id=options.use_image_id,
             downsample_mode=options.downsample_mode,
@@ -146,7 +148,6 @@ class LLM:
         visuals = [self._visual("image", i) for i in out.images] + [self._visual("video", v) for v in out.videos]
         params = params if params is not None else SamplingParams()
         seq = Sequence(out.input_ids.tolist(), params, visuals)
-        prefix = self._forced_tool_prefix(options)
         if prefix:
             seq.prompt_ids += self.processor.tokenizer.encode(prefix)
             seq.output_prefix = prefix
@@ -159,12 +160,13 @@ class LLM:
         choice = options.tool_choice
         if choice in (None, "auto", "none"):
             return ""
-        names = [t.get("function", {}).get("name") for t in options.tools or []]
+        names = list(index_tools(options.tools))
         if not names:
-            raise InvalidInputError(f"tool_choice {choice!r} needs a non-empty tools list")
+            raise InvalidInputError(f"tool_choice {choice!r} needs a non-empty tools list (functions with names)")
         if choice == "required":
             return "<tool_call>\n<function="
-        name = choice["function"]["name"] if isinstance(choice, dict) else None
+        function = choice.get("function") if isinstance(choice, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
         if name not in names:
             raise InvalidInputError(f"tool_choice names function {name!r}, which is not among the tools {names}")
         return f"<tool_call>\n<function={name}>\n"

@@ -318,6 +318,13 @@ def test_tool_choice_errors(server):
     assert "tools" in error_of(server.post({**base, "tool_choice": "required"}), 400)
 
 
+def test_malformed_tools_with_a_forced_call_are_400(server):
+    base = {"model": "tiny", "messages": [{"role": "user", "content": "?"}], "max_tokens": 2, "tool_choice": "required"}
+    assert "tools" in error_of(server.post({**base, "tools": [{"type": "function", "function": "get_weather"}]}), 400)
+    named = {**base, "tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": "get_weather"}}
+    assert "tool_choice" in error_of(server.post(named), 400)
+
+
 # -- load and cancellation -----------------------------------------------------------------------------------
 def test_32_concurrent_streams(server):
     def one(i):
@@ -387,6 +394,42 @@ def test_auth_unknown_model_and_oversized_body(server):
     huge = {**body, "messages": [{"role": "user", "content": "x" * (5 << 20)}]}
     assert "exceeds" in error_of(server.post(huge), 413)
     assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_a_chunked_body_over_the_limit_is_413_too(server):
+    """No Content-Length to check up front: the limit is enforced while the body streams in."""
+    def chunks():
+        yield b'{"model": "tiny", "messages": [{"role": "user", "content": "'
+        for _ in range(6):
+            yield b"x" * (1 << 20)
+        yield b'"}]}'
+
+    r = httpx.post(server.url + "/v1/chat/completions", content=chunks(), timeout=60,
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert "exceeds" in error_of(r, 413)
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_a_failure_mid_stream_is_reported_in_the_stream_and_the_server_keeps_serving(server, monkeypatch):
+    runner = server.llm.engine.runner
+    real, calls = runner.run, []
+
+    def failing_third_forward(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated failure")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(runner, "run", failing_third_forward)
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8, "ignore_eos": True,
+            "stream": True}
+    r = server.post(body)
+    events = [line.removeprefix("data: ") for line in r.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and "Traceback" not in r.text
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == 500 and "RuntimeError" in error["message"]
+    monkeypatch.undo()
+    assert chat(server, [{"role": "user", "content": "Hi"}]).choices[0].finish_reason == "length"
 
 
 def test_queue_full_is_429(tiny_dir):

@@ -69,14 +69,11 @@ class BodyLimit:
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise HTTPError(413, f"request body exceeds {self.max_bytes} bytes")
+            if seen > self.max_bytes:  # (the app's handler turns it into the JSON error; FastAPI's body parser
+                raise StarletteHTTPException(413, f"request body exceeds {self.max_bytes} bytes")  # lets it through)
             return message
 
-        try:
-            await self.app(scope, limited, send)
-        except HTTPError:
-            await self._reject(send)
+        await self.app(scope, limited, send)
 
     async def _reject(self, send):
         body = json.dumps(error_body(f"request body exceeds {self.max_bytes} bytes", "invalid_request_error", 413))

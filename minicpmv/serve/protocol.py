@@ -77,9 +77,8 @@ class ChatCompletionRequest(BaseModel):
     def _tool_choice(cls, choice):
         if choice is None or choice in ("auto", "none", "required"):
             return choice
-        if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(
-            (choice.get("function") or {}).get("name"), str
-        ):
+        function = choice.get("function") if isinstance(choice, dict) else None
+        if isinstance(function, dict) and choice.get("type") == "function" and isinstance(function.get("name"), str):
             return choice
         raise ValueError("tool_choice must be 'auto', 'none', 'required' or {'type': 'function', 'function': {'name': ...}}")
 

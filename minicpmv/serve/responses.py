@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -11,6 +12,8 @@ from minicpmv.errors import MiniCPMVError
 from minicpmv.llm import LLM, ChatOptions, ChatResult, Usage
 from minicpmv.serve.output import aggregate
 from minicpmv.serve.protocol import ChatCompletionRequest, completion_id, now
+
+log = logging.getLogger("minicpmv.serve")
 
 
 def asdict_options(options: ChatOptions) -> dict:
@@ -142,10 +145,13 @@ async def stream_chunks(llm: LLM, engine, seq, options: ChatOptions, body: ChatC
                 if body.stream_options and body.stream_options.include_usage:
                     yield sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                                "choices": [], "usage": usage_body(result.usage)})
-    except MiniCPMVError as exc:  # failed mid-stream: the status line is gone, so report it in the stream
+    except Exception as exc:  # failed mid-stream: the status line is gone, so report it in the stream
         status, kind = status_of(exc)
         metrics.error(status)
-        yield sse({"error": {"message": str(exc), "type": kind, "code": status}})
+        if status >= 500:
+            log.exception("generation failed mid-stream")
+        message = str(exc) if status < 500 else f"internal error ({type(exc).__name__})"
+        yield sse({"error": {"message": message, "type": kind, "code": status}})
     finally:
         await generate.aclose()  # a client that went away cancels its sequence here
     yield sse("[DONE]")

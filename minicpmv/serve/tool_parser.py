@@ -239,7 +239,7 @@ def _dumps(value: Any, fallback: str) -> str:
         return json.dumps(fallback, ensure_ascii=False)
 
 
-def _index_tools(tools: Iterable[dict] | None) -> dict[str, dict]:
+def index_tools(tools: Iterable[dict] | None) -> dict[str, dict]:
     """name -> {parameter name -> schema}, tolerant of incomplete tool definitions."""
     out: dict[str, dict] = {}
     for tool in tools or []:
@@ -274,7 +274,7 @@ class ToolCallParser:
     """
 
     def __init__(self, tools: list[dict] | None = None, *, id_factory: Callable[[], str] | None = None) -> None:
-        self._schemas = _index_tools(tools)
+        self._schemas = index_tools(tools)
         self._new_id = id_factory or new_call_id
         self._mode = _TEXT
         self._buf = ""  # unprocessed input
