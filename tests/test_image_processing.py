@@ -251,3 +251,10 @@ def test_settings_from_checkpoint_config():
     config = json.loads((resources.files("minicpmv") / "assets" / "processor_config.json").read_text())
     settings = ImageSettings.from_config(config["image_processor"], downsample_mode="4x")
     assert settings == ImageSettings(downsample_mode="4x", rescale_factor=config["image_processor"]["rescale_factor"])
+
+
+def test_a_path_with_a_nul_byte_is_an_image_error():
+    from minicpmv.processing.image_io import load_image
+
+    with pytest.raises(ImageError, match="cannot read image file"):
+        load_image("photo\x00.png")

@@ -254,3 +254,12 @@ def test_combining_marks_follow_tokenizer_json(tokenizer_dir):
     tokenizer = TextTokenizer.from_dir(tokenizer_dir)
     pieces = tokenizer.backend.pre_tokenizer.pre_tokenize_str("नमस्ते")
     assert len(pieces) == 1
+
+
+def test_a_chat_template_that_is_not_one_string_is_a_checkpoint_error(tmp_path):
+    from minicpmv.errors import CheckpointError
+    from minicpmv.processing.chat_template import ChatTemplate
+
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": [{"name": "default", "template": "x"}]}))
+    with pytest.raises(CheckpointError, match="one template string"):
+        ChatTemplate.from_dir(tmp_path)

@@ -220,6 +220,28 @@ def test_bytes_and_file_objects_equal_paths(clips):
         assert torch.equal(other.pixel_values, by_path.pixel_values)
 
 
+def test_a_file_object_is_read_from_where_it_was_after_counting_frames(tmp_path):
+    """A WebM header has no frame count, so the frames are counted by demuxing the same file object first; a clip
+    bigger than the demuxer's read buffer must still decode from its start."""
+    path = tmp_path / "big.webm"
+    container = av.open(str(path), "w")
+    stream = container.add_stream("libvpx", rate=6)
+    stream.width, stream.height, stream.pix_fmt, stream.bit_rate = 320, 240, "yuv420p", 40_000_000
+    for i in range(18):
+        noise = np.random.default_rng(i).integers(0, 256, (240, 320, 3), dtype=np.uint8)
+        for packet in stream.encode(av.VideoFrame.from_ndarray(noise, format="rgb24")):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+    container.close()
+    assert path.stat().st_size > 1 << 20
+    by_path = process_video(path)
+    with open(path, "rb") as f:
+        by_file = process_video(f)
+    assert by_file.frame_indices == by_path.frame_indices
+    assert torch.equal(by_file.pixel_values, by_path.pixel_values)
+
+
 # -- errors ---------------------------------------------------------------------------------------------------------
 
 

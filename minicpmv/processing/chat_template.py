@@ -110,6 +110,8 @@ class ChatTemplate:
             source = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))["chat_template"]
         except (OSError, ValueError, KeyError) as e:
             raise CheckpointError(f"{directory} has no chat template (chat_template.jinja or tokenizer_config)") from e
+        if not isinstance(source, str):
+            raise CheckpointError(f"{directory}/tokenizer_config.json: chat_template must be one template string")
         return cls(source)
 
     def render(

@@ -68,7 +68,7 @@ def _read_source(source: str | os.PathLike) -> tuple[bytes, str]:
         return path.read_bytes(), f"image file {str(path)!r}"
     except FileNotFoundError as e:
         raise ImageError(f"image file not found: {str(path)!r}") from e
-    except OSError as e:
+    except (OSError, ValueError) as e:  # (ValueError: a NUL in the path)
         raise ImageError(f"cannot read image file {str(path)!r}: {e}") from e
 
 

@@ -212,6 +212,7 @@ def _count_packets(source: _Source) -> tuple[int, float | None]:
     import av
 
     count, end = 0, None
+    resume = source.file.tell() if source.file is not None else None  # the caller's container reads the same file
     container = source.open()
     try:
         stream = _video_stream(container, source.what)
@@ -232,6 +233,8 @@ def _count_packets(source: _Source) -> tuple[int, float | None]:
         raise VideoError(f"{source.what} is corrupt: {e}") from e
     finally:
         container.close()
+        if resume is not None:
+            source.file.seek(resume)
     return count, end
 
 
