@@ -7,7 +7,7 @@ import contextlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -140,12 +140,13 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": created, "owned_by": "minicpmv"}]}
 
     web = Path(__file__).with_name("web") / "index.html"
+    page = web.read_text() if web.is_file() else None
 
     @app.get("/", response_class=HTMLResponse)
     async def index():
-        if not web.is_file():
+        if page is None:
             raise HTTPError(404, "the web chat page is not installed")
-        return HTMLResponse(web.read_text())
+        return HTMLResponse(page)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -203,7 +204,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         thinking = body.chat_template_kwargs.enable_thinking if body.chat_template_kwargs else False
         tools = body.tools if body.tool_choice != "none" else None
         options = ChatOptions.build(
-            {**responses.asdict_options(llm.default_options), **mm},
+            {**asdict(llm.default_options), **mm},
             {
                 "enable_thinking": thinking,
                 "tools": tools,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -14,10 +13,6 @@ from minicpmv.serve.output import aggregate
 from minicpmv.serve.protocol import ChatCompletionRequest, completion_id, now
 
 log = logging.getLogger("minicpmv.serve")
-
-
-def asdict_options(options: ChatOptions) -> dict:
-    return {k: v for k, v in dataclasses.asdict(options).items() if v is not None}
 
 
 def usage_body(usage: Usage) -> dict:
