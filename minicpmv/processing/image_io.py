@@ -19,7 +19,7 @@ import PIL.Image
 import PIL.ImageOps
 import torch
 
-from minicpmv.errors import ImageError
+from minicpmv.errors import ImageError, InvalidInputError
 
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024  # 64 megapixels (8192 x 8192)
 
@@ -51,18 +51,27 @@ def _open_bytes(data: bytes, max_pixels: int, what: str) -> PIL.Image.Image:
     return PIL.ImageOps.exif_transpose(image)
 
 
-def _read_source(source: str | os.PathLike) -> tuple[bytes, str]:
-    text = os.fspath(source)
-    if isinstance(text, str) and text.startswith("data:"):
+def inline_data(text: str, kind: str, error: type[InvalidInputError]) -> bytes | None:
+    """The bytes of a base64 data URL, None for anything else (a path). Remote URLs are refused: fetching is the
+    server's job, under its media policy (serve/media.py)."""
+    if text.startswith("data:"):
         header, _, payload = text.partition(",")
         if not header.endswith(";base64"):
-            raise ImageError("image data URLs must be base64-encoded (data:image/...;base64,...)")
+            raise error(f"{kind} data URLs must be base64-encoded (data:{kind}/...;base64,...)")
         try:
-            return base64.b64decode(payload, validate=True), "image data URL"
+            return base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError) as e:
-            raise ImageError(f"image data URL has invalid base64: {e}") from e
-    if isinstance(text, str) and text.startswith(("http://", "https://")):
-        raise ImageError(f"remote image URLs are not fetched here; download it first: {text[:200]}")
+            raise error(f"{kind} data URL has invalid base64: {e}") from e
+    if text.startswith(("http://", "https://")):
+        raise error(f"remote {kind} URLs are not fetched here; download it first: {text[:200]}")
+    return None
+
+
+def _read_source(source: str | os.PathLike) -> tuple[bytes, str]:
+    text = os.fspath(source)
+    data = inline_data(text, "image", ImageError) if isinstance(text, str) else None
+    if data is not None:
+        return data, "image data URL"
     path = Path(text)
     try:
         return path.read_bytes(), f"image file {str(path)!r}"

@@ -22,8 +22,6 @@ Frame choice follows `MiniCPMV4_6VideoProcessor.sample_frames` (see SPEC section
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
 import io
 import math
@@ -38,6 +36,7 @@ import torch
 
 from minicpmv.errors import VideoError
 from minicpmv.processing.image import DownsampleMode, ImagePlan, ImageSettings, plan_image, process_image
+from minicpmv.processing.image_io import inline_data
 
 VideoInput = Union[str, os.PathLike, bytes, bytearray, memoryview, IO[bytes]]
 
@@ -145,17 +144,9 @@ class _Source:
             text = os.fspath(video)
             if isinstance(text, bytes):
                 text = os.fsdecode(text)
-            if text.startswith("data:"):
-                header, _, payload = text.partition(",")
-                if not header.endswith(";base64"):
-                    raise VideoError("video data URLs must be base64-encoded (data:video/...;base64,...)")
-                try:
-                    self.data = base64.b64decode(payload, validate=True)
-                except (binascii.Error, ValueError) as e:
-                    raise VideoError(f"video data URL has invalid base64: {e}") from e
+            self.data = inline_data(text, "video", VideoError)
+            if self.data is not None:
                 self.what = "video data URL"
-            elif text.startswith(("http://", "https://")):
-                raise VideoError(f"remote video URLs are not fetched here; download it first: {text[:200]}")
             else:
                 if not Path(text).is_file():
                     raise VideoError(f"video file not found: {text!r}")
