@@ -34,9 +34,13 @@ IMAGE_KEYS = ("image", "image_url")
 VIDEO_KEYS = ("video", "video_url")
 
 
-def image_placeholder(plan: ImagePlan, tokens: MediaTokens, image_id: int | None = None) -> str:
+def image_placeholder(plan: ImagePlan, tokens: MediaTokens, image_id: int | None = None, pad: str | None = None) -> str:
+    """`<image>pads</image>` for the source unit, then one line of `<slice>pads</slice>` per row of slices; ``pad``
+    is the image pad unless given (a video's frames use the video pad)."""
+    pad = tokens.image if pad is None else pad
+
     def wrap(start: str, count: int, end: str) -> str:
-        return start + tokens.image * count + end
+        return start + pad * count + end
 
     source, *slices = plan.units
     prefix = "" if image_id is None else f"{tokens.image_id_start}{image_id}{tokens.image_id_end}"
@@ -52,17 +56,9 @@ def image_placeholder(plan: ImagePlan, tokens: MediaTokens, image_id: int | None
 
 
 def video_placeholder(video: ProcessedVideo, tokens: MediaTokens, video_id: int | None = None) -> str:
-    """Every unit as `<image>pads</image>` plus slice rows, concatenated with no separator. Like the reference,
-    every slice gets the first slice's pad count (all slices of a plan are the same size anyway)."""
-    parts = [] if video_id is None else [f"{tokens.image_id_start}{video_id}{tokens.image_id_end}"]
-    for plan in video.plans:
-        source, *slices = plan.units
-        parts.append(tokens.image_start + tokens.video * source.num_tokens + tokens.image_end)
-        if plan.grid is not None:
-            rows, cols = plan.grid
-            row = (tokens.slice_start + tokens.video * slices[0].num_tokens + tokens.slice_end) * cols
-            parts.append("\n".join([row] * rows))
-    return "".join(parts)
+    """One id for the whole video, then every unit's image placeholder (with video pads), with no separator."""
+    prefix = "" if video_id is None else f"{tokens.image_id_start}{video_id}{tokens.image_id_end}"
+    return prefix + "".join(image_placeholder(plan, tokens, pad=tokens.video) for plan in video.plans)
 
 
 def expand_placeholders(text: str, placeholder: str, replacements: list[str]) -> str:
