@@ -15,6 +15,14 @@ def tokenizer_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def ours(tokenizer_dir):
+    """Our Processor over the rebuilt tokenizer and the real templates and configs."""
+    from minicpmv.processing.prompt import Processor
+
+    return Processor.from_dir(tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
 def reference_processor(tokenizer_dir):
     """transformers' MiniCPMV4_6Processor (torchvision image backend): the test oracle."""
     from transformers import AutoProcessor

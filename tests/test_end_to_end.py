@@ -8,10 +8,10 @@ import pytest
 from minicpmv.engine.sampling import SamplingParams
 from minicpmv.llm import LLM
 from tests.test_engine import reference_greedy
+from tests.tiny import IMAGE_TOKEN
 
 CORPUS_WH = [(448, 448), (224, 224), (200, 100), (1084, 820), (365, 211), (153, 174), (1920, 1080), (3136, 3136),
              (4000, 60), (60, 4000)]
-IMAGE_TOKEN = 248056
 
 
 @pytest.fixture(scope="module")

@@ -8,28 +8,14 @@ import json
 import unicodedata
 
 import numpy as np
-import PIL.Image
 import pytest
 import torch
 
 from minicpmv.errors import InvalidInputError
 from minicpmv.processing.image import ImageSettings, plan_image
-from minicpmv.processing.prompt import Processor, image_placeholder
+from minicpmv.processing.prompt import image_placeholder
 from minicpmv.processing.tokenizer import MediaTokens, TextTokenizer
-
-
-@pytest.fixture(scope="module")
-def ours(tokenizer_dir) -> Processor:
-    return Processor.from_dir(tokenizer_dir)
-
-
-def image(width: int, height: int, seed: int = 0) -> PIL.Image.Image:
-    rng = np.random.default_rng(seed)
-    return PIL.Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def user(*parts) -> dict:
-    return {"role": "user", "content": [{"type": "text", "text": p} if isinstance(p, str) else p for p in parts]}
+from tests.tiny import image, user
 
 
 IMG = {"type": "image"}

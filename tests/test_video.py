@@ -14,7 +14,6 @@ from pathlib import Path
 
 import av
 import numpy as np
-import PIL.Image
 import pytest
 import torch
 
@@ -22,7 +21,6 @@ from minicpmv.checkpoint import load_model
 from minicpmv.errors import InvalidInputError, VideoError
 from minicpmv.processing import video as video_module
 from minicpmv.processing.image import ImageSettings
-from minicpmv.processing.prompt import Processor
 from minicpmv.processing.video import (
     VideoSettings,
     probe_video,
@@ -30,7 +28,7 @@ from minicpmv.processing.video import (
     stack_canvas,
     stack_layout,
 )
-from tests.tiny import reference_checkpoint, to_patches
+from tests.tiny import image, reference_checkpoint, to_patches, user
 
 PAD = "<|video_pad|>"
 
@@ -300,20 +298,7 @@ def test_frame_size_limit(clips):
 # -- placeholders and token ids ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def ours(tokenizer_dir) -> Processor:
-    return Processor.from_dir(tokenizer_dir)
-
-
-def user(*parts) -> dict:
-    return {"role": "user", "content": [{"type": "text", "text": p} if isinstance(p, str) else p for p in parts]}
-
-
 VID, IMG = {"type": "video"}, {"type": "image"}
-
-
-def image(width: int, height: int, seed: int = 0) -> PIL.Image.Image:
-    return PIL.Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
 def reference_ids(reference_processor, messages, images, videos, processed, **options):

@@ -84,3 +84,16 @@ def prompt_with_placeholders(counts: list[int], token: int = IMAGE_TOKEN, seed: 
     for n in counts:
         parts += [torch.full((n,), token), torch.randint(0, 248000, (5,), generator=g)]
     return torch.cat(parts)
+
+
+def user(*parts) -> dict:
+    """A user message from text strings and content-part dicts."""
+    return {"role": "user", "content": [{"type": "text", "text": p} if isinstance(p, str) else p for p in parts]}
+
+
+def image(width: int, height: int, seed: int = 0):
+    """A random RGB PIL image."""
+    import numpy as np
+    import PIL.Image
+
+    return PIL.Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
