@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 
 from minicpmv.errors import MiniCPMVError
 from minicpmv.llm import LLM, ChatOptions, ChatResult, Usage
-from minicpmv.serve.output import aggregate
 from minicpmv.serve.protocol import ChatCompletionRequest, completion_id, now
 
 log = logging.getLogger("minicpmv.serve")
@@ -105,13 +104,10 @@ async def stream_chunks(llm: LLM, engine, seq, options: ChatOptions, body: ChatC
             t = time.perf_counter()
             (metrics.ttft if last is None else metrics.inter_token).observe(t - (last or start))
             last = t
-            new = parser.feed(out.text) if out.text else []
-            if out.finished:
-                new += parser.finish()
-            history.extend(new)
-            events, unsent = unsent + new, []
+            step = llm.delta(seq, out, parser, options, history, unsent)
+            unsent = []
             deltas = []
-            for e in events:
+            for e in step.events:
                 if e.kind == "content":
                     deltas.append({"content": e.text})
                 elif e.kind == "reasoning":
@@ -133,7 +129,7 @@ async def stream_chunks(llm: LLM, engine, seq, options: ChatOptions, body: ChatC
             if not deltas and lp is not None:
                 yield chunk({}, logprobs=lp)
             if out.finished:
-                result = llm.result(seq, options, aggregate(history))
+                result = step.result
                 metrics.prompt_tokens += result.usage.prompt_tokens
                 metrics.completion_tokens += result.usage.completion_tokens
                 yield chunk({}, finish_reason=result.finish_reason)
