@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -62,6 +64,7 @@ def reference_checkpoint(variant: str = "base") -> tuple[object, Path]:
             if "norm" in name or name.endswith(("A_log", "dt_bias")):
                 p.add_(torch.randn_like(p) * 0.2)
     directory = Path(tempfile.mkdtemp(prefix="minicpmv-tiny-"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)  # ~125 MB each: never leave them behind
     model.save_pretrained(directory)
     return model, directory
 
