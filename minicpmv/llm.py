@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ class ChatOptions:
     enable_thinking: bool = False
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None  # "auto" (default with tools), "none", "required", or a named function
+    parallel_tool_calls: bool = True  # False: the answer ends after its first complete tool call
     normalize_escaped_newlines: bool = False  # the model card's clean-up: literal "\\n" in content -> newline
 
     @classmethod
@@ -151,7 +152,16 @@ class LLM:
         if prefix:
             seq.prompt_ids += self.processor.tokenizer.encode(prefix)
             seq.output_prefix = prefix
+        if not options.parallel_tool_calls:
+            seq.ends_output = self._after_first_tool_call(seq, options)
         return seq
+
+    def _after_first_tool_call(self, seq: Sequence, options: ChatOptions) -> Callable[[str], bool] | None:
+        """An ``ends_output`` hook that is true once the output holds one complete tool call."""
+        parser, _ = self.stream_parser(seq, options)
+        if not parser.parses_tools:
+            return None
+        return lambda text: any(e.kind == "tool_call_end" for e in parser.feed(text))
 
     @staticmethod
     def _forced_tool_prefix(options: ChatOptions) -> str:

@@ -273,6 +273,24 @@ def test_tool_calls_stream_and_non_stream(server, case):
     assert [(e["name"], json.loads(e["args"])) for _, e in sorted(streamed.items())] == calls
 
 
+@pytest.mark.parametrize("streamed", [False, True])
+def test_parallel_tool_calls_false_ends_after_the_first_call(server, streamed):
+    output, _, calls = TOOL_CASES["two calls"]
+    kw = dict(tools=[WEATHER_TOOL, TIME_TOOL], max_tokens=200, extra_body={"test_output": output + "\nMore text."})
+    full = chat(server, [{"role": "user", "content": "?"}], **kw)
+    assert len(full.choices[0].message.tool_calls) == 2
+    kw["parallel_tool_calls"] = False
+    if streamed:
+        chunks, text, _, finish = stream(server, [{"role": "user", "content": "?"}], stream_options={"include_usage": True}, **kw)
+        names = [tc.function.name for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or []) if tc.function.name]
+        usage = chunks[-1].usage
+    else:
+        r = chat(server, [{"role": "user", "content": "?"}], **kw)
+        names, text, finish, usage = [c.function.name for c in r.choices[0].message.tool_calls], r.choices[0].message.content, [r.choices[0].finish_reason], r.usage
+    assert names == [calls[0][0]] and not text and finish == ["tool_calls"]
+    assert usage.completion_tokens < full.usage.completion_tokens  # generation stopped, nothing was cut afterwards
+
+
 def test_malformed_tool_call_stays_text(server):
     bad = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis"
     kw = dict(tools=[WEATHER_TOOL], max_tokens=200, extra_body={"test_output": bad})

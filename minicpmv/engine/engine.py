@@ -191,6 +191,8 @@ class Engine:
             reason = "stop"
         elif token in params.resolved_stop_token_ids(self.eos_token_ids):  # never sampled before min_tokens
             reason = "stop"
+        elif text and seq.ends_output is not None and seq.ends_output(text):
+            reason = "stop"
         elif params.max_tokens is not None and len(seq.output_ids) >= params.max_tokens:
             reason = "length"
         elif seq.num_prompt + len(seq.output_ids) >= self.max_model_len:

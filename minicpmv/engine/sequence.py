@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -53,6 +54,8 @@ class Sequence:
     logprobs: list = field(default_factory=list)
     forced_output_ids: list[int] | None = None  # test hook: emit these tokens instead of sampling
     snapshot_at: int = 0  # prompt position whose state is worth keeping for the next turn (0 = none)
+    # Called with each new piece of output text; True ends the output there (finish reason "stop").
+    ends_output: Callable[[str], bool] | None = None
 
     @property
     def num_prompt(self) -> int:

@@ -209,6 +209,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
                 "enable_thinking": thinking,
                 "tools": tools,
                 "tool_choice": body.tool_choice,
+                "parallel_tool_calls": body.parallel_tool_calls,
                 "normalize_escaped_newlines": body.normalize_escaped_newlines,
             },
         )
