@@ -19,7 +19,7 @@ from minicpmv.engine.sequence import Sequence, VisualInput
 from minicpmv.errors import InvalidInputError
 from minicpmv.processing.prompt import Processor
 from minicpmv.serve.output import OutputParser, ParsedOutput, ToolCall, aggregate
-from minicpmv.serve.tool_parser import index_tools
+from minicpmv.serve.tool_parser import check_tools, index_tools
 
 DEFAULT_EOS = [248044, 248046]
 
@@ -134,6 +134,7 @@ class LLM:
         """Messages -> a Sequence ready for the engine (template, images, placeholders, ids)."""
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise InvalidInputError("messages must be a list of {'role': ..., 'content': ...} dicts")
+        check_tools(options.tools)
         prefix = self._forced_tool_prefix(options)
         out = self.processor(
             messages,

@@ -156,6 +156,17 @@ def test_stop_string_spanning_tokens_stops_exactly(llm):
     assert stopped.output_ids == free.output_ids[: len(stopped.output_ids)] and len(stopped.output_ids) < 24
 
 
+def test_stop_strings_wait_for_min_tokens(llm):
+    varied = dict(temperature=1.0, seed=3, max_tokens=24, ignore_eos=True)
+    free = run_raw(llm, user("Say something."), SamplingParams(**varied))
+    first = llm.processor.tokenizer.decode(free.output_ids[:1])  # a stop string found in the very first token
+    at_once = run_raw(llm, user("Say something."), SamplingParams(**varied, stop=[first]))
+    assert at_once.text == "" and len(at_once.output_ids) == 1
+    stopped = run_raw(llm, user("Say something."), SamplingParams(**varied, stop=[first], min_tokens=4))
+    assert len(stopped.output_ids) >= 4 and stopped.text.startswith(first)
+    assert stopped.output_ids == free.output_ids[: len(stopped.output_ids)]
+
+
 def test_finish_reasons(llm):
     free = llm.chat(user("Go."), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
     assert free.finish_reason == "length" and len(free.token_ids) == 8

@@ -324,6 +324,7 @@ def test_valid_call_after_malformed_one_is_parsed():
     parser = ToolCallParser(TOOLS, id_factory=counter_ids())
     events = run_stream(parser, list(text))
     assert ToolCallAbort(0) in events
+    assert [e.index for e in events if isinstance(e, ToolCallStart)] == [0, 0]  # clients see calls 0, 1, ... only
     p = aggregate(events)
     assert p.content == bad
     assert [(c.id, c.arguments) for c in p.tool_calls] == [("call_0001", {"city": "Oslo"})]

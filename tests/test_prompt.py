@@ -176,6 +176,17 @@ def test_invalid_conversations(ours, messages, images, message):
         ours(messages, images=images)
 
 
+def test_tool_call_arguments_as_a_json_string_render_like_a_mapping(ours):
+    """OpenAI clients send back ``arguments`` as the JSON string the server returned."""
+    as_strings = [dict(TOOL_TURNS[0], tool_calls=[
+        {**call, "function": {**call["function"], "arguments": json.dumps(call["function"]["arguments"])}}
+        for call in TOOL_TURNS[0]["tool_calls"]])]
+    history = [user("Weather?")]
+    assert ours(history + as_strings, tools=TOOLS).text == ours(history + TOOL_TURNS[:1], tools=TOOLS).text
+    with pytest.raises(InvalidInputError, match="arguments must be a JSON object"):
+        ours(history + [dict(TOOL_TURNS[0], tool_calls=[{"function": {"name": "f", "arguments": "[1]"}}])])
+
+
 def test_bad_option_is_invalid_input(ours):
     with pytest.raises(InvalidInputError, match="downsample_mode"):
         ours([user(IMG, "x")], images=[image(10, 10)], downsample_mode="2x")

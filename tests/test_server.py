@@ -60,8 +60,10 @@ class Server:
         self.client = OpenAI(base_url=self.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
 
     def post(self, body, key=KEY, **kw):
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.post(self.url + "/v1/chat/completions", json=body, headers=headers, timeout=60, **kw)
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+        # json.dumps escapes non-ASCII, so even text that is not valid Unicode reaches the server as the client sent it
+        kw.setdefault("content", json.dumps(body))
+        return httpx.post(self.url + "/v1/chat/completions", headers=headers, timeout=60, **kw)
 
     def stop(self):
         self.server.should_exit = True
@@ -396,6 +398,15 @@ def error_of(r, status):
         ({"mm_processor_kwargs": {"downsample_mode": "2x"}}, "downsample_mode"),
         ({"tool_choice": "sometimes"}, "tool_choice"),
         ({"test_output": 5}, "test_output"),
+        ({"messages": [{"role": "user", "content": "a\ud800b"}]}, "not valid Unicode"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": 123}]}]}, "string 'text'"),
+        ({"tools": [{}]}, "tools[0]"),
+        ({"tools": [WEATHER_TOOL, WEATHER_TOOL]}, "two tools"),
+        ({"messages": [{"role": "user", "content": "?"}, {"role": "assistant", "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": "{oops"}}]}]}, "not valid JSON"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+        ({"max_tokens": "4"}, "max_tokens"),  # strict types
+        ({"temperature": 1e39}, "temperature"),  # infinite in float32
     ],
 )
 def test_bad_requests_are_400_and_the_server_keeps_serving(server, patch, needle):
@@ -408,6 +419,12 @@ def test_auth_unknown_model_and_oversized_body(server):
     body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
     assert "API key" in error_of(server.post(body, key=None), 401)
     assert "API key" in error_of(server.post(body, key="wrong"), 401)
+    lowercase = httpx.post(server.url + "/v1/chat/completions", json=body, headers={"Authorization": f"bearer {KEY}"}, timeout=60)
+    assert lowercase.status_code == 200  # the scheme name is case-insensitive
+    raw = dict(headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert "not valid JSON" in error_of(server.post({}, content=b"{oops"), 400)
+    as_text = httpx.post(server.url + "/v1/chat/completions", content=json.dumps(body), **raw)  # no Content-Type
+    assert "Content-Type: application/json" in error_of(as_text, 400)
     assert "gpt-4" in error_of(server.post({**body, "model": "gpt-4"}), 404)
     huge = {**body, "messages": [{"role": "user", "content": "x" * (5 << 20)}]}
     assert "exceeds" in error_of(server.post(huge), 413)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -14,6 +13,8 @@ MAX_LOGPROBS = 20
 MAX_PENALTY = 2.0
 # Below this a temperature is treated as greedy: dividing logits by it would overflow float32.
 GREEDY_TEMPERATURE = 1e-5
+FLOAT32_TINY, FLOAT32_MAX = 1.2e-38, 3.4e38
+SEED_RANGE = range(-(2**63), 2**64)  # what torch.Generator.manual_seed takes without wrapping around
 
 
 def _is_int(value: object) -> bool:
@@ -21,7 +22,16 @@ def _is_int(value: object) -> bool:
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A number that stays finite in float32 (the sampler computes in float32)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= FLOAT32_MAX
+
+
+def _is_valid_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
 
 
 @dataclass
@@ -71,29 +81,29 @@ class SamplingParams:
             return InvalidInputError(f"{name} must be {rule}, got {getattr(self, name)!r}")
 
         if not _is_number(self.temperature) or self.temperature < 0:
-            raise bad("temperature", "a finite number >= 0 (0 = greedy)")
+            raise bad("temperature", "a number in [0, 3.4e38] (0 = greedy)")
         if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             raise bad("top_p", "a number in (0, 1]")
         if not _is_int(self.top_k) or self.top_k < -1:
             raise bad("top_k", "an integer >= 1, or 0 / -1 to disable")
         if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
             raise bad("min_p", "a number in [0, 1]")
-        if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise bad("repetition_penalty", "a finite number > 0 (1 = off)")
+        if not _is_number(self.repetition_penalty) or self.repetition_penalty < FLOAT32_TINY:  # divides logits
+            raise bad("repetition_penalty", "a number in [1.2e-38, 3.4e38] (1 = off)")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not _is_number(value) or not -MAX_PENALTY <= value <= MAX_PENALTY:
                 raise bad(name, f"a number in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}]")
-        if self.seed is not None and not _is_int(self.seed):
-            raise bad("seed", "an integer or null")
+        if self.seed is not None and (not _is_int(self.seed) or self.seed not in SEED_RANGE):
+            raise bad("seed", "an integer in [-2**63, 2**64) or null")
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
             raise bad("max_tokens", "an integer >= 1 or null")
         if not _is_int(self.min_tokens) or self.min_tokens < 0:
             raise bad("min_tokens", "an integer >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise bad("min_tokens", f"<= max_tokens ({self.max_tokens})")
-        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
-            raise bad("stop", "a non-empty string or a list of non-empty strings")
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s and _is_valid_unicode(s) for s in self.stop):
+            raise bad("stop", "a non-empty string or a list of non-empty strings (valid Unicode)")
         if self.stop_token_ids is not None and (
             not isinstance(self.stop_token_ids, list) or not all(_is_int(t) and t >= 0 for t in self.stop_token_ids)
         ):

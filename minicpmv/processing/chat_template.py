@@ -89,6 +89,25 @@ def _alias_reasoning(message: dict) -> dict:
     return {"thinking": reasoning, **message, "reasoning_content": reasoning}
 
 
+def _parsed_arguments(message: dict) -> dict:
+    """OpenAI clients send a tool call's ``arguments`` as a JSON string; the template iterates them as a mapping."""
+    calls = message.get("tool_calls")
+    return {**message, "tool_calls": [_parsed_call(c) for c in calls]} if isinstance(calls, list) else message
+
+
+def _parsed_call(call: Any) -> Any:
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(fn["arguments"]) if fn["arguments"].strip() else {}
+    except ValueError as e:
+        raise InvalidInputError(f"tool call {fn.get('name')!r}: arguments are not valid JSON ({e})") from None
+    if not isinstance(arguments, dict):
+        raise InvalidInputError(f"tool call {fn.get('name')!r}: arguments must be a JSON object")
+    return {**call, "function": {**fn, "arguments": arguments}}
+
+
 class ChatTemplate:
     def __init__(self, source: str):
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
@@ -129,7 +148,7 @@ class ChatTemplate:
             raise InvalidInputError("tools must be a list of JSON-schema dicts")
         try:
             return self.template.render(
-                messages=[_alias_reasoning(m) for m in plain_data(messages)],
+                messages=[_alias_reasoning(_parsed_arguments(m)) for m in plain_data(messages)],
                 tools=plain_data(tools),
                 documents=None,
                 add_generation_prompt=add_generation_prompt,

@@ -118,6 +118,8 @@ def collect_media(messages: list[dict]) -> tuple[list[dict], list[Any], list[Any
             if media is not None:
                 (images if media[0] == "image" else videos).append(media[1])
                 part = {"type": media[0]}
+            elif isinstance(part, Mapping) and not isinstance(part.get("text", ""), str):
+                raise InvalidInputError(f"a text content part needs a string 'text', got {type(part['text']).__name__}")
             parts.append(part)
         out.append({**message, "content": parts})
     return out, images, videos

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from minicpmv.errors import CheckpointError
+from minicpmv.errors import CheckpointError, InvalidInputError
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,10 @@ class TextTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids with no BOS/EOS added (the chat template writes every control token itself)."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate such as "\ud800": the backend would raise a TypeError
+            raise InvalidInputError(f"the text is not valid Unicode: {e.object[e.start:e.end]!r} at character {e.start}") from None
         return self.backend.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:

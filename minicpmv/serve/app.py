@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -104,8 +105,13 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         return error_response(exc.status, exc.message, exc.kind, exc.param)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_, exc: RequestValidationError):
+    async def _validation(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":
+            return error_response(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}",
+                                  "invalid_request_error")
+        if first.get("loc") == ("body",) and "json" not in request.headers.get("content-type", ""):
+            return error_response(400, "send the request as JSON (Content-Type: application/json)", "invalid_request_error")
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
         return error_response(400, message, "invalid_request_error", where or None)
@@ -122,7 +128,8 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     @app.middleware("http")
     async def _auth(request: Request, call_next):
         if config.api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization") != f"Bearer {config.api_key}":
+            scheme, _, key = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not secrets.compare_digest(key.encode(), config.api_key.encode()):
                 return error_response(401, "missing or wrong API key", "authentication_error")
         return await call_next(request)
 

@@ -31,9 +31,10 @@ class StreamOptions(BaseModel):
 
 
 class ChatCompletionRequest(BaseModel):
-    """Unknown fields are refused (400) rather than ignored: nothing a client sends is silently dropped."""
+    """Unknown fields are refused (400) rather than ignored: nothing a client sends is silently dropped. Strict
+    types: "4" is not a number and true is not 1."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     model: str
     messages: list[dict[str, Any]] = Field(min_length=1)
     stream: bool = False
@@ -71,6 +72,13 @@ class ChatCompletionRequest(BaseModel):
         if n != 1:
             raise ValueError("only n=1 is supported")
         return n
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options(cls, options, info):
+        if options is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed with stream=true")
+        return options
 
     @field_validator("tool_choice")
     @classmethod

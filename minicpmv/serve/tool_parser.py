@@ -18,7 +18,7 @@ With tools, the chat template asks the model to answer a call as (one or more bl
   ``, "days": 3``) and ``}`` (or ``{}``) at ``</function>``: the concatenation for one call is a JSON object;
 - :class:`ToolCallEnd` (index) at ``</function>``: the call is complete;
 - :class:`ToolCallAbort` (index) when a started call turns out to be malformed. The call is void; its whole raw text
-  (from ``<tool_call>``) follows as a :class:`ContentDelta`. A server that must never show a void call can hold a
+  (from ``<tool_call>``) follows as a :class:`ContentDelta`, and the next call reuses its index. A server that must never show a void call can hold a
   call's deltas until its ``ToolCallEnd``.
 
 Parameter values are typed by the tool's JSON schema (see :func:`convert_parameter`). Malformed XML never reaches
@@ -46,6 +46,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterable
 
+from minicpmv.errors import InvalidInputError
 from minicpmv.serve.reasoning import ContentDelta, partial_suffix_len
 
 TOOL_OPEN = "<tool_call>"
@@ -239,6 +240,28 @@ def _dumps(value: Any, fallback: str) -> str:
         return json.dumps(fallback, ensure_ascii=False)
 
 
+def check_tools(tools: Any) -> None:
+    """Refuse a tools list the model could not call: each item is ``{"type": "function", "function": {"name": ...,
+    "parameters": {...}}}`` (or the bare function object), with distinct names the call markup can carry."""
+    if tools is None:
+        return
+    if not isinstance(tools, list):
+        raise InvalidInputError("tools must be a list of {'type': 'function', 'function': {...}} objects")
+    names: set[str] = set()
+    for i, tool in enumerate(tools):
+        fn = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(fn, dict) or (isinstance(tool, dict) and tool.get("type", "function") != "function"):
+            raise InvalidInputError(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ..., 'parameters': ...}}}}")
+        name = fn.get("name")
+        if not isinstance(name, str) or not name.strip() or _NAME_END.search(name) or len(name) > MAX_NAME_LEN:
+            raise InvalidInputError(f"tools[{i}].function.name must be a non-empty name without '<', '>' or newlines, got {name!r}")
+        if name in names:
+            raise InvalidInputError(f"tools[{i}]: two tools are named {name!r}")
+        names.add(name)
+        if not isinstance(fn.get("parameters", {}), dict):
+            raise InvalidInputError(f"tools[{i}].function.parameters must be a JSON-schema object")
+
+
 def index_tools(tools: Iterable[dict] | None) -> dict[str, dict]:
     """name -> {parameter name -> schema}, tolerant of incomplete tool definitions."""
     out: dict[str, dict] = {}
@@ -342,6 +365,7 @@ class ToolCallParser:
     def _abort(self, out: list) -> bool:
         if self._index is not None:
             out.append(ToolCallAbort(self._index))
+            self._next_index = self._index  # the next call takes its index: complete calls are numbered 0, 1, ...
             self._index = None
         if self._raw:
             out.append(ContentDelta(self._raw))
