@@ -8,6 +8,10 @@ class MiniCPMVError(Exception):
 class InvalidInputError(MiniCPMVError, ValueError):
     """The caller sent something we cannot use (a bad message, option or media file)."""
 
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param  # the request field at fault, when there is one
+
 
 class ImageError(InvalidInputError):
     """An image could not be read, is empty, or is larger than the configured pixel limit."""

@@ -415,6 +415,11 @@ def test_bad_requests_are_400_and_the_server_keeps_serving(server, patch, needle
     assert chat(server, [{"role": "user", "content": "Hi"}]).choices[0].finish_reason == "length"
 
 
+def test_a_bad_sampling_value_names_its_field_in_param(server):
+    r = server.post({"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "top_p": 0})
+    assert "top_p" in error_of(r, 400) and r.json()["error"]["param"] == "top_p"
+
+
 def test_auth_unknown_model_and_oversized_body(server):
     body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
     assert "API key" in error_of(server.post(body, key=None), 401)

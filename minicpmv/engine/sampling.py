@@ -78,7 +78,7 @@ class SamplingParams:
 
     def validate(self) -> None:
         def bad(name: str, rule: str) -> InvalidInputError:
-            return InvalidInputError(f"{name} must be {rule}, got {getattr(self, name)!r}")
+            return InvalidInputError(f"{name} must be {rule}, got {getattr(self, name)!r}", param=name)
 
         if not _is_number(self.temperature) or self.temperature < 0:
             raise bad("temperature", "a number in [0, 3.4e38] (0 = greedy)")

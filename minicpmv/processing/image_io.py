@@ -41,7 +41,7 @@ def _open_bytes(data: bytes, max_pixels: int, what: str) -> PIL.Image.Image:
             _check_size(image.height, image.width, max_pixels)
             image.load()
     except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning) as e:
-        raise ImageError(f"{what} is too large to decode safely (decompression bomb): {e}") from e
+        raise ImageError(f"{what} is too large to decode safely: the limit is {max_pixels} pixels ({e})") from e
     except ImageError:
         raise
     except PIL.UnidentifiedImageError as e:

@@ -164,7 +164,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
             seq, options = await prepare(body)
         except MiniCPMVError as exc:
             status, kind = status_of(exc)
-            raise HTTPError(status, str(exc), kind) from None
+            raise HTTPError(status, str(exc), kind, getattr(exc, "param", None)) from None
         except ValueError as exc:
             raise HTTPError(400, str(exc)) from None
         if body.stream:
@@ -177,7 +177,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
             result = await until_disconnect(request, run_to_end(seq, options))
         except MiniCPMVError as exc:
             status, kind = status_of(exc)
-            raise HTTPError(status, str(exc), kind) from None
+            raise HTTPError(status, str(exc), kind, getattr(exc, "param", None)) from None
         metrics.prompt_tokens += result.usage.prompt_tokens
         metrics.completion_tokens += result.usage.completion_tokens
         return responses.completion(result, config.model_name, llm, body)

@@ -54,7 +54,7 @@ class ChatCompletionRequest(BaseModel):
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     tools: list[dict[str, Any]] | None = None

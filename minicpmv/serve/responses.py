@@ -95,7 +95,7 @@ async def stream_chunks(llm: LLM, engine, seq, options: ChatOptions, body: ChatC
         await anext(generate)  # accepted by the engine
     except MiniCPMVError as exc:
         status, kind = status_of(exc)
-        yield HTTPError(status, str(exc), kind)
+        yield HTTPError(status, str(exc), kind, getattr(exc, "param", None))
         return
     yield chunk({"role": "assistant", "content": ""})
     start, last = time.perf_counter(), None
