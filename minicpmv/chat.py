@@ -49,8 +49,11 @@ def interactive(llm, args, stdin=sys.stdin, out=sys.stdout) -> int:
                 options["enable_thinking"] = arg == "on"
             elif cmd == "/mode" and arg in ("4x", "16x"):
                 options["downsample_mode"] = arg
-            elif cmd == "/slices" and arg.isdigit() and int(arg) > 0:
-                options["max_slice_nums"] = int(arg)
+            elif cmd == "/slices":
+                if arg.isdigit() and int(arg) > 0:
+                    options["max_slice_nums"] = int(arg)
+                else:
+                    print(f"error: /slices takes a positive integer, got {arg!r}", file=out)
             elif cmd == "/reset":
                 history.clear()
                 pending.clear()
@@ -77,6 +80,9 @@ def interactive(llm, args, stdin=sys.stdin, out=sys.stdout) -> int:
             print(file=out)
         except MiniCPMVError as exc:
             print(f"error: {exc}", file=out)
+            if pending:  # an unreadable attachment would fail every later message
+                print(f"(the message was not sent; its {len(pending)} attachment(s) were dropped)", file=out)
+                pending.clear()
             continue
         history.append(message)
         history.append({"role": "assistant", "content": result.text or "", "reasoning_content": result.reasoning})

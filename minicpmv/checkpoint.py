@@ -8,6 +8,7 @@ problem with the files (missing, unexpected or mis-shaped tensors, truncated fil
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -28,6 +29,8 @@ REPO_FILES = ["*.json", "*.jinja", "*.safetensors", "*.txt", "*.model"]
 def resolve(model: str | Path, download: bool = True) -> Path:
     """A local checkpoint directory for ``model``: the path itself, or a repo id from the local Hugging Face cache
     (downloaded first, with a progress bar, when it is not there and the network allows)."""
+    if not isinstance(model, (str, os.PathLike)):
+        raise CheckpointError(f"model must be a checkpoint directory or a Hugging Face repo id, got {model!r}")
     path = Path(model).expanduser()
     if path.is_dir():
         return path

@@ -12,23 +12,37 @@ from pathlib import Path
 from minicpmv.errors import MiniCPMVError
 
 
+def _int_in(low: int, high: int | None = None):
+    """An argparse type: an integer in [low, high]."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be an integer {bound}, got {text!r}")
+        return value
+    return parse
+
+
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="checkpoint directory or Hugging Face repo id (e.g. openbmb/MiniCPM-V-4.6)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when present)")
-    p.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoded together")
-    p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
+    p.add_argument("--max-num-seqs", type=_int_in(1), default=16, help="sequences decoded together")
+    p.add_argument("--max-model-len", type=_int_in(2), default=None, help="context limit (default: the model's)")
     p.add_argument("--quantization", choices=["int8", "int4"], default=None, help="weight-only quantization (CPU)")
 
 
 def _processing_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=["16x", "4x"], default=None, help="visual token compression (default 16x)")
-    p.add_argument("--max-slices", type=int, default=None, help="max slices per image (model card: 36)")
+    p.add_argument("--max-slices", type=_int_in(1), default=None, help="max slices per image (model card: 36)")
     p.add_argument("--think", action="store_true", help="let the model think before answering")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--max-tokens", type=_int_in(1), default=512)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -49,14 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat at /")
     _engine_args(serve)
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=_int_in(1, 65535), default=8000)
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     serve.add_argument("--served-model-name", default=None, help="the model id clients send (default: MODEL)")
-    serve.add_argument("--max-waiting", type=int, default=256, help="queued requests before 429")
+    serve.add_argument("--max-waiting", type=_int_in(1), default=256, help="queued requests before 429")
     serve.add_argument("--allowed-local-media-path", type=Path, default=None, help="file:// media allowed under it")
     serve.add_argument("--allow-private-media-urls", action="store_true", help="allow media URLs on private networks")
-    serve.add_argument("--max-image-pixels", type=int, default=None, help="refuse larger images (default 64 Mpx)")
-    serve.add_argument("--max-body-mb", type=int, default=100, help="largest request body")
+    serve.add_argument("--max-image-pixels", type=_int_in(1), default=None, help="refuse larger images (default 64 Mpx)")
+    serve.add_argument("--max-body-mb", type=_int_in(1), default=100, help="largest request body")
     serve.add_argument(
         "--demo-fallback",
         type=Path,
@@ -95,7 +109,7 @@ def _llm(args, **options):
     from minicpmv.llm import LLM
 
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
-    if getattr(args, "max_waiting", None):
+    if hasattr(args, "max_waiting"):  # serve only
         config.max_waiting = args.max_waiting
     return LLM(
         args.model, dtype=args.dtype, device=args.device, engine_config=config, quantization=args.quantization, **options
@@ -114,13 +128,14 @@ def cmd_run(args) -> int:
     for path in [*args.image, *args.video]:
         if not Path(path).is_file():
             raise MiniCPMVError(f"no such file: {path}")
+    params = _sampling(args)
     llm = _llm(args)
     content = [{"type": "image", "image": p} for p in args.image] + [{"type": "video", "video": p} for p in args.video]
     content.append({"type": "text", "text": args.question})
     start = time.perf_counter()
     result = llm.chat(
         [{"role": "user", "content": content}],
-        _sampling(args),
+        params,
         downsample_mode=args.mode,
         max_slice_nums=args.max_slices,
         enable_thinking=args.think,
@@ -172,6 +187,8 @@ def cmd_serve(args) -> int:
     from minicpmv.serve.app import ServerConfig, create_app
     from minicpmv.serve.media import MediaPolicy
 
+    if args.allowed_local_media_path is not None and not args.allowed_local_media_path.is_dir():
+        raise MiniCPMVError(f"--allowed-local-media-path {args.allowed_local_media_path} is not a directory")
     requested = args.model  # clients keep using this id, even when a demo checkpoint stands in for it
     if args.demo_fallback is not None:
         args.model = _model_or_demo(args.model, args.demo_fallback)
@@ -210,7 +227,10 @@ def cmd_download(args) -> int:
 def cmd_demo(args) -> int:
     from minicpmv.demo import write_demo_checkpoint
 
-    path = write_demo_checkpoint(args.directory, size=args.size, seed=args.seed)
+    try:
+        path = write_demo_checkpoint(args.directory, size=args.size, seed=args.seed)
+    except OSError as exc:
+        raise MiniCPMVError(f"cannot write a checkpoint to {args.directory}: {exc}") from None
     print(f"wrote a {args.size} random-weight checkpoint to {path}")
     return 0
 
@@ -218,6 +238,7 @@ def cmd_demo(args) -> int:
 def cmd_chat(args) -> int:
     from minicpmv.chat import interactive
 
+    _sampling(args)  # bad sampling flags fail before the model loads, not at every turn
     return interactive(_llm(args), args)
 
 

@@ -19,9 +19,51 @@ TEXT_MODEL_TYPE = "qwen3_5_text"
 DOWNSAMPLE_MODES = ("16x", "4x")
 
 
-def _known_fields(cls, raw: dict[str, Any]) -> dict[str, Any]:
-    names = {f.name for f in fields(cls)}
-    return {k: v for k, v in raw.items() if k in names}
+def read_json(path: Path, default: dict | None = None) -> dict:
+    """A checkpoint's JSON file, which must hold an object; ``default`` when the file is absent (if given)."""
+    if default is not None and not path.exists():
+        return default
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"no {path.name} in {path.parent}") from None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
+    except (OSError, ValueError) as exc:  # a directory, unreadable, not UTF-8
+        raise CheckpointError(f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, not {type(data).__name__}")
+    return data
+
+
+def _section(raw: dict[str, Any], key: str) -> dict[str, Any]:
+    value = raw.get(key) or {}
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{key} in config.json must be an object, not {type(value).__name__}")
+    return value
+
+
+_TYPE_CHECKS = {
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "int | None": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)),
+    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "bool": lambda v: isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "tuple[int, int]": lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(type(x) is int for x in v),
+    "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+}
+
+
+def _known_fields(cls, raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """The entries of ``raw`` that are fields of ``cls``, each checked against the field's type."""
+    out = {}
+    for f in fields(cls):
+        if f.name in raw:
+            check = _TYPE_CHECKS.get(f.type)
+            if check is not None and not check(raw[f.name]):
+                raise CheckpointError(f"{where}: {f.name} must be of type {f.type}, got {raw[f.name]!r}")
+            out[f.name] = raw[f.name]
+    return out
 
 
 def _check_model_type(raw: dict[str, Any], expected: str, where: str) -> None:
@@ -55,7 +97,7 @@ class VisionConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> VisionConfig:
         _check_model_type(raw, VISION_MODEL_TYPE, "vision_config")
-        cfg = cls(**_known_fields(cls, raw))
+        cfg = cls(**_known_fields(cls, raw, "vision_config"))
         cfg.window_kernel_size = tuple(cfg.window_kernel_size)
         if cfg.window_kernel_size[0] != cfg.window_kernel_size[1]:
             raise CheckpointError(f"window_kernel_size must be square, got {cfg.window_kernel_size}")
@@ -91,8 +133,8 @@ class TextConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> TextConfig:
         _check_model_type(raw, TEXT_MODEL_TYPE, "text_config")
-        values = _known_fields(cls, raw)
-        rope = raw.get("rope_parameters") or {}
+        values = _known_fields(cls, raw, "text_config")
+        rope = _section(raw, "rope_parameters")
         if rope.get("rope_type", "default") != "default":
             raise CheckpointError(f"unsupported rope_type {rope['rope_type']!r}: only 'default' RoPE is implemented")
         values["rope_theta"] = float(rope.get("rope_theta", raw.get("rope_theta", cls.rope_theta)))
@@ -132,9 +174,9 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
         _check_model_type(raw, MODEL_TYPE, "config.json")
-        vision = VisionConfig.from_dict(raw.get("vision_config") or {})
-        text = TextConfig.from_dict(raw.get("text_config") or {})
-        top = _known_fields(cls, raw)
+        vision = VisionConfig.from_dict(_section(raw, "vision_config"))
+        text = TextConfig.from_dict(_section(raw, "text_config"))
+        top = _known_fields(cls, raw, "config.json")
         top.pop("vision", None)
         top.pop("text", None)
         cfg = cls(vision=vision, text=text, **top)
@@ -153,9 +195,6 @@ class ModelConfig:
         if path.is_dir():
             path = path / "config.json"
         try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise CheckpointError(f"no config.json at {path}") from None
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
-        return cls.from_dict(raw)
+            return cls.from_dict(read_json(path))
+        except (TypeError, ValueError) as exc:  # e.g. a rope_theta that is not a number
+            raise CheckpointError(f"{path}: {exc}") from None

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,10 +16,11 @@ from minicpmv.checkpoint import load_model, resolve
 from minicpmv.engine.engine import Engine, EngineConfig, StepOutput
 from minicpmv.engine.sampling import SamplingParams
 from minicpmv.engine.sequence import Sequence, VisualInput
-from minicpmv.errors import InvalidInputError
+from minicpmv.config import read_json
+from minicpmv.errors import CheckpointError, InvalidInputError
 from minicpmv.processing.prompt import Processor
 from minicpmv.serve.output import OutputParser, ParsedOutput, ToolCall, aggregate
-from minicpmv.serve.tool_parser import check_tools, index_tools
+from minicpmv.serve.tool_parser import check_tool_choice, check_tools, index_tools
 
 DEFAULT_EOS = [248044, 248046]
 
@@ -38,6 +39,14 @@ class ChatOptions:
     tool_choice: str | dict | None = None  # "auto" (default with tools), "none", "required", or a named function
     parallel_tool_calls: bool = True  # False: the answer ends after its first complete tool call
     normalize_escaped_newlines: bool = False  # the model card's clean-up: literal "\\n" in content -> newline
+
+    def __post_init__(self) -> None:
+        flags = ["enable_thinking", "parallel_tool_calls", "normalize_escaped_newlines"]
+        for name in flags + (["use_image_id"] if self.use_image_id is not None else []):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidInputError(f"{name} must be True or False, got {getattr(self, name)!r}", param=name)
+        check_tools(self.tools)
+        check_tool_choice(self.tool_choice)
 
     @classmethod
     def build(cls, defaults: dict[str, Any], overrides: dict[str, Any] | None = None) -> ChatOptions:
@@ -88,6 +97,20 @@ class ChatDelta:
     result: ChatResult | None = None  # on the last delta
 
 
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise InvalidInputError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidInputError(f"device {name!r} was asked for, but no CUDA GPU is available")
+    return device
+
+
 def _auto_dtype(device: torch.device) -> str:
     if device.type == "cuda":
         return "bfloat16"
@@ -111,21 +134,24 @@ class LLM:
     ):
         """``quantization`` ("int8" / "int4", CPU) quantizes the language model's weights at load time; a checkpoint
         written by ``minicpmv.model.quant.save_quantized`` loads quantized by itself."""
+        if engine_config is not None and not isinstance(engine_config, EngineConfig):
+            raise InvalidInputError(f"engine_config must be an EngineConfig, got {type(engine_config).__name__}")
+        self.default_options = ChatOptions.build(default_options)
         directory = resolve(model)
-        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
+        dev = _device(device)
         self.dtype = _auto_dtype(dev) if dtype == "auto" else dtype
-        raw_config = json.loads((directory / "config.json").read_text())
+        raw_config = read_json(directory / "config.json")
         if dtype == "auto" and (quantization or "quantization" in raw_config):
             self.dtype = "bfloat16"  # weight-only int8 / int4 run with bf16 activations
         self.model = load_model(directory, dtype=self.dtype, device=dev, progress=progress, quantization=quantization)
         self.processor = Processor.from_dir(directory)
-        generation = {}
-        if (directory / "generation_config.json").is_file():
-            generation = json.loads((directory / "generation_config.json").read_text())
-        eos = generation.get("eos_token_id", DEFAULT_EOS)
+        self.processor.settings(**self.processing_options(self.default_options))  # bad defaults fail here, not per chat
+        eos = read_json(directory / "generation_config.json", default={}).get("eos_token_id", DEFAULT_EOS)
         self.eos_token_ids = eos if isinstance(eos, list) else [eos]
+        if not self.eos_token_ids or not all(isinstance(t, int) and 0 <= t < len(self.processor.tokenizer) for t in self.eos_token_ids):
+            raise CheckpointError(f"{directory / 'generation_config.json'}: eos_token_id must be token ids, got {eos!r}")
         self.engine = Engine(self.model, self.processor.tokenizer.backend, self.eos_token_ids, engine_config)
-        self.default_options = ChatOptions.build(default_options)
+        self._streams: dict[str, collections.deque[StepOutput]] = {}  # request id -> outputs not yet yielded
         self.name = str(model)
         self.demo = bool(raw_config.get("demo_random_weights", False))
 
@@ -134,7 +160,6 @@ class LLM:
         """Messages -> a Sequence ready for the engine (template, images, placeholders, ids)."""
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise InvalidInputError("messages must be a list of {'role': ..., 'content': ...} dicts")
-        check_tools(options.tools)
         prefix = self._forced_tool_prefix(options)
         out = self.processor(
             messages,
@@ -142,13 +167,14 @@ class LLM:
             enable_thinking=options.enable_thinking and not prefix,
             tools=options.tools,
             use_image_id=options.use_image_id,
-            downsample_mode=options.downsample_mode,
-            max_slice_nums=options.max_slice_nums,
-            max_num_frames=options.max_num_frames,
-            stack_frames=options.stack_frames,
+            **self.processing_options(options),
         )
         visuals = [self._visual("image", i) for i in out.images] + [self._visual("video", v) for v in out.videos]
-        params = params if params is not None else SamplingParams()
+        if params is None:
+            params = SamplingParams()
+        elif not isinstance(params, SamplingParams):
+            raise InvalidInputError(f"sampling_params must be a SamplingParams (or a list of them), got {type(params).__name__}")
+        params.validate()  # again: its fields may have been changed since it was made
         seq = Sequence(out.input_ids.tolist(), params, visuals)
         if prefix:
             seq.prompt_ids += self.processor.tokenizer.encode(prefix)
@@ -163,6 +189,11 @@ class LLM:
         if not parser.parses_tools:
             return None
         return lambda text: any(e.kind == "tool_call_end" for e in parser.feed(text))
+
+    @staticmethod
+    def processing_options(options: ChatOptions) -> dict[str, Any]:
+        names = ("downsample_mode", "max_slice_nums", "max_num_frames", "stack_frames")
+        return {name: getattr(options, name) for name in names}
 
     @staticmethod
     def _forced_tool_prefix(options: ChatOptions) -> str:
@@ -197,8 +228,8 @@ class LLM:
         )
 
     def _conversations(self, conversations, options: dict[str, Any]) -> list[tuple[list[dict], ChatOptions]]:
-        if isinstance(conversations, list) and conversations and isinstance(conversations[0], dict) and "role" in conversations[0]:
-            conversations = [conversations]  # a single conversation
+        if isinstance(conversations, list) and conversations and isinstance(conversations[0], dict) and "messages" not in conversations[0]:
+            conversations = [conversations]  # a single conversation (a list of messages)
         if not isinstance(conversations, list) or not conversations:
             raise InvalidInputError("give one conversation (a list of messages) or a non-empty list of them")
         base = dataclasses.asdict(self.default_options)
@@ -226,6 +257,14 @@ class LLM:
         return parser, parser.feed(seq.output_prefix) if seq.output_prefix else []
 
     # -- running ----------------------------------------------------------------------------------------------
+    def _step(self) -> list[StepOutput]:
+        """One engine step. Outputs for open streams are queued for them: streams and chat calls may interleave."""
+        outputs = self.engine.step()
+        for out in outputs:
+            if out.seq.request_id in self._streams:
+                self._streams[out.seq.request_id].append(out)
+        return outputs
+
     def chat(self, conversations, sampling_params: SamplingParams | list[SamplingParams] | None = None, **options) -> list[ChatResult]:
         """One result per conversation. All conversations run together (continuous batching)."""
         convs = self._conversations(conversations, options)
@@ -239,8 +278,8 @@ class LLM:
                 self.engine.add(seq)
                 submitted.append(seq)
             while any(s.finish_reason is None for s in seqs):
-                for out in self.engine.step():
-                    if out.error is not None:
+                for out in self._step():
+                    if out.error is not None and out.seq in seqs:
                         raise out.error
         finally:
             for seq in submitted:
@@ -280,20 +319,27 @@ class LLM:
 
         Closing the iterator early cancels the request and frees its state.
         """
-        (messages, opts), = self._conversations(messages, options)
+        convs = self._conversations(messages, options)
+        if len(convs) != 1:
+            raise InvalidInputError(f"chat_stream takes one conversation, got {len(convs)}; chat() runs several")
+        (messages, opts), = convs
         seq = self.prepare(messages, sampling_params, opts)
         parser, history = self.stream_parser(seq, opts)
         unsent = list(history)
-        self.engine.add(seq)
+        queue = self._streams[seq.request_id] = collections.deque()
         try:
-            while seq.finish_reason is None:
-                for out in self.engine.step():
-                    if out.error is not None and out.seq is seq:
-                        raise out.error
-                    if out.seq is seq:
-                        yield self.delta(seq, out, parser, opts, history, unsent)
-                        unsent = []
+            self.engine.add(seq)
+            while queue or seq.finish_reason is None:
+                if not queue:
+                    self._step()
+                    continue
+                out = queue.popleft()
+                if out.error is not None:
+                    raise out.error
+                yield self.delta(seq, out, parser, opts, history, unsent)
+                unsent = []
         finally:
+            del self._streams[seq.request_id]
             if seq.finish_reason is None:
                 self.engine.abort(seq.request_id)
 

@@ -110,6 +110,15 @@ def test_bad_config(ckpt):
     (ckpt / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         load_model(ckpt)
+    for broken, message in [
+        ("[1, 2]", "must hold a JSON object, not list"),
+        (json.dumps({**cfg, "text_config": [1]}), "text_config in config.json must be an object"),
+        (json.dumps({**cfg, "text_config": {**cfg["text_config"], "hidden_size": "64"}}), "hidden_size must be of type int"),
+        (json.dumps({**cfg, "vision_config": {**cfg["vision_config"], "window_kernel_size": 2}}), "window_kernel_size"),
+    ]:
+        (ckpt / "config.json").write_text(broken)
+        with pytest.raises(CheckpointError, match=message):
+            load_model(ckpt)
     (ckpt / "config.json").unlink()
     with pytest.raises(CheckpointError, match="no config.json"):
         load_model(ckpt)

@@ -79,7 +79,11 @@ def test_run_plain_and_4x(demo, picture):
     [
         (["run", "{demo}", "--image", "/no/such.png", "q"], 1, "no such file: /no/such.png"),
         (["run", "{demo}", "--mode", "8x", "q"], 2, "invalid choice: '8x'"),
-        (["run", "{demo}", "--max-tokens", "zero", "q"], 2, "invalid int value"),
+        (["run", "{demo}", "--max-tokens", "zero", "q"], 2, "--max-tokens: must be an integer >= 1, got 'zero'"),
+        (["run", "{demo}", "--max-num-seqs", "0", "q"], 2, "--max-num-seqs: must be an integer >= 1"),
+        (["serve", "{demo}", "--port", "99999"], 2, "--port: must be an integer in [1, 65535]"),
+        (["chat", "{demo}", "--temperature", "-1"], 1, "temperature"),
+        (["demo-checkpoint", "{demo}/config.json"], 1, "cannot write a checkpoint to"),
         (["run", "/no/such/model", "q"], 1, "not a checkpoint directory"),
         (["run", "{demo}", "--temperature", "-1", "q"], 1, "temperature"),
         (["download", "someone/nothing-here"], 1, "could not download someone/nothing-here"),
@@ -103,6 +107,15 @@ def test_interactive_chat(demo, picture):
     assert "error: no such file: /no/file.png" in out and "error: bad command '/bogus'" in out
     assert "conversation cleared" in out
     assert out.count("> ") >= 10  # one prompt per input line
+
+
+def test_interactive_chat_drops_an_unreadable_attachment(demo, tmp_path):
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("hello")
+    r = cli("chat", demo, "--max-tokens", 2, stdin=f"/image {not_an_image}\nWhat is it?\nAnd now?\n/slices 0\n/quit\n")
+    assert r.returncode == 0, r.stderr
+    assert "not a recognised image format" in r.stdout and "1 attachment(s) were dropped" in r.stdout
+    assert r.stdout.count("error:") == 2 and "/slices takes a positive integer" in r.stdout  # "And now?" was answered
 
 
 def free_port() -> int:

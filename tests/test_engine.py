@@ -241,3 +241,42 @@ def test_200_requests_through_a_small_queue(tiny_dir):
     assert all(s.state is None and not s.features for s in accepted)
     assert len(engine.scheduler) == 0 and not engine._detok and not engine._stops
     assert engine.prefix_cache.bytes <= engine.prefix_cache.max_bytes
+
+
+def test_streams_and_chat_calls_interleave_without_losing_output(llm):
+    a = llm.chat_stream(user("first"), GREEDY)
+    b = llm.chat_stream(user("second"), GREEDY)
+    got_a = [next(a)]
+    got_b = list(b)  # steps the engine for both streams; a's outputs wait for it
+    other = llm.chat(user("third"), SamplingParams(temperature=0, max_tokens=3))[0]
+    got_a += list(a)
+    ids = [t for d in got_a for t in d.token_ids]
+    assert ids == got_a[-1].result.token_ids == llm.chat(user("first"), GREEDY)[0].token_ids
+    assert got_b[-1].result.token_ids == llm.chat(user("second"), GREEDY)[0].token_ids
+    assert len(other.token_ids) == 3 and not llm._streams
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda llm: llm.chat(user("x"), {"max_tokens": 2}), "sampling_params must be a SamplingParams"),
+        (lambda llm: list(llm.chat_stream([user("a"), user("b")])), "chat_stream takes one conversation"),
+        (lambda llm: llm.chat(user("x"), enable_thinking="false"), "enable_thinking must be True or False"),
+        (lambda llm: llm.chat(user("x"), tool_choice="sometimes"), "tool_choice must be"),
+        (lambda llm: llm.chat(user("x"), tools=[{"type": "function", "function": {"name": "a<b"}}]), "function.name"),
+        (lambda llm: LLM(llm.name, max_slice_nums=0), "max_slice_nums must be a positive integer"),
+        (lambda llm: LLM(llm.name, device="tpu"), "device must be"),
+        (lambda llm: LLM(llm.name, engine_config={"max_num_seqs": 2}), "engine_config must be an EngineConfig"),
+        (lambda llm: EngineConfig(max_num_seqs=0), "max_num_seqs must be an integer >= 1"),
+    ],
+)
+def test_bad_api_input_is_a_typed_error(llm, call, message):
+    with pytest.raises(InvalidInputError, match=message):
+        call(llm)
+
+
+def test_sampling_params_changed_after_creation_are_checked_again(llm):
+    params = SamplingParams(max_tokens=4)
+    params.temperature = float("nan")
+    with pytest.raises(InvalidInputError, match="temperature"):
+        llm.chat(user("x"), params)

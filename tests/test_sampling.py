@@ -47,8 +47,8 @@ def random_logits(batch: int, vocab: int = VOCAB, seed: int = 0) -> torch.Tensor
         ("frequency_penalty", 3.0, "[-2, 2]"),
         ("frequency_penalty", float("inf"), "[-2, 2]"),
         ("seed", 1.5, "integer"),
-        ("seed", 2**64, "[-2**63, 2**64)"),  # would wrap around to another seed
-        ("seed", -(2**63) - 1, "[-2**63, 2**64)"),
+        ("seed", 2**63, "[-2**63, 2**63)"),  # would be the same seed as -2**63
+        ("seed", -(2**63) - 1, "[-2**63, 2**63)"),
         ("max_tokens", 0, ">= 1"),
         ("max_tokens", -5, ">= 1"),
         ("max_tokens", 2.0, ">= 1"),

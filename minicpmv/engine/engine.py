@@ -31,6 +31,16 @@ class EngineConfig:
     prefix_cache_bytes: int = 1 << 30
     max_model_len: int | None = None  # default: the model's max_position_embeddings
 
+    def __post_init__(self) -> None:
+        lowest = {"max_num_seqs": 1, "max_num_batched_tokens": 1, "max_waiting": 1, "vision_cache_bytes": 0,
+                  "prefix_cache_bytes": 0, "max_model_len": 2}
+        for name, low in lowest.items():
+            value = getattr(self, name)
+            if name == "max_model_len" and value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise InvalidInputError(f"{name} must be an integer >= {low}, got {value!r}", param=name)
+
 
 @dataclass
 class StepOutput:

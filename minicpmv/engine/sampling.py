@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from minicpmv.errors import InvalidInputError
 
@@ -14,7 +15,7 @@ MAX_PENALTY = 2.0
 # Below this a temperature is treated as greedy: dividing logits by it would overflow float32.
 GREEDY_TEMPERATURE = 1e-5
 FLOAT32_TINY, FLOAT32_MAX = 1.2e-38, 3.4e38
-SEED_RANGE = range(-(2**63), 2**64)  # what torch.Generator.manual_seed takes without wrapping around
+SEED_MIN, SEED_END = -(2**63), 2**63  # distinct seeds stay distinct in torch.Generator.manual_seed (mod 2**64)
 
 
 def _is_int(value: object) -> bool:
@@ -53,6 +54,10 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # numpy scalars (np.float32(0.7), np.int64(3)) become Python numbers
+            value = getattr(self, f.name)
+            if isinstance(value, numbers.Number) and not isinstance(value, (int, float)) and hasattr(value, "item"):
+                setattr(self, f.name, value.item())
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         elif self.stop is None:
@@ -94,8 +99,8 @@ class SamplingParams:
             value = getattr(self, name)
             if not _is_number(value) or not -MAX_PENALTY <= value <= MAX_PENALTY:
                 raise bad(name, f"a number in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}]")
-        if self.seed is not None and (not _is_int(self.seed) or self.seed not in SEED_RANGE):
-            raise bad("seed", "an integer in [-2**63, 2**64) or null")
+        if self.seed is not None and (not _is_int(self.seed) or not SEED_MIN <= self.seed < SEED_END):
+            raise bad("seed", "an integer in [-2**63, 2**63) or null")
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
             raise bad("max_tokens", "an integer >= 1 or null")
         if not _is_int(self.min_tokens) or self.min_tokens < 0:

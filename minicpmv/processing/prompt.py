@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from typing import Any
 
 import torch
 
+from minicpmv.config import read_json
 from minicpmv.errors import CheckpointError, ImageError, InvalidInputError, VideoError
 from minicpmv.processing.chat_template import ChatTemplate
 from minicpmv.processing.image import DownsampleMode, ImagePlan, ImageSettings, ProcessedImage, process_image
@@ -155,16 +155,13 @@ class Processor:
         directory = Path(directory)
         config: dict = {}
         video_section: dict = {}
-        for name, section in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
-            path = directory / name
-            if path.is_file():
-                try:
-                    data = json.loads(path.read_text(encoding="utf-8"))
-                except ValueError as e:
-                    raise CheckpointError(f"{path} is not valid JSON: {e}") from e
-                config.update(data.get(section, {}) if section else data)
-                if section:
-                    video_section = data.get("video_processor", {})
+        config.update(read_json(directory / "preprocessor_config.json", default={}))
+        processor = read_json(directory / "processor_config.json", default={})
+        for key in ("image_processor", "video_processor"):
+            if not isinstance(processor.get(key, {}), dict):
+                raise CheckpointError(f"{directory / 'processor_config.json'}: {key} must be an object")
+        config.update(processor.get("image_processor", {}))
+        video_section = processor.get("video_processor", {})
         return cls(
             TextTokenizer.from_dir(directory),
             ChatTemplate.from_dir(directory),
@@ -177,6 +174,25 @@ class Processor:
         """The chat template's text, with one raw `<|image_pad|>` / `<|video_pad|>` per image / video (what
         `apply_chat_template` returns)."""
         return self.template.render(collect_media(messages)[0], **kwargs)
+
+    def settings(
+        self,
+        downsample_mode: DownsampleMode | None = None,
+        max_slice_nums: int | None = None,
+        max_num_frames: int | None = None,
+        stack_frames: int | None = None,
+        video_max_slice_nums: int | None = None,
+    ) -> tuple[ImageSettings, VideoSettings]:
+        """The image and video settings with these overrides (None keeps the checkpoint's value); checked here."""
+        overrides = {"downsample_mode": downsample_mode, "max_slice_nums": max_slice_nums}
+        image = dataclasses.replace(self.image_settings, **{k: v for k, v in overrides.items() if v is not None})
+        video = self.video_settings.replace(
+            downsample_mode=downsample_mode,
+            max_slice_nums=video_max_slice_nums if video_max_slice_nums is not None else max_slice_nums,
+            max_num_frames=max_num_frames,
+            stack_frames=stack_frames,
+        )
+        return image, video
 
     def __call__(
         self,
@@ -212,14 +228,8 @@ class Processor:
         images = _media_list("image", images, part_images, text.count(tokens.image))
         videos = _media_list("video", videos, part_videos, text.count(tokens.video))
 
-        overrides = {"downsample_mode": downsample_mode, "max_slice_nums": max_slice_nums}
-        settings = dataclasses.replace(self.image_settings, **{k: v for k, v in overrides.items() if v is not None})
-        video_settings = self.video_settings.replace(
-            downsample_mode=downsample_mode,
-            max_slice_nums=video_max_slice_nums if video_max_slice_nums is not None else max_slice_nums,
-            max_num_frames=max_num_frames,
-            stack_frames=stack_frames,
-        )
+        settings, video_settings = self.settings(downsample_mode, max_slice_nums, max_num_frames, stack_frames,
+                                                 video_max_slice_nums)
         with_ids = self.use_image_id if use_image_id is None else use_image_id
 
         processed = [process_image(image, settings) for image in images]

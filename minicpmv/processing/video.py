@@ -154,6 +154,8 @@ class _Source:
         elif hasattr(video, "read"):
             self.what = "video stream"
             seekable = getattr(video, "seekable", None)
+            if isinstance(video, io.TextIOBase):
+                raise VideoError("video file objects must be opened in binary mode ('rb')")
             if callable(seekable) and seekable():
                 self.file, self.start = video, video.tell()
             else:

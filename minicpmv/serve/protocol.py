@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from minicpmv.engine.sampling import SamplingParams
+from minicpmv.serve.tool_parser import check_tool_choice
 
 
 class MMProcessorKwargs(BaseModel):
@@ -83,12 +84,8 @@ class ChatCompletionRequest(BaseModel):
     @field_validator("tool_choice")
     @classmethod
     def _tool_choice(cls, choice):
-        if choice is None or choice in ("auto", "none", "required"):
-            return choice
-        function = choice.get("function") if isinstance(choice, dict) else None
-        if isinstance(function, dict) and choice.get("type") == "function" and isinstance(function.get("name"), str):
-            return choice
-        raise ValueError("tool_choice must be 'auto', 'none', 'required' or {'type': 'function', 'function': {'name': ...}}")
+        check_tool_choice(choice)
+        return choice
 
     def sampling_params(self) -> SamplingParams:
         given = {

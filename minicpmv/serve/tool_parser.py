@@ -262,6 +262,15 @@ def check_tools(tools: Any) -> None:
             raise InvalidInputError(f"tools[{i}].function.parameters must be a JSON-schema object")
 
 
+def check_tool_choice(choice: Any) -> None:
+    if choice is None or choice in ("auto", "none", "required"):
+        return
+    function = choice.get("function") if isinstance(choice, dict) else None
+    if not (isinstance(function, dict) and choice.get("type") == "function" and isinstance(function.get("name"), str)):
+        raise InvalidInputError("tool_choice must be 'auto', 'none', 'required' or "
+                                "{'type': 'function', 'function': {'name': ...}}", param="tool_choice")
+
+
 def index_tools(tools: Iterable[dict] | None) -> dict[str, dict]:
     """name -> {parameter name -> schema}, tolerant of incomplete tool definitions."""
     out: dict[str, dict] = {}
