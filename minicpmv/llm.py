@@ -271,18 +271,22 @@ class LLM:
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(convs)
         if len(params) != len(convs):
             raise InvalidInputError(f"{len(params)} sampling params for {len(convs)} conversations")
-        seqs = [self.prepare(messages, p, opts) for (messages, opts), p in zip(convs, params)]
-        submitted = []
+        seqs: list[Sequence] = []
         try:
-            for seq in seqs:
-                self.engine.add(seq)
-                submitted.append(seq)
+            for i, ((messages, opts), p) in enumerate(zip(convs, params)):
+                try:
+                    seqs.append(self.prepare(messages, p, opts))
+                    self.engine.add(seqs[-1])
+                except InvalidInputError as exc:
+                    if len(convs) == 1:
+                        raise
+                    raise type(exc)(f"conversation {i}: {exc}", param=exc.param) from None
             while any(s.finish_reason is None for s in seqs):
                 for out in self._step():
                     if out.error is not None and out.seq in seqs:
                         raise out.error
         finally:
-            for seq in submitted:
+            for seq in seqs:  # on any failure nothing of this call stays in the engine
                 if seq.finish_reason is None:
                     self.engine.abort(seq.request_id)
         return [self.result(seq, opts) for seq, (_, opts) in zip(seqs, convs)]

@@ -268,6 +268,10 @@ def test_streams_and_chat_calls_interleave_without_losing_output(llm):
         (lambda llm: LLM(llm.name, device="tpu"), "device must be"),
         (lambda llm: LLM(llm.name, engine_config={"max_num_seqs": 2}), "engine_config must be an EngineConfig"),
         (lambda llm: EngineConfig(max_num_seqs=0), "max_num_seqs must be an integer >= 1"),
+        (lambda llm: llm.chat([user("ok"), [{"role": "user", "content": [{"type": "image", "image": "/no/such.png"}]}]]),
+         "conversation 1: .*not found"),
+        (lambda llm: llm.chat([{"role": "user", "content": [{"type": "image", "image": image(8, 8, 0), "text": "hi"}]}]),
+         "either text or image"),
     ],
 )
 def test_bad_api_input_is_a_typed_error(llm, call, message):

@@ -158,6 +158,8 @@ def _encoded(image: PIL.Image.Image, fmt: str, **kwargs) -> bytes:
 def test_bytes_match_reference_on_the_decoded_image(reference):
     data = _encoded(PIL.Image.fromarray(_rgba(500, 500)), "PNG")
     assert_matches_reference(reference, data, ImageSettings(), reference_input=PIL.Image.open(io.BytesIO(data)))
+    from_file = process_image(io.BytesIO(data))  # a binary file object reads like its bytes
+    assert torch.equal(from_file.pixel_values, process_image(data).pixel_values)
 
 
 @pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # the reference decodes with torchvision
@@ -198,8 +200,10 @@ def _truncated_png() -> bytes:
         ("https://example.com/cat.png", "remote"),
         ("data:image/png;base64,@@@", "base64"),
         (12345, "unsupported"),
+        (io.StringIO("text"), "binary mode"),
     ],
-    ids=["garbage", "truncated", "zero-pil", "zero-numpy", "float", "two-channels", "missing", "url", "bad-b64", "int"],
+    ids=["garbage", "truncated", "zero-pil", "zero-numpy", "float", "two-channels", "missing", "url", "bad-b64", "int",
+         "text-file"],
 )
 def test_bad_images_raise_image_error(bad, message):
     with pytest.raises(ImageError, match=message) as info:

@@ -277,6 +277,7 @@ def test_error_cases(clips, tmp_path):
         (tmp_path / "missing.mp4", "not found"),
         ("https://example.com/a.mp4", "remote video URLs"),
         (12345, "unsupported video input type"),
+        (io.StringIO("text"), "binary mode"),
     ]
     for source, message in cases:
         with pytest.raises(VideoError, match=message):

@@ -12,7 +12,7 @@ import io
 import os
 import warnings
 from pathlib import Path
-from typing import Union
+from typing import BinaryIO, Union
 
 import numpy as np
 import PIL.Image
@@ -23,7 +23,7 @@ from minicpmv.errors import ImageError, InvalidInputError
 
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024  # 64 megapixels (8192 x 8192)
 
-ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, PIL.Image.Image, np.ndarray]
+ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, PIL.Image.Image, np.ndarray, BinaryIO]
 
 
 def _check_size(height: int, width: int, max_pixels: int) -> None:
@@ -125,4 +125,9 @@ def load_image(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> torc
     if isinstance(source, (str, os.PathLike)):
         data, what = _read_source(source)
         return pil_to_rgb(_open_bytes(data, max_pixels, what))
+    if hasattr(source, "read"):  # a file object, as for videos
+        data = source.read()
+        if not isinstance(data, (bytes, bytearray)):
+            raise ImageError("image file objects must be opened in binary mode ('rb')")
+        return pil_to_rgb(_open_bytes(bytes(data), max_pixels, "image stream"))
     raise ImageError(f"unsupported image input type {type(source).__name__}")

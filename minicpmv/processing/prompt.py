@@ -116,6 +116,8 @@ def collect_media(messages: list[dict]) -> tuple[list[dict], list[Any], list[Any
         for part in content:
             media = media_part(part)
             if media is not None:
+                if part.get("text"):
+                    raise InvalidInputError(f"a content part is either text or {media[0]}, not both (text {part['text']!r:.40})")
                 (images if media[0] == "image" else videos).append(media[1])
                 part = {"type": media[0]}
             elif isinstance(part, Mapping) and not isinstance(part.get("text", ""), str):
