@@ -13,10 +13,10 @@ from typing import Any
 import torch
 
 from minicpmv.checkpoint import load_model, resolve
+from minicpmv.config import read_json
 from minicpmv.engine.engine import Engine, EngineConfig, StepOutput
 from minicpmv.engine.sampling import SamplingParams
 from minicpmv.engine.sequence import Sequence, VisualInput
-from minicpmv.config import read_json
 from minicpmv.errors import CheckpointError, InvalidInputError
 from minicpmv.processing.prompt import Processor
 from minicpmv.serve.output import OutputParser, ParsedOutput, ToolCall, aggregate
@@ -283,7 +283,7 @@ class LLM:
                     raise type(exc)(f"conversation {i}: {exc}", param=exc.param) from None
             while any(s.finish_reason is None for s in seqs):
                 for out in self._step():
-                    if out.error is not None and out.seq in seqs:
+                    if out.error is not None and any(out.seq is s for s in seqs):
                         raise out.error
         finally:
             for seq in seqs:  # on any failure nothing of this call stays in the engine
