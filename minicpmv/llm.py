@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from minicpmv.checkpoint import load_model, resolve
@@ -43,8 +44,11 @@ class ChatOptions:
     def __post_init__(self) -> None:
         flags = ["enable_thinking", "parallel_tool_calls", "normalize_escaped_newlines"]
         for name in flags + (["use_image_id"] if self.use_image_id is not None else []):
-            if not isinstance(getattr(self, name), bool):
-                raise InvalidInputError(f"{name} must be True or False, got {getattr(self, name)!r}", param=name)
+            value = getattr(self, name)
+            if isinstance(value, (bool, int, np.bool_)) and value in (0, 1):
+                setattr(self, name, bool(value))
+            else:
+                raise InvalidInputError(f"{name} must be True or False, got {value!r}", param=name)
         check_tools(self.tools)
         check_tool_choice(self.tool_choice)
 

@@ -165,6 +165,13 @@ def test_stop_strings_wait_for_min_tokens(llm):
     stopped = run_raw(llm, user("Say something."), SamplingParams(**varied, stop=[first], min_tokens=4))
     assert len(stopped.output_ids) >= 4 and stopped.text.startswith(first)
     assert stopped.output_ids == free.output_ids[: len(stopped.output_ids)]
+    # A stop that starts before min_tokens and completes after it still stops the output, exactly there.
+    pieces = [llm.processor.tokenizer.decode([t]) for t in free.output_ids]
+    start = len(pieces[0]) - 1
+    spanning = free.text[start : len(pieces[0]) + len(pieces[1]) + 1]
+    assert free.text.find(spanning) == start
+    cut = run_raw(llm, user("Say something."), SamplingParams(**varied, stop=[spanning], min_tokens=3))
+    assert cut.finish_reason == "stop" and cut.text == free.text[:start] and len(cut.output_ids) == 3
 
 
 def test_finish_reasons(llm):

@@ -406,6 +406,8 @@ def error_of(r, status):
             {"type": "function", "function": {"name": "get_weather", "arguments": "{oops"}}]}]}, "not valid JSON"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
         ({"max_tokens": "4"}, "max_tokens"),  # strict types
+        ({"max_tokens": 4.5}, "max_tokens"),
+        ({"tools": [WEATHER_TOOL, {"type": "custom", "custom": {"name": "grammar"}}]}, "only function tools"),
         ({"temperature": 1e39}, "temperature"),  # infinite in float32
     ],
 )
@@ -413,6 +415,15 @@ def test_bad_requests_are_400_and_the_server_keeps_serving(server, patch, needle
     body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, **patch}
     assert needle in error_of(server.post(body), 400)
     assert chat(server, [{"role": "user", "content": "Hi"}]).choices[0].finish_reason == "length"
+
+
+def test_lenient_spellings_that_clients_send_are_accepted(server):
+    tool = {"type": None, "function": {"name": "now", "parameters": None}}
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2.0, "seed": 1.0,
+            "stop_token_ids": [7.0], "tools": [tool]}
+    r = server.post(body)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] <= 2
 
 
 def test_a_bad_sampling_value_names_its_field_in_param(server):

@@ -14,7 +14,7 @@ from minicpmv.engine.runner import Runner
 from minicpmv.engine.sampler import Sampler, SampleRow, make_generator
 from minicpmv.engine.scheduler import Scheduler, SchedulerConfig
 from minicpmv.engine.sequence import Sequence, Status
-from minicpmv.engine.stops import StopCheck, StopStringMatcher
+from minicpmv.engine.stops import StopStringMatcher
 from minicpmv.errors import ContextLengthError, InvalidInputError
 from minicpmv.model.minicpmv import MiniCPMV
 from minicpmv.model.state import Snapshots
@@ -194,9 +194,8 @@ class Engine:
             seq.logprobs.append(logprob)
         params = seq.params
         detok, stops = self._detok[seq.request_id], self._stops[seq.request_id]
-        piece = detok.push(token)
-        # Before min_tokens nothing stops the output: stop ids are never sampled and stop strings are not looked for.
-        check = StopCheck(piece) if len(seq.output_ids) < params.min_tokens else stops.feed(piece)
+        # Before min_tokens nothing stops the output: stop ids are never sampled and stop strings cannot complete.
+        check = stops.feed(detok.push(token), can_stop=len(seq.output_ids) >= params.min_tokens)
         text, stopped = check.text, check.stop is not None
         reason = None
         if stopped:

@@ -26,12 +26,14 @@ class StopStringMatcher:
         self._held = ""
         self.stopped: str | None = None
 
-    def feed(self, delta: str) -> StopCheck:
+    def feed(self, delta: str, can_stop: bool = True) -> StopCheck:
+        """``can_stop`` False (before ``min_tokens``): complete stops are passed over, but the tail that may begin
+        one is still held back, so a stop that starts now and ends later is found."""
         if self.stopped is not None:
             return StopCheck("", None)
         buffer = self._held + delta
         best: tuple[int, int, str] | None = None  # (end, -length, stop)
-        for stop in self.stops:
+        for stop in self.stops if can_stop else ():
             start = buffer.find(stop)
             if start >= 0:
                 candidate = (start + len(stop), -len(stop), stop)

@@ -74,6 +74,15 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("only n=1 is supported")
         return n
 
+    @field_validator("max_tokens", "max_completion_tokens", "top_k", "min_tokens", "n", "seed", "top_logprobs",
+                     "stop_token_ids", mode="before")
+    @classmethod
+    def _whole_floats(cls, value):
+        """4.0 is the integer 4 (some clients write every number as a float); 4.5 and "4" stay errors."""
+        def whole(v):
+            return int(v) if isinstance(v, float) and v.is_integer() else v
+        return [whole(v) for v in value] if isinstance(value, list) else whole(value)
+
     @field_validator("stream_options")
     @classmethod
     def _stream_options(cls, options, info):

@@ -249,8 +249,11 @@ def check_tools(tools: Any) -> None:
         raise InvalidInputError("tools must be a list of {'type': 'function', 'function': {...}} objects")
     names: set[str] = set()
     for i, tool in enumerate(tools):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind not in (None, "function"):
+            raise InvalidInputError(f"tools[{i}]: only function tools are supported, not type {kind!r}")
         fn = tool.get("function", tool) if isinstance(tool, dict) else None
-        if not isinstance(fn, dict) or (isinstance(tool, dict) and tool.get("type", "function") != "function"):
+        if not isinstance(fn, dict):
             raise InvalidInputError(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ..., 'parameters': ...}}}}")
         name = fn.get("name")
         if not isinstance(name, str) or not name.strip() or _NAME_END.search(name) or len(name) > MAX_NAME_LEN:
@@ -258,7 +261,7 @@ def check_tools(tools: Any) -> None:
         if name in names:
             raise InvalidInputError(f"tools[{i}]: two tools are named {name!r}")
         names.add(name)
-        if not isinstance(fn.get("parameters", {}), dict):
+        if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
             raise InvalidInputError(f"tools[{i}].function.parameters must be a JSON-schema object")
 
 
