@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from minicpmv.checkpoint import load_model, resolve
 from minicpmv.config import read_json
@@ -156,6 +157,7 @@ class LLM:
             raise CheckpointError(f"{directory / 'generation_config.json'}: eos_token_id must be token ids, got {eos!r}")
         self.engine = Engine(self.model, self.processor.tokenizer.backend, self.eos_token_ids, engine_config)
         self._streams: dict[str, collections.deque[StepOutput]] = {}  # request id -> outputs not yet yielded
+        self.progress = progress  # None: progress bars on a terminal only
         self.name = str(model)
         self.demo = bool(raw_config.get("demo_random_weights", False))
 
@@ -276,6 +278,8 @@ class LLM:
         if len(params) != len(convs):
             raise InvalidInputError(f"{len(params)} sampling params for {len(convs)} conversations")
         seqs: list[Sequence] = []
+        hide = None if self.progress is None else not self.progress  # None: shown on a terminal only
+        bar = tqdm(total=len(convs), desc="conversations", unit="conv", disable=True if len(convs) == 1 else hide)
         try:
             for i, ((messages, opts), p) in enumerate(zip(convs, params)):
                 try:
@@ -289,7 +293,9 @@ class LLM:
                 for out in self._step():
                     if out.error is not None and any(out.seq is s for s in seqs):
                         raise out.error
+                bar.update(sum(s.finish_reason is not None for s in seqs) - bar.n)
         finally:
+            bar.close()
             for seq in seqs:  # on any failure nothing of this call stays in the engine
                 if seq.finish_reason is None:
                     self.engine.abort(seq.request_id)

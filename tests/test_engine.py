@@ -291,3 +291,12 @@ def test_sampling_params_changed_after_creation_are_checked_again(llm):
     params.temperature = float("nan")
     with pytest.raises(InvalidInputError, match="temperature"):
         llm.chat(user("x"), params)
+
+
+def test_a_batch_of_conversations_shows_progress(llm, monkeypatch, capsys):
+    monkeypatch.setattr(llm, "progress", True)
+    llm.chat([user(f"q{i}") for i in range(3)], SamplingParams(temperature=0, max_tokens=2))
+    err = capsys.readouterr().err
+    assert "conversations: 100%" in err and "3/3" in err
+    llm.chat(user("one"), SamplingParams(temperature=0, max_tokens=2))  # a single conversation: no bar
+    assert "conversations" not in capsys.readouterr().err
