@@ -118,9 +118,9 @@ class Engine:
         if not batch:
             return []
         prefill_tokens = sum(n for seq, n in batch if seq.prefilling)
-        # A chunk that crosses a sequence's snapshot point leaves the state there behind, from the same forward.
-        snapshots = Snapshots({i: seq.snapshot_at - seq.num_computed for i, (seq, n) in enumerate(batch)
-                               if seq.prefilling and seq.num_computed < seq.snapshot_at < seq.num_computed + n})
+        # A chunk that crosses a sequence's snapshot point leaves the state there behind, from the same forward
+        # (the model keeps the points that fall inside a chunk).
+        snapshots = Snapshots({i: seq.snapshot_at - seq.num_computed for i, (seq, _) in enumerate(batch) if seq.prefilling})
         try:
             logits = self.runner.run(batch, snapshots)
         except Exception as exc:  # a failed forward ends the sequences in it, never the engine

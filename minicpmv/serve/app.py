@@ -52,6 +52,12 @@ def status_of(exc: Exception) -> tuple[int, str]:
     return 500, "internal_error"
 
 
+def http_error(exc: MiniCPMVError) -> HTTPError:
+    """Our exception as the HTTP error it means, with the request field at fault when there is one."""
+    status, kind = status_of(exc)
+    return HTTPError(status, str(exc), kind, getattr(exc, "param", None))
+
+
 class BodyLimit:
     """ASGI middleware: 413 for request bodies over the limit, whether or not Content-Length is honest."""
 
@@ -163,8 +169,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         try:
             seq, options = await prepare(body)
         except MiniCPMVError as exc:
-            status, kind = status_of(exc)
-            raise HTTPError(status, str(exc), kind, getattr(exc, "param", None)) from None
+            raise http_error(exc) from None
         except ValueError as exc:
             raise HTTPError(400, str(exc)) from None
         if body.stream:
@@ -176,8 +181,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         try:
             result = await until_disconnect(request, run_to_end(seq, options))
         except MiniCPMVError as exc:
-            status, kind = status_of(exc)
-            raise HTTPError(status, str(exc), kind, getattr(exc, "param", None)) from None
+            raise http_error(exc) from None
         metrics.prompt_tokens += result.usage.prompt_tokens
         metrics.completion_tokens += result.usage.completion_tokens
         return responses.completion(result, config.model_name, llm, body)

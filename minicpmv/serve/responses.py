@@ -79,7 +79,7 @@ async def prepend(first, rest: AsyncIterator):
 
 async def stream_chunks(llm: LLM, engine, seq, options: ChatOptions, body: ChatCompletionRequest, model: str, metrics):
     """SSE strings. The first item is an HTTPError instead when the engine refuses the request."""
-    from minicpmv.serve.app import HTTPError, status_of
+    from minicpmv.serve.app import http_error, status_of
 
     cid, created = completion_id(), now()
     parser, history = llm.stream_parser(seq, options)
@@ -94,8 +94,7 @@ async def stream_chunks(llm: LLM, engine, seq, options: ChatOptions, body: ChatC
     try:
         await anext(generate)  # accepted by the engine
     except MiniCPMVError as exc:
-        status, kind = status_of(exc)
-        yield HTTPError(status, str(exc), kind, getattr(exc, "param", None))
+        yield http_error(exc)
         return
     yield chunk({"role": "assistant", "content": ""})
     start, last = time.perf_counter(), None
