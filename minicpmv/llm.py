@@ -21,8 +21,8 @@ from minicpmv.engine.sampling import SamplingParams
 from minicpmv.engine.sequence import Sequence, VisualInput
 from minicpmv.errors import CheckpointError, InvalidInputError
 from minicpmv.processing.prompt import Processor
-from minicpmv.serve.output import OutputParser, ParsedOutput, ToolCall, aggregate
-from minicpmv.serve.tool_parser import check_tool_choice, check_tools, index_tools
+from minicpmv.output.parser import OutputParser, ParsedOutput, ToolCall, aggregate
+from minicpmv.output.tool_calls import check_tool_choice, check_tools, index_tools
 
 DEFAULT_EOS = [248044, 248046]
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minicpmv.serve.output import (
+from minicpmv.output.parser import (
     ContentDelta,
     OutputParser,
     ParsedOutput,
@@ -21,12 +21,12 @@ from minicpmv.serve.output import (
     aggregate,
     parse_all,
 )
-from minicpmv.serve.reasoning import (
+from minicpmv.output.reasoning import (
     EscapedNewlineNormalizer,
     ReasoningParser,
     normalize_escaped_newlines,
 )
-from minicpmv.serve.tool_parser import ToolCallParser, convert_parameter, parse_complete
+from minicpmv.output.tool_calls import ToolCallParser, convert_parameter, parse_complete
 
 WS = " \t\r\n"
 

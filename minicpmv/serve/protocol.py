@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from minicpmv.engine.sampling import SamplingParams
-from minicpmv.serve.tool_parser import check_tool_choice
+from minicpmv.output.tool_calls import check_tool_choice
 
 
 class MMProcessorKwargs(BaseModel):

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterable
 
 from minicpmv.errors import InvalidInputError
-from minicpmv.serve.reasoning import ContentDelta, partial_suffix_len
+from minicpmv.output.reasoning import ContentDelta, partial_suffix_len
 
 TOOL_OPEN = "<tool_call>"
 TOOL_CLOSE = "</tool_call>"

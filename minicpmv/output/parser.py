@@ -1,7 +1,7 @@
 """One output parser for the Python API and the HTTP server, streaming and non-streaming alike.
 
-:class:`OutputParser` chains :class:`~minicpmv.serve.reasoning.ReasoningParser` (think block first) and, on the
-content part only, :class:`~minicpmv.serve.tool_parser.ToolCallParser`. Tool XML stays plain content when no tools
+:class:`OutputParser` chains :class:`~minicpmv.output.reasoning.ReasoningParser` (think block first) and, on the
+content part only, :class:`~minicpmv.output.tool_calls.ToolCallParser`. Tool XML stays plain content when no tools
 were given or ``tool_choice`` is ``"none"``; tool XML inside the reasoning is always reasoning. With
 ``normalize_newlines`` the escaped-newline normalisation is applied to the final content text (after tool parsing,
 so tool arguments are never touched; it works within each run of content between tool-call events).
@@ -18,14 +18,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from minicpmv.serve.reasoning import (
+from minicpmv.output.reasoning import (
     ContentDelta,
     EscapedNewlineNormalizer,
     ReasoningDelta,
     ReasoningParser,
     normalize_escaped_newlines,
 )
-from minicpmv.serve.tool_parser import (
+from minicpmv.output.tool_calls import (
     ToolCall,
     ToolCallAbort,
     ToolCallArgsDelta,
