@@ -14,12 +14,11 @@ HELP = """commands:
   /help            this text                                 /quit         leave (or Ctrl-D)"""
 
 
-def interactive(llm, args, stdin=sys.stdin, out=sys.stdout) -> int:
-    from minicpmv.cli import _sampling
-
+def interactive(llm, params, options: dict, stdin=sys.stdin, out=sys.stdout) -> int:
+    """Chat on ``stdin`` / ``out`` with ``params`` (SamplingParams) and chat ``options``, which commands change."""
     history: list[dict] = []
     pending: list[dict] = []
-    options = {"enable_thinking": args.think, "downsample_mode": args.mode, "max_slice_nums": args.max_slices}
+    options = dict(options)
     if llm.demo:
         print("WARNING: demo checkpoint with RANDOM weights: answers are noise.", file=sys.stderr)
     print("minicpmv chat. /help for commands.", file=out)
@@ -65,7 +64,7 @@ def interactive(llm, args, stdin=sys.stdin, out=sys.stdout) -> int:
         try:
             result = None
             thinking = False
-            for delta in llm.chat_stream(history + [message], _sampling(args), **options):
+            for delta in llm.chat_stream(history + [message], params, **options):
                 if delta.reasoning:
                     if not thinking:
                         print("[thinking] ", end="", file=out)

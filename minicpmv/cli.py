@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from minicpmv.errors import MiniCPMVError
+from minicpmv.processing.options import DOWNSAMPLE_MODES, RANGES, ProcessingOptions
 
 
 def _int_in(low: int, high: int | None = None):
@@ -36,9 +37,25 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def _processing_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mode", choices=["16x", "4x"], default=None, help="visual token compression (default 16x)")
-    p.add_argument("--max-slices", type=_int_in(1), default=None, help="max slices per image (model card: 36)")
+    low, high = RANGES["max_slice_nums"]
+    p.add_argument("--mode", dest="downsample_mode", choices=DOWNSAMPLE_MODES, default=None,
+                   help="visual token compression (default 16x)")
+    p.add_argument("--max-slices", dest="max_slice_nums", type=_int_in(low, high), default=None,
+                   help="max slices per image (model card: 36)")
+    low, high = RANGES["max_num_frames"]
+    p.add_argument("--max-frames", dest="max_num_frames", type=_int_in(low, high), default=None,
+                   help="frames sampled from a video (default 128)")
+    low, high = RANGES["stack_frames"]
+    p.add_argument("--stack-frames", dest="stack_frames", type=_int_in(low, high), default=None,
+                   help="3 or 5: pack sub-second video frames into one canvas")
+    p.add_argument("--no-image-id", dest="use_image_id", action="store_const", const=False, default=None,
+                   help="do not number images and videos in the prompt (model card: off for video)")
     p.add_argument("--think", action="store_true", help="let the model think before answering")
+
+
+def _processing(args) -> dict:
+    """The processing flags as ProcessingOptions fields (None: the checkpoint's setting)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(ProcessingOptions)}
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -133,13 +150,7 @@ def cmd_run(args) -> int:
     content = [{"type": "image", "image": p} for p in args.image] + [{"type": "video", "video": p} for p in args.video]
     content.append({"type": "text", "text": args.question})
     start = time.perf_counter()
-    result = llm.chat(
-        [{"role": "user", "content": content}],
-        params,
-        downsample_mode=args.mode,
-        max_slice_nums=args.max_slices,
-        enable_thinking=args.think,
-    )[0]
+    result = llm.chat([{"role": "user", "content": content}], params, enable_thinking=args.think, **_processing(args))[0]
     elapsed = time.perf_counter() - start
     if args.json:
         out = {
@@ -207,7 +218,10 @@ def cmd_serve(args) -> int:
     )
     app = create_app(llm, config)
     print(f"serving {config.model_name} on http://{args.host}:{args.port}  (web chat at /)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        llm.close()
     return 0
 
 
@@ -238,8 +252,8 @@ def cmd_demo(args) -> int:
 def cmd_chat(args) -> int:
     from minicpmv.chat import interactive
 
-    _sampling(args)  # bad sampling flags fail before the model loads, not at every turn
-    return interactive(_llm(args), args)
+    params = _sampling(args)  # bad sampling flags fail before the model loads, not at every turn
+    return interactive(_llm(args), params, {"enable_thinking": args.think, **_processing(args)})
 
 
 COMMANDS = {"serve": cmd_serve, "run": cmd_run, "chat": cmd_chat, "download": cmd_download, "demo-checkpoint": cmd_demo}

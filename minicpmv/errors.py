@@ -31,3 +31,7 @@ class ContextLengthError(InvalidInputError):
 
 class QueueFullError(MiniCPMVError):
     """The engine's waiting queue is full; the request was not accepted."""
+
+
+class EngineClosedError(MiniCPMVError):
+    """The engine was shut down (the server is stopping); the request did not finish."""

@@ -1,41 +1,38 @@
-"""The public Python API: ``LLM(model).chat(messages)`` and ``chat_stream``. The server and the CLI use only this."""
+"""The public Python API: ``LLM(model).chat(messages)`` and ``chat_stream``; the server, the CLI and batch jobs use
+only this. The ``LLM`` owns the engine and the one thread that steps it (``engine/loop.py``): ``submit`` / ``outputs``
+/ ``abort`` may be called from any thread, so ``chat`` calls, streams and a server can share one model."""
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import hashlib
-from collections.abc import Callable, Iterator
+import queue
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from minicpmv.checkpoint import load_model, resolve
 from minicpmv.config import read_json
 from minicpmv.engine.engine import Engine, EngineConfig, StepOutput
+from minicpmv.engine.loop import EngineLoop, Sink
 from minicpmv.engine.sampling import SamplingParams
 from minicpmv.engine.sequence import Sequence, VisualInput
 from minicpmv.errors import CheckpointError, InvalidInputError
+from minicpmv.output.events import ContentDelta, Event, ReasoningDelta, ToolCall, aggregate
+from minicpmv.output.parser import OutputParser
+from minicpmv.output.tools import check_tool_choice, check_tools, index_tools
+from minicpmv.processing.options import ProcessingOptions, as_flag
 from minicpmv.processing.prompt import Processor
-from minicpmv.output.parser import OutputParser, ParsedOutput, ToolCall, aggregate
-from minicpmv.output.tool_calls import check_tool_choice, check_tools, index_tools
-
-DEFAULT_EOS = [248044, 248046]
 
 
 @dataclass
-class ChatOptions:
-    """Per-conversation processing options (the model card's knobs)."""
+class ChatOptions(ProcessingOptions):
+    """Per-conversation options: the processing knobs, plus how the answer is prompted and read."""
 
-    downsample_mode: str | None = None  # "16x" (default) or "4x"
-    max_slice_nums: int | None = None
-    use_image_id: bool | None = None
-    max_num_frames: int | None = None
-    stack_frames: int | None = None
     enable_thinking: bool = False
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None  # "auto" (default with tools), "none", "required", or a named function
@@ -43,15 +40,16 @@ class ChatOptions:
     normalize_escaped_newlines: bool = False  # the model card's clean-up: literal "\\n" in content -> newline
 
     def __post_init__(self) -> None:
-        flags = ["enable_thinking", "parallel_tool_calls", "normalize_escaped_newlines"]
-        for name in flags + (["use_image_id"] if self.use_image_id is not None else []):
-            value = getattr(self, name)
-            if isinstance(value, (bool, int, np.bool_)) and value in (0, 1):
-                setattr(self, name, bool(value))
-            else:
-                raise InvalidInputError(f"{name} must be True or False, got {value!r}", param=name)
+        super().__post_init__()
+        for name in ("enable_thinking", "parallel_tool_calls", "normalize_escaped_newlines"):
+            setattr(self, name, as_flag(name, getattr(self, name)))
         check_tools(self.tools)
         check_tool_choice(self.tool_choice)
+
+    @property
+    def prompt_tools(self) -> list[dict] | None:
+        """The tools the model is shown: none with ``tool_choice: "none"``."""
+        return None if self.tool_choice == "none" else self.tools
 
     @classmethod
     def build(cls, defaults: dict[str, Any], overrides: dict[str, Any] | None = None) -> ChatOptions:
@@ -90,12 +88,12 @@ class ChatResult:
 
 @dataclass
 class ChatDelta:
-    """A piece of a streamed answer; ``events`` are the output parser's typed events for this piece."""
+    """A piece of a streamed answer: the output parser's events for it (``text`` / ``reasoning`` joined from them)."""
 
     request_id: str
     text: str = ""
     reasoning: str = ""
-    events: list = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     usage: Usage | None = None
@@ -150,31 +148,37 @@ class LLM:
             self.dtype = "bfloat16"  # weight-only int8 / int4 run with bf16 activations
         self.model = load_model(directory, dtype=self.dtype, device=dev, progress=progress, quantization=quantization)
         self.processor = Processor.from_dir(directory)
-        self.processor.settings(**self.processing_options(self.default_options))  # bad defaults fail here, not per chat
-        eos = read_json(directory / "generation_config.json", default={}).get("eos_token_id", DEFAULT_EOS)
+        self.processor.settings(self.default_options)  # bad defaults fail here, not per chat
+        tokenizer = self.processor.tokenizer
+        eos = read_json(directory / "generation_config.json", default={}).get("eos_token_id", tokenizer.default_stop_ids)
         self.eos_token_ids = eos if isinstance(eos, list) else [eos]
-        if not self.eos_token_ids or not all(isinstance(t, int) and 0 <= t < len(self.processor.tokenizer) for t in self.eos_token_ids):
+        if not self.eos_token_ids or not all(isinstance(t, int) and 0 <= t < len(tokenizer) for t in self.eos_token_ids):
             raise CheckpointError(f"{directory / 'generation_config.json'}: eos_token_id must be token ids, got {eos!r}")
-        self.engine = Engine(self.model, self.processor.tokenizer.backend, self.eos_token_ids, engine_config)
-        self._streams: dict[str, collections.deque[StepOutput]] = {}  # request id -> outputs not yet yielded
+        self.engine = Engine(self.model, tokenizer.backend, self.eos_token_ids, tokenizer.im_start_id, engine_config)
+        self._loop = EngineLoop(self.engine)
         self.progress = progress  # None: progress bars on a terminal only
         self.name = str(model)
         self.demo = bool(raw_config.get("demo_random_weights", False))
 
+    def close(self) -> None:
+        """Stop the engine thread (requests still running end with an error)."""
+        self._loop.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # -- building requests ------------------------------------------------------------------------------------
     def prepare(self, messages: list[dict], params: SamplingParams | None, options: ChatOptions) -> Sequence:
-        """Messages -> a Sequence ready for the engine (template, images, placeholders, ids)."""
+        """Messages -> a Sequence ready for the engine (template, images, placeholders, ids, its output parser)."""
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise InvalidInputError("messages must be a list of {'role': ..., 'content': ...} dicts")
+        tools = options.prompt_tools
         prefix = self._forced_tool_prefix(options)
-        out = self.processor(
-            messages,
-            # A forced tool call starts right after the generation prompt, so there is no thinking block.
-            enable_thinking=options.enable_thinking and not prefix,
-            tools=options.tools,
-            use_image_id=options.use_image_id,
-            **self.processing_options(options),
-        )
+        thinking = options.enable_thinking and not prefix  # a forced call starts right after the prompt: no thinking
+        out = self.processor(messages, enable_thinking=thinking, tools=tools, options=options.processing())
         visuals = [self._visual("image", i) for i in out.images] + [self._visual("video", v) for v in out.videos]
         if params is None:
             params = SamplingParams()
@@ -182,24 +186,13 @@ class LLM:
             raise InvalidInputError(f"sampling_params must be a SamplingParams (or a list of them), got {type(params).__name__}")
         params.validate()  # again: its fields may have been changed since it was made
         seq = Sequence(out.input_ids.tolist(), params, visuals)
+        seq.parser = OutputParser(thinking, tools, normalize_newlines=options.normalize_escaped_newlines)
+        seq.stop_after_tool_call = not options.parallel_tool_calls and seq.parser.parses_tools
         if prefix:
             seq.prompt_ids += self.processor.tokenizer.encode(prefix)
             seq.output_prefix = prefix
-        if not options.parallel_tool_calls:
-            seq.ends_output = self._after_first_tool_call(seq, options)
+            seq.events = seq.parser.feed(prefix)  # the answer's first events come from the prompt
         return seq
-
-    def _after_first_tool_call(self, seq: Sequence, options: ChatOptions) -> Callable[[str], bool] | None:
-        """An ``ends_output`` hook that is true once the output holds one complete tool call."""
-        parser, _ = self.stream_parser(seq, options)
-        if not parser.parses_tools:
-            return None
-        return lambda text: any(e.kind == "tool_call_end" for e in parser.feed(text))
-
-    @staticmethod
-    def processing_options(options: ChatOptions) -> dict[str, Any]:
-        names = ("downsample_mode", "max_slice_nums", "max_num_frames", "stack_frames")
-        return {name: getattr(options, name) for name in names}
 
     @staticmethod
     def _forced_tool_prefix(options: ChatOptions) -> str:
@@ -213,8 +206,7 @@ class LLM:
             raise InvalidInputError(f"tool_choice {choice!r} needs a non-empty tools list (functions with names)")
         if choice == "required":
             return "<tool_call>\n<function="
-        function = choice.get("function") if isinstance(choice, dict) else None
-        name = function.get("name") if isinstance(function, dict) else None
+        name = choice["function"]["name"]
         if name not in names:
             raise InvalidInputError(f"tool_choice names function {name!r}, which is not among the tools {names}")
         return f"<tool_call>\n<function={name}>\n"
@@ -249,27 +241,31 @@ class LLM:
                 out.append((conv, ChatOptions.build(base, options)))
         return out
 
-    def parser(self, options: ChatOptions) -> OutputParser:
-        return OutputParser(
-            starts_in_reasoning=options.enable_thinking and not self._forced_tool_prefix(options),
-            tools=options.tools,
-            tool_choice_none=options.tool_choice == "none",
-            normalize_newlines=options.normalize_escaped_newlines,
-        )
+    # -- running (thread-safe) --------------------------------------------------------------------------------
+    def submit(self, seq: Sequence, sink: Sink) -> None:
+        """Hand ``seq`` to the engine thread; ``sink`` gets None (accepted), its outputs, or one exception."""
+        self._loop.submit(seq, sink)
 
-    def stream_parser(self, seq: Sequence, options: ChatOptions) -> tuple[OutputParser, list]:
-        """A parser for a streamed answer, already fed the forced prefix; returns it and the prefix's events."""
-        parser = self.parser(options)
-        return parser, parser.feed(seq.output_prefix) if seq.output_prefix else []
+    def abort(self, request_id: str) -> None:
+        self._loop.abort(request_id)
 
-    # -- running ----------------------------------------------------------------------------------------------
-    def _step(self) -> list[StepOutput]:
-        """One engine step. Outputs for open streams are queued for them: streams and chat calls may interleave."""
-        outputs = self.engine.step()
-        for out in outputs:
-            if out.seq.request_id in self._streams:
-                self._streams[out.seq.request_id].append(out)
-        return outputs
+    def outputs(self, seq: Sequence) -> Iterator[StepOutput]:
+        """Run ``seq``, yielding its outputs as they come; a refusal or failure is raised. Leaving early aborts it."""
+        inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.submit(seq, inbox.put)
+        done = False
+        try:
+            while not done:
+                item = inbox.get()
+                if isinstance(item, Exception):
+                    done = True
+                    raise item
+                if item is not None:
+                    done = item.finished
+                    yield item
+        finally:
+            if not done:
+                self.abort(seq.request_id)
 
     def chat(self, conversations, sampling_params: SamplingParams | list[SamplingParams] | None = None, **options) -> list[ChatResult]:
         """One result per conversation. All conversations run together (continuous batching)."""
@@ -277,33 +273,63 @@ class LLM:
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(convs)
         if len(params) != len(convs):
             raise InvalidInputError(f"{len(params)} sampling params for {len(convs)} conversations")
-        seqs: list[Sequence] = []
+        seqs = []
+        for i, ((messages, opts), p) in enumerate(zip(convs, params)):
+            try:
+                seqs.append(self.prepare(messages, p, opts))
+            except InvalidInputError as exc:
+                raise _in_conversation(exc, i, len(convs)) from None
+        inbox: queue.SimpleQueue = queue.SimpleQueue()
         hide = None if self.progress is None else not self.progress  # None: shown on a terminal only
         bar = tqdm(total=len(convs), desc="conversations", unit="conv", disable=True if len(convs) == 1 else hide)
         try:
-            for i, ((messages, opts), p) in enumerate(zip(convs, params)):
-                try:
-                    seqs.append(self.prepare(messages, p, opts))
-                    self.engine.add(seqs[-1])
-                except InvalidInputError as exc:
-                    if len(convs) == 1:
-                        raise
-                    raise type(exc)(f"conversation {i}: {exc}", param=exc.param) from None
-            while any(s.finish_reason is None for s in seqs):
-                for out in self._step():
-                    if out.error is not None and any(out.seq is s for s in seqs):
-                        raise out.error
-                bar.update(sum(s.finish_reason is not None for s in seqs) - bar.n)
+            for i, seq in enumerate(seqs):
+                self.submit(seq, lambda item, i=i: inbox.put((i, item)))
+            pending = len(seqs)
+            while pending:
+                i, item = inbox.get()
+                if isinstance(item, Exception):
+                    raise _in_conversation(item, i, len(convs))
+                if item is not None and item.finished:
+                    pending -= 1
+                    bar.update(1)
         finally:
             bar.close()
             for seq in seqs:  # on any failure nothing of this call stays in the engine
                 if seq.finish_reason is None:
-                    self.engine.abort(seq.request_id)
-        return [self.result(seq, opts) for seq, (_, opts) in zip(seqs, convs)]
+                    self.abort(seq.request_id)
+        return [self.result(seq) for seq in seqs]
 
-    def result(self, seq: Sequence, options: ChatOptions, parsed: ParsedOutput | None = None) -> ChatResult:
-        """The final result; ``parsed`` is what a stream's events added up to (same ids as streamed)."""
-        parsed = parsed or self.parser(options).parse_all(seq.output_prefix + seq.text)
+    def chat_stream(self, messages: list[dict], sampling_params: SamplingParams | None = None, **options) -> Iterator[ChatDelta]:
+        """Yield text / reasoning / tool-call deltas as tokens are generated; the last delta has the result.
+
+        Closing the iterator early cancels the request and frees its state.
+        """
+        convs = self._conversations(messages, options)
+        if len(convs) != 1:
+            raise InvalidInputError(f"chat_stream takes one conversation, got {len(convs)}; chat() runs several")
+        (messages, opts), = convs
+        seq = self.prepare(messages, sampling_params, opts)
+        if seq.events:
+            yield self.delta(seq, None)
+        for out in self.outputs(seq):
+            yield self.delta(seq, out)
+
+    def delta(self, seq: Sequence, out: StepOutput | None) -> ChatDelta:
+        """One engine output as a delta; ``out`` None: the events the prompt gave the answer (a forced call's start)."""
+        events = out.events if out is not None else list(seq.events)
+        delta = ChatDelta(seq.request_id, events=events, token_ids=out.token_ids if out is not None else [])
+        delta.text = "".join(e.text for e in events if isinstance(e, ContentDelta))
+        delta.reasoning = "".join(e.text for e in events if isinstance(e, ReasoningDelta))
+        if out is not None and out.finished:
+            delta.result = self.result(seq)
+            delta.finish_reason = delta.result.finish_reason
+            delta.usage = delta.result.usage
+        return delta
+
+    def result(self, seq: Sequence) -> ChatResult:
+        """The final result: the fold of every event the sequence's parser emitted (what a stream sent)."""
+        parsed = aggregate(seq.events)
         reason = seq.finish_reason
         if parsed.tool_calls and reason == "stop":
             reason = "tool_calls"
@@ -328,52 +354,9 @@ class LLM:
             cached_tokens=seq.num_cached,
         )
 
-    def chat_stream(self, messages: list[dict], sampling_params: SamplingParams | None = None, **options) -> Iterator[ChatDelta]:
-        """Yield text / reasoning / tool-call deltas as tokens are generated; the last delta has the result.
 
-        Closing the iterator early cancels the request and frees its state.
-        """
-        convs = self._conversations(messages, options)
-        if len(convs) != 1:
-            raise InvalidInputError(f"chat_stream takes one conversation, got {len(convs)}; chat() runs several")
-        (messages, opts), = convs
-        seq = self.prepare(messages, sampling_params, opts)
-        parser, history = self.stream_parser(seq, opts)
-        unsent = list(history)
-        queue = self._streams[seq.request_id] = collections.deque()
-        try:
-            self.engine.add(seq)
-            while queue or seq.finish_reason is None:
-                if not queue:
-                    self._step()
-                    continue
-                out = queue.popleft()
-                if out.error is not None:
-                    raise out.error
-                yield self.delta(seq, out, parser, opts, history, unsent)
-                unsent = []
-        finally:
-            del self._streams[seq.request_id]
-            if seq.finish_reason is None:
-                self.engine.abort(seq.request_id)
-
-    def delta(
-        self, seq: Sequence, out: StepOutput, parser: OutputParser, options: ChatOptions, history: list, unsent: list
-    ) -> ChatDelta:
-        """One engine output as parsed events (after ``unsent`` earlier ones); ``history`` collects them all."""
-        new = parser.feed(out.text) if out.text else []
-        if out.finished:
-            new += parser.finish()
-        history.extend(new)
-        events = unsent + new
-        delta = ChatDelta(seq.request_id, events=events, token_ids=out.token_ids)
-        for event in events:
-            if event.kind == "content":
-                delta.text += event.text
-            elif event.kind == "reasoning":
-                delta.reasoning += event.text
-        if out.finished:
-            delta.result = self.result(seq, options, aggregate(history))
-            delta.finish_reason = delta.result.finish_reason
-            delta.usage = delta.result.usage
-        return delta
+def _in_conversation(exc: Exception, i: int, total: int) -> Exception:
+    """A typed error of conversation ``i`` of a batch says which conversation it was."""
+    if total == 1 or not isinstance(exc, InvalidInputError):
+        return exc
+    return type(exc)(f"conversation {i}: {exc}", param=exc.param)

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from minicpmv.engine.engine import EngineConfig
+from minicpmv.engine.engine import Engine, EngineConfig
 from minicpmv.engine.sampling import SamplingParams
 from minicpmv.engine.sequence import Sequence
 from minicpmv.errors import ContextLengthError, InvalidInputError, QueueFullError
-from minicpmv.llm import LLM
-from tests.tiny import reference_checkpoint
+from minicpmv.llm import LLM, ChatOptions
+from tests.tiny import eventually, reference_checkpoint
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
@@ -110,9 +110,14 @@ def test_second_turn_reuses_prefix_state_and_image_features(llm, tiny_dir):
     assert second.token_ids == cold.token_ids
 
 
+def own_engine(llm, **config) -> Engine:
+    """An engine of its own over the LLM's model, stepped by the test (the LLM's engine belongs to its thread)."""
+    tok = llm.processor.tokenizer
+    return Engine(llm.model, tok.backend, llm.eos_token_ids, tok.im_start_id, EngineConfig(**config))
+
+
 def test_a_prompt_runs_in_one_forward_and_leaves_its_turn_start_state(llm):
-    engine = llm.engine
-    engine.prefix_cache.clear()
+    engine = own_engine(llm)
     seq = llm.prepare(user("Hi there"), SamplingParams(temperature=0, max_tokens=1), llm.default_options)
     engine.add(seq)
     steps = 0
@@ -133,11 +138,10 @@ def test_seeded_sampling_is_reproducible(llm):
 
 
 def run_raw(llm, messages, params) -> Sequence:
-    """Run one request on the engine directly; its ``text`` is the raw detokenized output."""
+    """Run one request; its ``text`` is the raw detokenized output."""
     seq = llm.prepare(messages, params, llm.default_options)
-    llm.engine.add(seq)
-    while seq.finish_reason is None:
-        llm.engine.step()
+    for _ in llm.outputs(seq):
+        pass
     return seq
 
 
@@ -205,8 +209,8 @@ def test_cancelled_stream_frees_its_state(llm):
     seq = next(iter(llm.engine.scheduler.running))
     assert seq.state is not None
     stream.close()
-    assert seq.finish_reason == "abort" and seq.state is None
-    assert len(llm.engine.scheduler) == 0
+    assert eventually(lambda: seq.finish_reason == "abort")
+    assert seq.state is None and len(llm.engine.scheduler) == 0
 
 
 def test_stream_deltas_join_to_the_final_text(llm):
@@ -246,7 +250,7 @@ def test_200_requests_through_a_small_queue(tiny_dir):
     assert rejected > 0 and len(accepted) + rejected == 200
     assert all(s.finish_reason == "length" and 1 <= len(s.output_ids) <= 5 for s in accepted)
     assert all(s.state is None and not s.features for s in accepted)
-    assert len(engine.scheduler) == 0 and not engine._detok and not engine._stops
+    assert len(engine.scheduler) == 0
     assert engine.prefix_cache.bytes <= engine.prefix_cache.max_bytes
 
 
@@ -260,7 +264,7 @@ def test_streams_and_chat_calls_interleave_without_losing_output(llm):
     ids = [t for d in got_a for t in d.token_ids]
     assert ids == got_a[-1].result.token_ids == llm.chat(user("first"), GREEDY)[0].token_ids
     assert got_b[-1].result.token_ids == llm.chat(user("second"), GREEDY)[0].token_ids
-    assert len(other.token_ids) == 3 and not llm._streams
+    assert len(other.token_ids) == 3
 
 
 @pytest.mark.parametrize(
@@ -271,7 +275,7 @@ def test_streams_and_chat_calls_interleave_without_losing_output(llm):
         (lambda llm: llm.chat(user("x"), enable_thinking="false"), "enable_thinking must be True or False"),
         (lambda llm: llm.chat(user("x"), tool_choice="sometimes"), "tool_choice must be"),
         (lambda llm: llm.chat(user("x"), tools=[{"type": "function", "function": {"name": "a<b"}}]), "function.name"),
-        (lambda llm: LLM(llm.name, max_slice_nums=0), "max_slice_nums must be a positive integer"),
+        (lambda llm: LLM(llm.name, max_slice_nums=0), "max_slice_nums must be an integer in"),
         (lambda llm: LLM(llm.name, device="tpu"), "device must be"),
         (lambda llm: LLM(llm.name, engine_config={"max_num_seqs": 2}), "engine_config must be an EngineConfig"),
         (lambda llm: EngineConfig(max_num_seqs=0), "max_num_seqs must be an integer >= 1"),
@@ -300,3 +304,12 @@ def test_a_batch_of_conversations_shows_progress(llm, monkeypatch, capsys):
     assert "conversations: 100%" in err and "3/3" in err
     llm.chat(user("one"), SamplingParams(temperature=0, max_tokens=2))  # a single conversation: no bar
     assert "conversations" not in capsys.readouterr().err
+
+
+def test_tool_choice_none_shows_the_model_no_tools(llm):
+    tools = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+    none = llm.prepare(user("x"), None, ChatOptions(tools=tools, tool_choice="none"))
+    plain = llm.prepare(user("x"), None, ChatOptions())
+    auto = llm.prepare(user("x"), None, ChatOptions(tools=tools))
+    assert none.prompt_ids == plain.prompt_ids != auto.prompt_ids
+    assert not none.parser.parses_tools and auto.parser.parses_tools

@@ -9,24 +9,19 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minicpmv.output.parser import (
+from minicpmv.output.events import (
     ContentDelta,
-    OutputParser,
     ParsedOutput,
     ReasoningDelta,
-    ToolCallAbort,
     ToolCallArgsDelta,
     ToolCallEnd,
     ToolCallStart,
     aggregate,
-    parse_all,
 )
-from minicpmv.output.reasoning import (
-    EscapedNewlineNormalizer,
-    ReasoningParser,
-    normalize_escaped_newlines,
-)
-from minicpmv.output.tool_calls import ToolCallParser, convert_parameter, parse_complete
+from minicpmv.output.parser import OutputParser
+from minicpmv.output.reasoning import EscapedNewlineNormalizer, ReasoningParser, normalize_escaped_newlines
+from minicpmv.output.tool_calls import ToolCallParser
+from minicpmv.output.tools import convert_parameter
 
 WS = " \t\r\n"
 
@@ -54,6 +49,7 @@ TOOLS = [
             "mode": {"enum": ["fast", "slow"]},
         },
     }}},
+    {"type": "function", "function": {"name": "now"}},
 ]
 SCHEMA_TYPES = {
     "get_weather": {"city": "string", "days": "integer", "temp": "number", "metric": "boolean", "note": "null",
@@ -73,6 +69,16 @@ def render_call(name: str, args: dict, renders: dict | None = None) -> str:
         text = renders[k] if renders and k in renders else (json.dumps(v) if isinstance(v, (dict, list)) else str(v))
         out += f"<parameter={k}>\n{text}\n</parameter>\n"
     return out + "</function>\n</tool_call>"
+
+
+def parse_all(text: str, thinking: bool, tools=None, *, normalize_newlines=False, id_factory=None) -> ParsedOutput:
+    return OutputParser(thinking, tools, normalize_newlines=normalize_newlines, id_factory=id_factory).parse_all(text)
+
+
+def parse_complete(text: str, tools, id_factory=None) -> tuple[str | None, list]:
+    """The tool-call parser alone over a whole text: (content, complete calls)."""
+    p = aggregate(run_stream(ToolCallParser(tools, id_factory=id_factory), [text]))
+    return p.content, p.tool_calls
 
 
 def run_stream(parser, chunks):
@@ -165,8 +171,7 @@ def test_normalize_escaped_newlines():
 def test_normalize_flag_touches_content_only():
     p = parse_all("r\\n1\n</think>\n\nline1\\nline2", True, normalize_newlines=True)
     assert (p.reasoning, p.content) == ("r\\n1", "line1\nline2")
-    r = ReasoningParser(True, normalize_newlines=True)
-    events = run_stream(r, list("x</think>a\\nb\\"))
+    events = run_stream(OutputParser(True, normalize_newlines=True), list("x</think>a\\nb\\"))
     assert aggregate(events).content == "a\nb\\"
     text = "See\\nbelow" + render_call("run_code", {"code": 'print("a\\nb")'})
     p = parse_all(text, False, TOOLS, normalize_newlines=True)
@@ -192,8 +197,8 @@ def test_one_call_streams_start_then_fragments():
         new = parser.feed(ch)
         if any(isinstance(e, ToolCallStart) for e in new):  # as soon as the name is complete
             assert events == [] and fed.endswith("<function=get_weather>")
-        if any(isinstance(e, ToolCallArgsDelta) for e in new):  # as soon as a parameter closes
-            assert fed.endswith("</parameter>") or fed.endswith("</function>")
+        if any(isinstance(e, ToolCallArgsDelta) for e in new):  # once the tag after a value shows it ended
+            assert fed.endswith(("</parameter>\n<parameter=", "</parameter>\n</function>", "</function>"))
         events += new
     events += parser.finish()
     assert events == [
@@ -274,60 +279,90 @@ def test_convert_parameter(raw, schema, expected):
     assert v == expected and type(v) is type(expected)
 
 
-def test_unknown_tool_and_unknown_parameter_are_guessed():
-    text = render_call("not_a_tool", {"a": "1", "b": "text", "c": '{"x": [true]}'})
-    _, calls = parse_complete(text, TOOLS)
-    assert (calls[0].name, calls[0].arguments) == ("not_a_tool", {"a": 1, "b": "text", "c": {"x": [True]}})
+def test_unknown_tool_stays_text_unknown_parameter_is_guessed():
+    text = render_call("not_a_tool", {"a": "1"})
+    assert parse_complete(text, TOOLS) == (text, [])
     _, calls = parse_complete(render_call("get_weather", {"city": "7", "extra": "7"}), TOOLS)
     assert calls[0].arguments == {"city": "7", "extra": 7}
-    _, calls = parse_complete(render_call("get_weather", {"city": "7"}), None)  # no tools at all: guessed
-    assert calls[0].arguments == {"city": 7}
 
 
 # ------------------------------------------------------------------------------------------ malformed XML
 
-MALFORMED = [
-    # unclosed at the end (truncated inside a value / inside the body / inside the name)
-    "Text\n\n<tool_call>\n<function=get_weather>\n<parameter=city>\nPar",
-    "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n",
-    "<tool_call>\n<function=get_wea",
+NOT_CALLS = [
+    "<tool_call>\n<function=get_wea",  # cut inside the name
     "<tool_call>\n",
     # <function= without '>'
     "<tool_call>\n<function=get_weather\n<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call>",
     # Hermes-style JSON instead of XML
     '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
-    # garbage between parameters
-    "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\noops\n</function>\n</tool_call>",
-    # bad parameter name, empty names, an overlong name
-    "<tool_call>\n<function=get_weather>\n<parameter=ci\nty>\nParis\n</parameter>\n</function>\n</tool_call>",
+    # empty, overlong, invalid and unknown names
     "<tool_call>\n<function=>\n</function>\n</tool_call>",
     "<tool_call>\n<function=" + "f" * 300 + ">\n</function>\n</tool_call>",
+    "<tool_call>\n<function=get weather>\n</function>\n</tool_call>",
+    "<function=nope>\n<parameter=city>\nParis\n</parameter>\n</function>",
 ]
 
 
-@pytest.mark.parametrize("text", MALFORMED)
-def test_malformed_calls_stay_text(text):
-    content, calls = parse_complete(text, TOOLS)
-    assert calls == [] and content == text
+@pytest.mark.parametrize("text", NOT_CALLS)
+def test_markup_that_names_no_tool_stays_text(text):
+    assert parse_complete(text, TOOLS) == (text, [])
     for cuts in (range(len(text)), [len(text) // 2], []):
         events = run_stream(ToolCallParser(TOOLS), split(text, cuts))
-        assert not any(isinstance(e, (ToolCallEnd,)) for e in events)
+        assert not any(isinstance(e, ToolCallStart) for e in events)  # nothing was started, so nothing taken back
         assert "".join(e.text for e in events if isinstance(e, ContentDelta)) == text
-        for e in events:  # a started call that breaks is voided
-            if isinstance(e, ToolCallStart):
-                assert ToolCallAbort(e.index) in events
 
 
-def test_valid_call_after_malformed_one_is_parsed():
-    bad = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\noops"
-    text = bad + render_call("get_weather", {"city": "Oslo"})
-    parser = ToolCallParser(TOOLS, id_factory=counter_ids())
-    events = run_stream(parser, list(text))
-    assert ToolCallAbort(0) in events
-    assert [e.index for e in events if isinstance(e, ToolCallStart)] == [0, 0]  # clients see calls 0, 1, ... only
-    p = aggregate(events)
-    assert p.content == bad
-    assert [(c.id, c.arguments) for c in p.tool_calls] == [("call_0001", {"city": "Oslo"})]
+CODE = 'if a </parameter> b:\n    x = "</function>"\n    y = "<tool_call>"\n</parameter>x'
+# (output, content, [(name, arguments)]): what real model output gets wrong, and what it meant
+RECOVERED = [
+    # </parameter> missing before the next parameter / before </function> / before </tool_call>
+    ("<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n<parameter=days>\n3\n</parameter>\n</function>\n"
+     "</tool_call>", None, [("get_weather", {"city": "Paris", "days": 3})]),
+    ("<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</function>\n</tool_call>", None,
+     [("get_weather", {"city": "Paris"})]),
+    ("<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</tool_call>", None,
+     [("get_weather", {"city": "Paris"})]),
+    # drifted closers
+    ("<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter1>\n<parameter=days>\n3\n</parameter\n"
+     "</function>\n</tool_call>", None, [("get_weather", {"city": "Paris", "days": 3})]),
+    # values holding closing tags that do not continue the call
+    (render_call("run_code", {"code": CODE}), None, [("run_code", {"code": CODE})]),
+    ("<tool_call>\n<function=run_code>\n<parameter=code>\n<tool_call>\n<function=x>\n</parameter>\n</function>\n"
+     "</tool_call>", None, [("run_code", {"code": "<tool_call>\n<function=x>"})]),
+    # </function> missing before </tool_call>, or before the next call
+    ("<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</tool_call>", None,
+     [("get_weather", {"city": "Paris"})]),
+    ("<tool_call>\n<function=get_weather>\n<parameter=city>\nA\n</parameter>\n<tool_call>\n<function=now>\n"
+     "</function>\n</tool_call>", None, [("get_weather", {"city": "A"}), ("now", {})]),
+    # no <tool_call> opener
+    ("Sure.\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</function>", "Sure.",
+     [("get_weather", {"city": "Paris"})]),
+    # the same parameter twice: the first value stays, one key
+    ("<tool_call>\n<function=get_weather>\n<parameter=city>\nA\n</parameter>\n<parameter=city>\nB\n</parameter>\n"
+     "</function>\n</tool_call>", None, [("get_weather", {"city": "A"})]),
+    # stray text before a parameter is skipped (after a closer it would continue the value); so is a malformed name
+    ("<tool_call>\n<function=get_weather>\noops\n<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>",
+     None, [("get_weather", {"days": 2})]),
+    ("<tool_call>\n<function=get_weather>\n<parameter=ci\nty>\nParis\n</parameter>\n</function>\n</tool_call>", None,
+     [("get_weather", {})]),
+    # cut off inside a value / inside the body: the call ends with what it has
+    ("Text\n\n<tool_call>\n<function=get_weather>\n<parameter=city>\nPar", "Text", [("get_weather", {"city": "Par"})]),
+    ("<tool_call>\n<function=get_weather>\n<parameter=days>\n4\n</parameter>\n", None, [("get_weather", {"days": 4})]),
+    # a valid call after markup that named no tool
+    ("<tool_call>\n<function=nope>\n</tool_call>" + render_call("get_weather", {"city": "Oslo"}),
+     "<tool_call>\n<function=nope>\n</tool_call>", [("get_weather", {"city": "Oslo"})]),
+]
+
+
+@pytest.mark.parametrize("text,content,calls", RECOVERED)
+def test_recovered_calls_whole_and_streamed(text, content, calls):
+    for chunks in ([text], list(text), split(text, range(0, len(text), 7)), split(text, range(3, len(text), 11))):
+        events = run_stream(ToolCallParser(TOOLS, id_factory=counter_ids()), chunks)
+        p = aggregate(events)
+        assert (p.content, [(c.name, c.arguments) for c in p.tool_calls]) == (content, calls)
+        for i, (_, args) in enumerate(calls):  # streamed fragments join to the call's JSON object
+            assert json.loads("".join(e.text for e in events if isinstance(e, ToolCallArgsDelta) and e.index == i)) == args
+        assert [e.index for e in events if isinstance(e, ToolCallStart)] == list(range(len(calls)))
 
 
 def test_lenient_missing_tool_call_close():
@@ -336,17 +371,21 @@ def test_lenient_missing_tool_call_close():
     assert content is None and calls[0].arguments == {"city": "Paris"}
 
 
-def test_tool_xml_stays_content_without_tools_or_with_tool_choice_none():
+def test_tool_xml_stays_content_without_tools():
     text = "Sure.\n\n" + render_call("get_weather", {"city": "Paris"})
-    for p in (parse_all(text, False, None), parse_all(text, False, []), parse_all(text, False, TOOLS, True)):
+    for p in (parse_all(text, False, None), parse_all(text, False, [])):
         assert (p.content, p.tool_calls) == (text, [])
-    assert not OutputParser(False, TOOLS, tool_choice_none=True).parses_tools
+    assert not OutputParser(False, []).parses_tools
 
 
-def test_tool_xml_inside_reasoning_is_reasoning():
+def test_tool_call_inside_unclosed_thinking_ends_it():
     call = render_call("get_weather", {"city": "Paris"})
-    p = parse_all(call + "\n</think>\n\nNo call.", True, TOOLS)
-    assert (p.reasoning, p.content, p.tool_calls) == (call, "No call.", [])
+    for chunks in ([f"I should look it up.\n{call}"], list(f"I should look it up.\n{call}")):
+        p = aggregate(run_stream(OutputParser(True, TOOLS), chunks))
+        assert (p.reasoning, p.content) == ("I should look it up.", None)
+        assert [(c.name, c.arguments) for c in p.tool_calls] == [("get_weather", {"city": "Paris"})]
+    p = parse_all(f"plan {call}", True, None)  # without tools the tag is just reasoning text
+    assert (p.reasoning, p.tool_calls) == (f"plan {call}", [])
 
 
 def test_parse_all_needs_a_fresh_parser():
@@ -409,8 +448,8 @@ def tool_call_st(draw):
     args, renders = {}, {}
     for k in keys:
         v, r = draw(typed_value(SCHEMA_TYPES[name][k]))
-        if "</parameter>" in r:
-            continue
+        if any(tag in r for tag in ("</parameter", "<parameter=", "</function>", "</tool_call>")):
+            continue  # tags inside values: test_recovered_calls_whole_and_streamed and test_values_with_tags
         args[k], renders[k] = v, r
     return name, args, render_call(name, args, renders)
 
@@ -437,7 +476,7 @@ def output_st(draw):
     expected_reasoning = None
     text = answer
     if thinking:
-        reasoning = draw(text_st | plain_st)
+        reasoning = _no_call_tag(draw(text_st | plain_st))
         if "</think>" in reasoning or reasoning.lstrip("\n").startswith("<think>"):
             reasoning = "plain"
         prefix = draw(st.sampled_from(["", "<think>\n"]))
@@ -481,7 +520,8 @@ def test_stream_equals_whole_equals_expected(case, data):
         assert ToolCallEnd(i) in events
 
 
-@given(st.lists(st.sampled_from(FRAGMENTS + ["<tool_call>", "\n<function=f>\n", "<parameter=k>\n1\n</parameter>"]),
+@given(st.lists(st.sampled_from(FRAGMENTS + ["<tool_call>", "\n<function=f>\n", "<parameter=k>\n1\n</parameter>",
+                                             "\n<function=get_weather>\n", "<parameter=days>", "</tool_call>"]),
                 max_size=30).map("".join), st.booleans(), st.lists(st.integers(0, 200), max_size=30), st.booleans())
 @settings(max_examples=200, deadline=None)
 def test_tag_soup_never_breaks(text, thinking, cuts, one_char):
@@ -491,7 +531,7 @@ def test_tag_soup_never_breaks(text, thinking, cuts, one_char):
     assert aggregate(events) == ParsedOutput(None, content, calls)
     for c in calls:
         assert isinstance(json.loads(c.arguments_json), dict)
-    if not calls:  # nothing parsed as a call: every character comes back as content
+    if not any(isinstance(e, ToolCallStart) for e in events):  # no call: every character comes back as content
         assert (content or "") == text
     whole = parse_all(text, thinking, TOOLS, id_factory=counter_ids())
     assert aggregate(run_stream(OutputParser(thinking, TOOLS, id_factory=counter_ids()), chunks)) == whole
@@ -527,6 +567,21 @@ def test_reasoning_parser_matches_reference(text, starts, cuts):
 
 def test_event_kinds():
     assert [e.kind for e in (ReasoningDelta("r"), ContentDelta("c"), ToolCallStart(0, "call_0", "f"),
-                             ToolCallArgsDelta(0, "{}"), ToolCallEnd(0), ToolCallAbort(0))] == [
-        "reasoning", "content", "tool_call_start", "tool_call_args", "tool_call_end", "tool_call_abort"]
+                             ToolCallArgsDelta(0, "{}"), ToolCallEnd(0))] == [
+        "reasoning", "content", "tool_call_start", "tool_call_args", "tool_call_end"]
     assert ContentDelta("a") == ContentDelta("a") and ContentDelta("a") != ReasoningDelta("a")
+
+
+code_st = st.lists(st.sampled_from(["x", " ", "\n", "</parameter>x", "</function>y", "</tool_call>z", "<tool_call>",
+                                    "<parameter", "</param", "é"]), max_size=12).map("".join)
+
+
+@given(code_st, st.lists(st.integers(0, 200), max_size=20))
+@settings(max_examples=200, deadline=None)
+def test_values_with_tags(code, cuts):
+    """A closing tag inside a value that is not followed by more of the call stays in the value, for any split."""
+    text = render_call("run_code", {"code": code}) + "\nafter"
+    for chunks in (split(text, cuts), list(text)):
+        p = aggregate(run_stream(ToolCallParser(TOOLS), chunks))
+        assert [(c.name, c.arguments) for c in p.tool_calls] == [("run_code", {"code": code})]
+        assert p.content == "\nafter"

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from minicpmv.engine.sampler import SampleRow, Sampler, apply_penalties, make_generator
-from minicpmv.engine.sampling import DEFAULT_STOP_TOKEN_IDS, SamplingParams
+from minicpmv.engine.sampling import SamplingParams
 from minicpmv.errors import InvalidInputError
+
+DEFAULT_STOP_TOKEN_IDS = (248044, 248046)  # <|endoftext|>, <|im_end|> in the real vocabulary
 
 VOCAB = 64
 
@@ -99,10 +101,10 @@ def test_defaults_and_normalisation():
 
 
 def test_resolved_stop_token_ids():
-    assert SamplingParams().resolved_stop_token_ids() == list(DEFAULT_STOP_TOKEN_IDS) == [248044, 248046]
-    assert SamplingParams(stop_token_ids=[7]).resolved_stop_token_ids() == [7]
-    assert SamplingParams(ignore_eos=True).resolved_stop_token_ids() == []
-    assert SamplingParams(ignore_eos=True, stop_token_ids=[7]).resolved_stop_token_ids() == [7]
+    assert SamplingParams().resolved_stop_token_ids(DEFAULT_STOP_TOKEN_IDS) == [248044, 248046]
+    assert SamplingParams(stop_token_ids=[7]).resolved_stop_token_ids(DEFAULT_STOP_TOKEN_IDS) == [7]
+    assert SamplingParams(ignore_eos=True).resolved_stop_token_ids(DEFAULT_STOP_TOKEN_IDS) == []
+    assert SamplingParams(ignore_eos=True, stop_token_ids=[7]).resolved_stop_token_ids(DEFAULT_STOP_TOKEN_IDS) == [7]
 
 
 # --- greedy and seeded sampling ------------------------------------------------------------------
@@ -110,14 +112,14 @@ def test_resolved_stop_token_ids():
 
 def test_greedy_is_argmax():
     logits = random_logits(5)
-    out = Sampler()(logits, [row(SamplingParams(temperature=0)) for _ in range(5)])
+    out = Sampler(DEFAULT_STOP_TOKEN_IDS)(logits, [row(SamplingParams(temperature=0)) for _ in range(5)])
     assert out.token_ids == logits.argmax(-1).tolist()
     assert out.logprobs == [None] * 5
 
 
 def draw(params: SamplingParams, steps: int = 12, seed: int = 0) -> list[int]:
     """A seeded request sampled alone over several steps (fresh logits per step)."""
-    sampler, r = Sampler(), row(params)
+    sampler, r = Sampler(DEFAULT_STOP_TOKEN_IDS), row(params)
     return [sampler(random_logits(1, seed=seed + step), [r]).token_ids[0] for step in range(steps)]
 
 
@@ -140,7 +142,7 @@ def test_seeded_request_ignores_its_batch_neighbours_and_position():
     for position in (0, 2, 4):
         params = neighbours[:position] + [target] + neighbours[position:]
         rows = [row(p, prompt=[1, 2, 3]) for p in params]
-        sampler, got = Sampler(), []
+        sampler, got = Sampler(DEFAULT_STOP_TOKEN_IDS), []
         for step in range(10):
             logits = random_logits(len(rows), seed=1000 + step)
             logits[position] = random_logits(1, seed=step)[0]  # the target row sees the same logits as alone
@@ -154,7 +156,7 @@ def test_seeded_request_ignores_its_batch_neighbours_and_position():
 def test_sampling_frequencies_follow_the_distribution():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     logits = probs.log().unsqueeze(0)
-    sampler, r = Sampler(), row(SamplingParams(temperature=1.0, seed=7))
+    sampler, r = Sampler(DEFAULT_STOP_TOKEN_IDS), row(SamplingParams(temperature=1.0, seed=7))
     counts = torch.zeros(4)
     for _ in range(3000):
         counts[sampler(logits, [r]).token_ids[0]] += 1
@@ -164,7 +166,7 @@ def test_sampling_frequencies_follow_the_distribution():
 def test_temperature_sharpens():
     # temperature 0.5 squares the probabilities: [0.6, 0.4] -> [0.36, 0.16] / 0.52
     logits = torch.tensor([[math.log(0.6), math.log(0.4)]])
-    sampler, r = Sampler(), row(SamplingParams(temperature=0.5, seed=3))
+    sampler, r = Sampler(DEFAULT_STOP_TOKEN_IDS), row(SamplingParams(temperature=0.5, seed=3))
     share = sum(sampler(logits, [r]).token_ids[0] == 0 for _ in range(3000)) / 3000
     assert abs(share - 0.36 / 0.52) < 0.03
 
@@ -174,12 +176,12 @@ def test_top_k_1_and_tiny_top_p_are_greedy():
     expected = logits.argmax(-1).tolist()
     for seed in range(5):
         for params in (SamplingParams(temperature=2.0, top_k=1), SamplingParams(temperature=2.0, top_p=1e-6)):
-            assert Sampler()(logits, [row(params, seed=seed) for _ in range(6)]).token_ids == expected
+            assert Sampler(DEFAULT_STOP_TOKEN_IDS)(logits, [row(params, seed=seed) for _ in range(6)]).token_ids == expected
 
 
 def support(params: SamplingParams, probs: list[float], draws: int = 400) -> set[int]:
     logits = torch.tensor([probs]).log()
-    sampler, r = Sampler(), row(params, seed=11)
+    sampler, r = Sampler(DEFAULT_STOP_TOKEN_IDS), row(params, seed=11)
     return {sampler(logits, [r]).token_ids[0] for _ in range(draws)}
 
 
@@ -206,7 +208,7 @@ def test_min_p_runs_after_temperature():
 
 def test_missing_generator_is_an_error_for_random_rows():
     with pytest.raises(ValueError, match="Generator"):
-        Sampler()(random_logits(1), [SampleRow(SamplingParams(temperature=1.0), [], [], None)])
+        Sampler(DEFAULT_STOP_TOKEN_IDS)(random_logits(1), [SampleRow(SamplingParams(temperature=1.0), [], [], None)])
 
 
 # --- penalties ------------------------------------------------------------------------------------
@@ -240,7 +242,7 @@ def test_penalties_are_per_row_and_change_the_greedy_choice():
     assert torch.equal(logits, input_copy), "the input must not be modified"
     assert torch.equal(got[0], LOGITS[0])
     assert got[1, 0].item() == 0.5 and got[2, 3].item() == 3.0
-    assert Sampler()(logits, rows).token_ids == [0, 4, 3]
+    assert Sampler(DEFAULT_STOP_TOKEN_IDS)(logits, rows).token_ids == [0, 4, 3]
 
 
 # --- min_tokens -----------------------------------------------------------------------------------
@@ -249,8 +251,8 @@ def test_penalties_are_per_row_and_change_the_greedy_choice():
 def test_min_tokens_masks_explicit_stop_ids_until_reached():
     logits = torch.tensor([[0.0, 1.0, 5.0, 9.0]])
     params = SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[3, 2])
-    assert Sampler()(logits, [row(params, output=[1])]).token_ids == [1]
-    assert Sampler()(logits, [row(params, output=[1, 1])]).token_ids == [3]
+    assert Sampler(DEFAULT_STOP_TOKEN_IDS)(logits, [row(params, output=[1])]).token_ids == [1]
+    assert Sampler(DEFAULT_STOP_TOKEN_IDS)(logits, [row(params, output=[1, 1])]).token_ids == [3]
 
 
 def test_min_tokens_masks_the_model_default_stop_ids():
@@ -260,7 +262,7 @@ def test_min_tokens_masks_the_model_default_stop_ids():
     logits[:, DEFAULT_STOP_TOKEN_IDS[1]] = 9.0
     logits[:, 17] = 1.0
     params = SamplingParams(temperature=0, min_tokens=1)
-    out = Sampler()(logits, [row(params), row(params, output=[5])])
+    out = Sampler(DEFAULT_STOP_TOKEN_IDS)(logits, [row(params), row(params, output=[5])])
     assert out.token_ids == [17, DEFAULT_STOP_TOKEN_IDS[0]]
 
 
@@ -268,7 +270,7 @@ def test_min_tokens_applies_to_sampled_rows():
     logits = torch.tensor([[0.0, 0.0, 8.0, 8.0]])
     params = SamplingParams(temperature=1.0, min_tokens=5, stop_token_ids=[2, 3], seed=0)
     r = row(params)
-    assert {Sampler()(logits, [r]).token_ids[0] for _ in range(50)} <= {0, 1}
+    assert {Sampler(DEFAULT_STOP_TOKEN_IDS)(logits, [r]).token_ids[0] for _ in range(50)} <= {0, 1}
 
 
 # --- logprobs -------------------------------------------------------------------------------------
@@ -283,7 +285,7 @@ def test_logprobs_come_from_the_raw_logits():
         row(SamplingParams(temperature=1.0, logprobs=0, seed=1)),
         row(SamplingParams(temperature=1.0, seed=2)),
     ]
-    out = Sampler()(logits, rows)
+    out = Sampler(DEFAULT_STOP_TOKEN_IDS)(logits, rows)
     expected = logits.log_softmax(-1)
 
     first = out.logprobs[0]

@@ -293,15 +293,22 @@ def test_parallel_tool_calls_false_ends_after_the_first_call(server, streamed):
     assert usage.completion_tokens < full.usage.completion_tokens  # generation stopped, nothing was cut afterwards
 
 
-def test_malformed_tool_call_stays_text(server):
-    bad = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis"
-    kw = dict(tools=[WEATHER_TOOL], max_tokens=200, extra_body={"test_output": bad})
+def test_cut_off_call_is_recovered_and_unknown_names_stay_text(server):
+    cut = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis"
+    kw = dict(tools=[WEATHER_TOOL], max_tokens=200, extra_body={"test_output": cut})
     full = chat(server, [{"role": "user", "content": "?"}], **kw).choices[0]
-    assert not full.message.tool_calls and full.finish_reason == "stop"
-    assert "<function=get_weather>" in full.message.content
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in full.message.tool_calls] == [
+        ("get_weather", {"city": "Paris"})]
+    chunks, _, _, _ = stream(server, [{"role": "user", "content": "?"}], **kw)
+    calls = [c.choices[0].delta.tool_calls[0] for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    assert calls[0].function.name == "get_weather"  # the name goes out before the arguments
+    assert json.loads("".join(c.function.arguments or "" for c in calls)) == {"city": "Paris"}
+    unknown = "<tool_call>\n<function=nope>\n</function>\n</tool_call>"
+    kw["extra_body"] = {"test_output": unknown}
+    full = chat(server, [{"role": "user", "content": "?"}], **kw).choices[0]
+    assert not full.message.tool_calls and full.message.content == unknown and full.finish_reason == "stop"
     chunks, text, _, _ = stream(server, [{"role": "user", "content": "?"}], **kw)
-    assert text == full.message.content
-    assert not any(c.choices and c.choices[0].delta.tool_calls for c in chunks)
+    assert text == unknown and not any(c.choices and c.choices[0].delta.tool_calls for c in chunks)
 
 
 def test_tool_choice_none_leaves_calls_as_text(server):
@@ -461,24 +468,33 @@ def test_a_chunked_body_over_the_limit_is_413_too(server):
     assert httpx.get(server.url + "/health").status_code == 200
 
 
-def test_a_failure_mid_stream_is_reported_in_the_stream_and_the_server_keeps_serving(server, monkeypatch):
+@pytest.mark.parametrize("streamed", [True, False])
+@pytest.mark.parametrize("error", [RuntimeError, ValueError])
+def test_a_failure_inside_the_model_is_a_500_and_the_server_keeps_serving(server, monkeypatch, error, streamed):
+    """Only bad input is a 400: a bug inside the model (even a ValueError) is an internal error, streamed or not."""
     runner = server.llm.engine.runner
     real, calls = runner.run, []
 
     def failing_third_forward(*args, **kw):
         calls.append(1)
         if len(calls) == 3:
-            raise RuntimeError("simulated failure")
+            raise error("simulated failure")
         return real(*args, **kw)
 
     monkeypatch.setattr(runner, "run", failing_third_forward)
     body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8, "ignore_eos": True,
-            "stream": True}
+            "stream": streamed}
     r = server.post(body)
-    events = [line.removeprefix("data: ") for line in r.text.splitlines() if line.startswith("data: ")]
-    assert events[-1] == "[DONE]" and "Traceback" not in r.text
-    error = json.loads(events[-2])["error"]
-    assert error["code"] == 500 and "RuntimeError" in error["message"]
+    assert "Traceback" not in r.text and "simulated" not in r.text
+    if streamed:
+        events = [line.removeprefix("data: ") for line in r.text.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        body_error = json.loads(events[-2])["error"]
+    else:
+        assert r.status_code == 500
+        body_error = r.json()["error"]
+    assert body_error["code"] == 500 and body_error["type"] == "internal_error"
+    assert error.__name__ in body_error["message"]
     monkeypatch.undo()
     assert chat(server, [{"role": "user", "content": "Hi"}]).choices[0].finish_reason == "length"
 
@@ -495,3 +511,31 @@ def test_queue_full_is_429(tiny_dir):
         assert r.status_code == 200
     finally:
         small.stop()
+
+
+def test_python_chat_from_two_threads_while_the_server_streams(server):
+    """One LLM shared by the server and two threads calling llm.chat: every answer is whole and is its own."""
+    from minicpmv.engine.sampling import SamplingParams
+
+    prompts = [f"Question number {i}?" for i in range(6)]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    alone = {p: server.llm.chat([{"role": "user", "content": p}], params)[0].token_ids for p in prompts}
+
+    def python_chats(offset: int) -> list:
+        return [(p, server.llm.chat([{"role": "user", "content": p}], params)[0].token_ids) for p in prompts[offset::2]]
+
+    def streamed(p: str) -> list[int]:
+        chunks = server.client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": p}], stream=True, max_tokens=8, temperature=0,
+            logprobs=True, extra_body={"ignore_eos": True})
+        return [t.token for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+
+    with ThreadPoolExecutor(8) as pool:
+        threads = [pool.submit(python_chats, k) for k in (0, 1)]
+        streams = {p: pool.submit(streamed, p) for p in prompts}
+        results = dict(r for t in threads for r in t.result())
+        texts = {p: f.result() for p, f in streams.items()}
+    assert results == alone
+    tok = server.llm.processor.tokenizer
+    for p, pieces in texts.items():
+        assert pieces == [tok.decode([t]) for t in alone[p]]

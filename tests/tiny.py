@@ -100,3 +100,15 @@ def image(width: int, height: int, seed: int = 0):
     import PIL.Image
 
     return PIL.Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def eventually(check, timeout: float = 10.0) -> bool:
+    """Poll ``check()`` until true (the engine thread acts on aborts between its steps); False after ``timeout``."""
+    import time
+
+    end = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.01)
+    return True

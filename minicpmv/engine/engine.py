@@ -1,12 +1,12 @@
 """The generation loop: admit -> schedule -> run -> sample -> detokenize -> stop checks, one step at a time.
 
-``step()`` is synchronous and single-threaded; the Python API drives it directly and the server runs it on one
-background thread. Everything a finished or cancelled sequence held (its hybrid state) is released at once.
+``step()`` is synchronous and single-threaded: only the engine loop's thread (``engine/loop.py``, owned by the
+``LLM``) calls it. Everything a finished or cancelled sequence held (its hybrid state) is released at once.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from minicpmv.engine.cache import PrefixCache, VisionCache, prefix_key
 from minicpmv.engine.detokenizer import IncrementalDetokenizer
@@ -18,8 +18,7 @@ from minicpmv.engine.stops import StopStringMatcher
 from minicpmv.errors import ContextLengthError, InvalidInputError
 from minicpmv.model.minicpmv import MiniCPMV
 from minicpmv.model.state import Snapshots
-
-IM_START = 248045
+from minicpmv.output.events import ContentDelta, Event, ToolCallEnd
 
 
 @dataclass
@@ -46,16 +45,34 @@ class EngineConfig:
 class StepOutput:
     seq: Sequence
     token_ids: list[int]
-    text: str
+    text: str  # the new detokenized text (cut before any stop string)
     finished: bool
     error: Exception | None = None
+    events: list[Event] = field(default_factory=list)  # what the output parser made of ``text``
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """What metrics and tests read about the engine, as one snapshot."""
+
+    running: int
+    waiting: int
+    prefilled_tokens: int
+    cached_tokens: int
+    vision_encode_seconds: float
+    vision_cache_hits: int
+    vision_cache_misses: int
+    prefix_cache_hits: int
 
 
 class Engine:
-    def __init__(self, model: MiniCPMV, tokenizer, eos_token_ids: list[int], config: EngineConfig | None = None):
+    def __init__(self, model: MiniCPMV, tokenizer, eos_token_ids: list[int], im_start_id: int,
+                 config: EngineConfig | None = None):
+        """``tokenizer`` is the ``tokenizers`` backend; ``im_start_id`` is ``<|im_start|>``, where turns begin."""
         self.model = model
         self.tokenizer = tokenizer
         self.eos_token_ids = list(eos_token_ids)
+        self.im_start_id = im_start_id
         self.config = config or EngineConfig()
         self.max_model_len = self.config.max_model_len or model.cfg.text.max_position_embeddings
         self.scheduler = Scheduler(
@@ -66,10 +83,20 @@ class Engine:
         self.runner = Runner(model, self.vision_cache)
         self.sampler = Sampler(self.eos_token_ids)
         self.never_sample = [t for t in (model.cfg.image_token_id, model.cfg.video_token_id) if t is not None]
-        self._detok: dict[str, IncrementalDetokenizer] = {}
-        self._stops: dict[str, StopStringMatcher] = {}
         self.prefilled_tokens = 0  # counters for tests and metrics
         self.cached_tokens = 0
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            prefilled_tokens=self.prefilled_tokens,
+            cached_tokens=self.cached_tokens,
+            vision_encode_seconds=self.runner.encode_seconds,
+            vision_cache_hits=self.vision_cache.hits,
+            vision_cache_misses=self.vision_cache.misses,
+            prefix_cache_hits=self.prefix_cache.hits,
+        )
 
     # -- requests ---------------------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -94,11 +121,9 @@ class Engine:
         # The prompt's last turn starts after its final <|im_start|>: the next turn of this chat shares the prefix.
         starts = self._turn_starts(seq)
         seq.snapshot_at = starts[-1] if starts else 0
+        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=seq.params.skip_special_tokens)
+        seq.stop_matcher = StopStringMatcher(seq.params.stop)
         self.scheduler.add(seq)
-        self._detok[seq.request_id] = IncrementalDetokenizer(
-            self.tokenizer, skip_special_tokens=seq.params.skip_special_tokens
-        )
-        self._stops[seq.request_id] = StopStringMatcher(seq.params.stop)
 
     def abort(self, request_id: str) -> Sequence | None:
         for seq in [*self.scheduler.running, *self.scheduler.waiting]:
@@ -109,6 +134,14 @@ class Engine:
 
     def has_work(self) -> bool:
         return len(self.scheduler) > 0
+
+    def fail_running(self, error: Exception) -> list[StepOutput]:
+        """End every running sequence with ``error`` (a step failed outside the model's forward)."""
+        outputs = []
+        for seq in list(self.scheduler.running):
+            self._finish(seq, "error")
+            outputs.append(StepOutput(seq, [], "", True, error=error))
+        return outputs
 
     # -- one step ---------------------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
@@ -184,25 +217,22 @@ class Engine:
         if seq.state is None:
             seq.state = self.model.new_state()
 
-    @staticmethod
-    def _turn_starts(seq: Sequence) -> list[int]:
-        return [i + 1 for i, t in enumerate(seq.prompt_ids) if t == IM_START and i + 1 < seq.num_prompt]
+    def _turn_starts(self, seq: Sequence) -> list[int]:
+        return [i + 1 for i, t in enumerate(seq.prompt_ids) if t == self.im_start_id and i + 1 < seq.num_prompt]
 
     def _append(self, seq: Sequence, token: int, logprob) -> StepOutput:
         seq.output_ids.append(token)
         if logprob is not None:
             seq.logprobs.append(logprob)
-        params = seq.params
-        detok, stops = self._detok[seq.request_id], self._stops[seq.request_id]
+        params, stops = seq.params, seq.stop_matcher
         # Before min_tokens nothing stops the output: stop ids are never sampled and stop strings cannot complete.
-        check = stops.feed(detok.push(token), can_stop=len(seq.output_ids) >= params.min_tokens)
+        check = stops.feed(seq.detokenizer.push(token), can_stop=len(seq.output_ids) >= params.min_tokens)
         text, stopped = check.text, check.stop is not None
+        events = self._parse(seq, text)
         reason = None
-        if stopped:
+        if stopped or token in params.resolved_stop_token_ids(self.eos_token_ids):  # never sampled before min_tokens
             reason = "stop"
-        elif token in params.resolved_stop_token_ids(self.eos_token_ids):  # never sampled before min_tokens
-            reason = "stop"
-        elif text and seq.ends_output is not None and seq.ends_output(text):
+        elif seq.stop_after_tool_call and any(isinstance(e, ToolCallEnd) for e in events):
             reason = "stop"
         elif params.max_tokens is not None and len(seq.output_ids) >= params.max_tokens:
             reason = "length"
@@ -210,16 +240,25 @@ class Engine:
             reason = "length"
         if reason is not None:
             if not stopped:  # release what the detokenizer and the stop matcher held back
-                check = stops.feed(detok.flush())
-                text += check.text + ("" if check.stop else stops.flush())
+                check = stops.feed(seq.detokenizer.flush())
+                tail = check.text + ("" if check.stop else stops.flush())
+                text += tail
+                events += self._parse(seq, tail)
+            if seq.parser is not None:
+                events += seq.parser.finish()
             self._finish(seq, reason)
         seq.text += text
-        return StepOutput(seq, [token], text, reason is not None)
+        seq.events += events
+        return StepOutput(seq, [token], text, reason is not None, events=events)
+
+    @staticmethod
+    def _parse(seq: Sequence, text: str) -> list[Event]:
+        if not text:
+            return []
+        return seq.parser.feed(text) if seq.parser is not None else [ContentDelta(text)]
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.remove(seq)
         seq.status, seq.finish_reason = Status.FINISHED, reason
         seq.state = None  # frees the KV and DeltaNet state
         seq.features.clear()
-        self._detok.pop(seq.request_id, None)
-        self._stops.pop(seq.request_id, None)

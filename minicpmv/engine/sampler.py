@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minicpmv.engine.sampling import DEFAULT_STOP_TOKEN_IDS, SamplingParams
+from minicpmv.engine.sampling import SamplingParams
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
@@ -49,7 +49,7 @@ class SampleOutput:
 
 
 class Sampler:
-    def __init__(self, default_stop_token_ids: Sequence[int] = DEFAULT_STOP_TOKEN_IDS) -> None:
+    def __init__(self, default_stop_token_ids: Sequence[int]) -> None:
         self.default_stop_token_ids = tuple(default_stop_token_ids)
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> SampleOutput:

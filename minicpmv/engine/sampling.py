@@ -8,8 +8,6 @@ from dataclasses import dataclass, field, fields
 
 from minicpmv.errors import InvalidInputError
 
-# <|endoftext|> and <|im_end|> of the MiniCPM-V 4.6 (Qwen3.5) vocabulary.
-DEFAULT_STOP_TOKEN_IDS: tuple[int, ...] = (248044, 248046)
 MAX_LOGPROBS = 20
 MAX_PENALTY = 2.0
 # Below this a temperature is treated as greedy: dividing logits by it would overflow float32.
@@ -72,8 +70,8 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
 
-    def resolved_stop_token_ids(self, defaults: Sequence[int] = DEFAULT_STOP_TOKEN_IDS) -> list[int]:
-        """The ids that end this request: the explicit list, else the model's defaults.
+    def resolved_stop_token_ids(self, defaults: Sequence[int]) -> list[int]:
+        """The ids that end this request: the explicit list, else the model's defaults (its EOS ids).
 
         ``ignore_eos`` drops the defaults (the model's end tokens) but keeps ids the caller listed.
         """

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import enum
 import itertools
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from minicpmv.engine.detokenizer import IncrementalDetokenizer
 from minicpmv.engine.sampling import SamplingParams
+from minicpmv.engine.stops import StopStringMatcher
 from minicpmv.model.state import HybridState
+from minicpmv.output.events import Event
+from minicpmv.output.parser import OutputParser
 
 _ids = itertools.count()
 
@@ -54,8 +57,13 @@ class Sequence:
     logprobs: list = field(default_factory=list)
     forced_output_ids: list[int] | None = None  # test hook: emit these tokens instead of sampling
     snapshot_at: int = 0  # prompt position whose state is worth keeping for the next turn (0 = none)
-    # Called with each new piece of output text; True ends the output there (finish reason "stop").
-    ends_output: Callable[[str], bool] | None = None
+    # The output's three incremental readers, fed one token at a time by the engine (made by Engine.add; the parser
+    # by whoever knows the request's options, else the text is all content).
+    detokenizer: IncrementalDetokenizer | None = None
+    stop_matcher: StopStringMatcher | None = None
+    parser: OutputParser | None = None
+    events: list[Event] = field(default_factory=list)  # everything the parser emitted (the forced prefix's too)
+    stop_after_tool_call: bool = False  # parallel_tool_calls false: the output ends with its first complete call
 
     @property
     def num_prompt(self) -> int:

@@ -10,41 +10,26 @@ thinking disabled the prompt already holds ``<think>\\n\\n</think>\\n\\n`` and t
   emit itself at the start, and without the newlines right before ``</think>``;
 - content is the text after ``</think>``, without its leading newlines;
 - a think block that never closes (the output was cut off) is reasoning only;
+- an ``ends_at`` tag (``<tool_call>`` when tools are parsed) inside the think block ends it too: the model skipped
+  ``</think>``, and the tag and what follows are content;
 - when the parser does not start in reasoning, text that begins with ``<think>`` (after optional newlines) opens a
   think block; anything else makes the whole output content, verbatim.
 
-Only what may still change meaning is held back: a possible partial ``<think>`` / ``</think>`` tag and the newlines
+Only what may still change meaning is held back: a possible partial ``<think>`` / ``</think>`` (or end) tag and the newlines
 that might precede ``</think>``. Everything else is emitted by the ``feed`` call that completed it.
 
 The escaped-newline option: some outputs contain the two characters backslash + ``n`` where a line break was meant.
 :func:`normalize_escaped_newlines` replaces every such pair by a real newline (nothing else is unescaped), and
 :class:`EscapedNewlineNormalizer` does the same on a stream (holding back one trailing backslash). The
-``normalize_newlines`` flag of :class:`ReasoningParser` applies it to content events only, never to reasoning.
+output parser applies it to content only, never to reasoning or tool arguments.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+from minicpmv.output.events import ContentDelta, ReasoningDelta
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
-
-
-@dataclass(frozen=True)
-class ReasoningDelta:
-    """A piece of reasoning text (inside the think block)."""
-
-    kind: ClassVar[str] = "reasoning"
-    text: str
-
-
-@dataclass(frozen=True)
-class ContentDelta:
-    """A piece of answer text (also used by the tool-call parser for text that is not a tool call)."""
-
-    kind: ClassVar[str] = "content"
-    text: str
 
 
 def partial_suffix_len(text: str, tag: str) -> int:
@@ -98,11 +83,11 @@ class ReasoningParser:
     Concatenating the events' texts gives the same reasoning and content for every way of splitting the output.
     """
 
-    def __init__(self, starts_in_reasoning: bool, *, normalize_newlines: bool = False) -> None:
+    def __init__(self, starts_in_reasoning: bool, *, ends_at: tuple[str, ...] = ()) -> None:
         self._mode = _R_START if starts_in_reasoning else _START
         self._buf = ""
         self._think_seen = False  # one leading <think> has been dropped already
-        self._norm = EscapedNewlineNormalizer() if normalize_newlines else None
+        self._ends_at = ends_at  # tags that end a think block the model forgot to close (they stay in the content)
         self._finished = False
 
     @property
@@ -131,10 +116,6 @@ class ReasoningParser:
         elif self._mode in (_R_START, _R_BODY):
             self._reasoning(out, buf.rstrip("\n"))  # cut off inside the think block
         # _C_START holds only newlines (dropped); _C_BODY holds nothing
-        if self._norm is not None:
-            tail = self._norm.flush()
-            if tail:
-                out.append(ContentDelta(tail))
         return out
 
     # -- internals ------------------------------------------------------------------------------------------
@@ -144,8 +125,6 @@ class ReasoningParser:
             out.append(ReasoningDelta(text))
 
     def _content(self, out: list, text: str) -> None:
-        if self._norm is not None:
-            text = self._norm.feed(text)
         if text:
             out.append(ContentDelta(text))
 
@@ -179,13 +158,17 @@ class ReasoningParser:
                 self._mode = _R_BODY
                 continue
             if mode == _R_BODY:
-                i = buf.find(THINK_CLOSE)
-                if i >= 0:
+                ends = [(buf.find(tag), tag) for tag in (THINK_CLOSE, *self._ends_at)]
+                found = [(i, tag) for i, tag in ends if i >= 0]
+                if found:
+                    i, tag = min(found)
                     self._reasoning(out, buf[:i].rstrip("\n"))
-                    self._buf = buf[i + len(THINK_CLOSE):]
-                    self._mode = _C_START
+                    if tag == THINK_CLOSE:
+                        self._buf, self._mode = buf[i + len(tag):], _C_START
+                    else:
+                        self._buf, self._mode = buf[i:], _C_BODY
                     continue
-                cut = len(buf) - partial_suffix_len(buf, THINK_CLOSE)
+                cut = len(buf) - max(partial_suffix_len(buf, tag) for tag in (THINK_CLOSE, *self._ends_at))
                 while cut > 0 and buf[cut - 1] == "\n":
                     cut -= 1
                 self._reasoning(out, buf[:cut])

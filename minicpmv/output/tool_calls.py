@@ -1,4 +1,4 @@
-"""Parse the model's XML tool calls out of generated content, incrementally.
+"""Parse the model's Qwen3-coder XML tool calls out of generated content, incrementally.
 
 With tools, the chat template asks the model to answer a call as (one or more blocks, optionally after some text)::
 
@@ -10,302 +10,78 @@ With tools, the chat template asks the model to answer a call as (one or more bl
     </function>
     </tool_call>
 
-:class:`ToolCallParser` turns arbitrary text deltas into events:
+:class:`ToolCallParser` turns arbitrary text deltas into events (``minicpmv.output.events``): content for text that
+is not a call; :class:`ToolCallStart` as soon as ``<function=NAME>`` names one of the tools; an arguments piece each
+time a parameter's value is known (``{"city": "Paris"``, then ``, "days": 3``) and ``}`` (or ``{}``) when the call
+ends; :class:`ToolCallEnd`. A name that is malformed or not one of the tools leaves the markup as content. Once a
+call has started it always ends, so its pieces can be streamed at once and always join to a JSON object.
 
-- :class:`ContentDelta` for text that is not part of a call;
-- :class:`ToolCallStart` (index, generated id ``call_<hex>``, name) as soon as ``<function=NAME>`` is complete;
-- :class:`ToolCallArgsDelta` (index, JSON text) each time a parameter closes (``{"city": "Paris"``, then
-  ``, "days": 3``) and ``}`` (or ``{}``) at ``</function>``: the concatenation for one call is a JSON object;
-- :class:`ToolCallEnd` (index) at ``</function>``: the call is complete;
-- :class:`ToolCallAbort` (index) when a started call turns out to be malformed. The call is void; its whole raw text
-  (from ``<tool_call>``) follows as a :class:`ContentDelta`, and the next call reuses its index. A server that must never show a void call can hold a
-  call's deltas until its ``ToolCallEnd``.
+What real model output gets wrong, and how it is read:
 
-Parameter values are typed by the tool's JSON schema (see :func:`convert_parameter`). Malformed XML never reaches
-the arguments: text that cannot be parsed as a call (``<tool_call>`` followed by anything but ``<function=``, a
-name containing ``<`` or a newline or longer than 256 characters, text between parameters, a parameter or function
-still open at the end) is returned verbatim as content, at ``finish()`` at the latest, and parsing goes on after the
-offending character. Lenient spots: a missing ``</tool_call>`` after a complete ``</function>`` is accepted, and a
-second ``<function=...>`` inside the same ``<tool_call>`` is another call. A parameter value ends only at
-``</parameter>`` (a value may itself contain ``</function>`` or ``<parameter=``).
+- a missing ``</parameter>`` before the next ``<parameter=`` (on a new line), ``</function>`` or ``</tool_call>``;
+  drifted closers (``</parameter1>``, a bare ``</parameter``) close the value like ``</parameter>``;
+- a value that contains ``</parameter>``, ``</function>`` or ``<tool_call>`` (source code, XML): a closing tag ends
+  the value only where what follows it continues the call (another parameter, the end of the function or call, or
+  the end of the output);
+- a missing ``</function>`` (``</tool_call>`` or a new call ends it); a ``<function=...>`` with no ``<tool_call>``;
+  a call cut off by the end of the output (its finish reason tells the caller it was cut);
+- a parameter given twice: the first value is kept (the streamed JSON never has a duplicated key);
+- stray text between parameters is skipped.
 
-Whitespace around calls: the whitespace between text and a ``<tool_call>`` that parses, and between ``</function>``
-and ``</tool_call>``, is dropped; whitespace after ``</tool_call>`` is kept only if more text follows; trailing
-whitespace at the end of the output is dropped when at least one call completed, kept otherwise.
-
-:func:`parse_complete` runs the same machine over a whole text, so the non-streaming result always equals the
-aggregation (:func:`collect_tool_calls`) of the streamed events, whatever the chunking.
+Values are typed by the tool's JSON schema (:func:`minicpmv.output.tools.convert_parameter`). Whitespace around
+calls: the whitespace between text and a call is dropped; whitespace after ``</tool_call>`` is kept only if more text
+follows; trailing whitespace at the end of the output is dropped when a call completed, kept otherwise. Every
+decision waits until the text that decides it has arrived, so any split of an output gives the same events' sum.
 """
 
 from __future__ import annotations
 
-import ast
 import json
 import re
-import secrets
-from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterable
+from collections.abc import Callable
 
-from minicpmv.errors import InvalidInputError
-from minicpmv.output.reasoning import ContentDelta, partial_suffix_len
+from minicpmv.output.events import ContentDelta, Event, ToolCallArgsDelta, ToolCallEnd, ToolCallStart, new_call_id
+from minicpmv.output.reasoning import partial_suffix_len
+from minicpmv.output.tools import MAX_NAME_LEN, NAME_END, convert_parameter, dumps_value, index_tools
 
 TOOL_OPEN = "<tool_call>"
 TOOL_CLOSE = "</tool_call>"
 FUNC_OPEN = "<function="
 FUNC_CLOSE = "</function>"
 PARAM_OPEN = "<parameter="
-PARAM_CLOSE = "</parameter>"
-MAX_NAME_LEN = 256
+PARAM_CLOSE = re.compile(r"</parameter\w{0,8}>?")  # </parameter>, and the drifted </parameter1>, </parameter
 _WS = " \t\r\n"
-_NAME_END = re.compile(r"[<>\n]")
+# What may follow (after whitespace) a tag that really ends a value / a function.
+_AFTER_VALUE = (PARAM_OPEN, FUNC_CLOSE, TOOL_CLOSE, TOOL_OPEN, FUNC_OPEN)
+_AFTER_FUNCTION = (TOOL_CLOSE, TOOL_OPEN, FUNC_OPEN)
+_BODY_TAGS = (PARAM_OPEN, FUNC_CLOSE, TOOL_CLOSE, TOOL_OPEN, FUNC_OPEN)
+_VALUE_ENDS = ("</parameter", PARAM_OPEN, FUNC_CLOSE, TOOL_CLOSE)
 
-
-@dataclass(frozen=True)
-class ToolCallStart:
-    """A call to ``name`` begins (its id is final)."""
-
-    kind: ClassVar[str] = "tool_call_start"
-    index: int
-    id: str
-    name: str
-
-
-@dataclass(frozen=True)
-class ToolCallArgsDelta:
-    """A piece of the call's arguments JSON text."""
-
-    kind: ClassVar[str] = "tool_call_args"
-    index: int
-    text: str
-
-
-@dataclass(frozen=True)
-class ToolCallEnd:
-    """The call is complete: its argument pieces form one JSON object."""
-
-    kind: ClassVar[str] = "tool_call_end"
-    index: int
-
-
-@dataclass(frozen=True)
-class ToolCallAbort:
-    """The started call was malformed and is void; its raw text follows as content."""
-
-    kind: ClassVar[str] = "tool_call_abort"
-    index: int
-
-
-ToolEvent = ContentDelta | ToolCallStart | ToolCallArgsDelta | ToolCallEnd | ToolCallAbort
-
-
-@dataclass
-class ToolCall:
-    """One complete tool call; ``arguments_json`` is a JSON object string."""
-
-    id: str
-    name: str
-    arguments_json: str
-
-    @property
-    def arguments(self) -> dict:
-        return json.loads(self.arguments_json)
-
-
-def new_call_id() -> str:
-    return "call_" + secrets.token_hex(12)
-
-
-# -- value typing -----------------------------------------------------------------------------------------------
-
-_INT_RE = re.compile(r"[+-]?\d+")
-_NUM_RE = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
-_JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object"}
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"non-finite number {name}")
-
-
-def _json_value(text: str) -> tuple[bool, Any]:
-    """Parse JSON text; only values that serialize back to strict JSON count (no NaN, no 1e999 -> inf)."""
-    try:
-        value = json.loads(text, parse_constant=_reject_constant)
-        json.dumps(value, allow_nan=False)
-        return True, value
-    except Exception:  # ValueError, RecursionError, ...
-        return False, None
-
-
-def schema_types(schema: Any) -> list[str]:
-    """The JSON types a parameter schema allows, in order; [] when unknown (then values are guessed)."""
-    if not isinstance(schema, dict):
-        return []
-    t = schema.get("type")
-    if isinstance(t, str):
-        return [t]
-    if isinstance(t, list):
-        return [x for x in t if isinstance(x, str)]
-    types: list[str] = []
-    for key in ("anyOf", "oneOf", "allOf"):
-        subs = schema.get(key)
-        if isinstance(subs, list):
-            for sub in subs:
-                types += [x for x in schema_types(sub) if x not in types]
-    if types:
-        return types
-    values = schema["enum"] if isinstance(schema.get("enum"), list) else [schema["const"]] if "const" in schema else []
-    for v in values:
-        name = "null" if v is None else _JSON_TYPES.get(type(v))
-        if name and name not in types:
-            types.append(name)
-    if types:
-        return types
-    if "properties" in schema:
-        return ["object"]
-    if "items" in schema:
-        return ["array"]
-    return []
-
-
-def _as_type(s: str, t: str) -> tuple[bool, Any]:
-    """Try to read the stripped value ``s`` as JSON type ``t``."""
-    if t == "null":
-        return (True, None) if s in ("null", "None", "none", "NULL") else (False, None)
-    if t == "boolean":
-        low = s.lower()
-        return (True, low == "true") if low in ("true", "false") else (False, None)
-    if t in ("integer", "number"):
-        try:
-            if _INT_RE.fullmatch(s):
-                return True, int(s)
-            if _NUM_RE.fullmatch(s):
-                f = float(s)
-                if f != f or f in (float("inf"), float("-inf")):
-                    return False, None
-                if t == "integer":
-                    return (True, int(f)) if f.is_integer() else (False, None)
-                return True, f
-        except ValueError:  # e.g. more digits than int() accepts
-            pass
-        return False, None
-    if t in ("array", "object"):
-        want = list if t == "array" else dict
-        ok, v = _json_value(s)
-        if ok and isinstance(v, want):
-            return True, v
-        try:
-            v = ast.literal_eval(s)
-        except Exception:
-            return False, None
-        if isinstance(v, tuple) and want is list:
-            v = list(v)
-        if not isinstance(v, want):
-            return False, None
-        try:  # normalise to plain JSON values (tuples -> lists, int keys -> strings); sets, bytes... fail
-            return _json_value(json.dumps(v, allow_nan=False))
-        except Exception:
-            return False, None
-    return False, None
-
-
-def convert_parameter(raw: str, schema: Any) -> Any:
-    """Type one raw parameter value (the text between ``<parameter=K>`` and ``</parameter>``).
-
-    Exactly one leading and one trailing newline are removed first. Then, by the schema's type(s):
-    string -> that text unchanged; integer -> int; number -> int or float; boolean -> true/false (any case);
-    null -> null (``null``/``None``); array/object -> JSON, else a Python literal (``ast.literal_eval``).
-    With several allowed types, the first that fits wins (string last). A value that fits no allowed type, an
-    unknown parameter or a missing schema -> the JSON value if the text is JSON, else the text as a string.
-    """
-    text = raw[1:] if raw.startswith("\n") else raw
-    text = text[:-1] if text.endswith("\n") else text
-    types = schema_types(schema)
-    s = text.strip()
-    for t in types:
-        if t != "string":
-            ok, v = _as_type(s, t)
-            if ok:
-                return v
-    if "string" in types:
-        return text
-    ok, v = _json_value(s)
-    return v if ok else text
-
-
-def _dumps(value: Any, fallback: str) -> str:
-    """Strict JSON text of ``value``; the JSON string ``fallback`` when it has none."""
-    try:
-        return json.dumps(value, ensure_ascii=False, allow_nan=False)
-    except Exception:
-        return json.dumps(fallback, ensure_ascii=False)
-
-
-def check_tools(tools: Any) -> None:
-    """Refuse a tools list the model could not call: each item is ``{"type": "function", "function": {"name": ...,
-    "parameters": {...}}}`` (or the bare function object), with distinct names the call markup can carry."""
-    if tools is None:
-        return
-    if not isinstance(tools, list):
-        raise InvalidInputError("tools must be a list of {'type': 'function', 'function': {...}} objects")
-    names: set[str] = set()
-    for i, tool in enumerate(tools):
-        kind = tool.get("type") if isinstance(tool, dict) else None
-        if kind not in (None, "function"):
-            raise InvalidInputError(f"tools[{i}]: only function tools are supported, not type {kind!r}")
-        fn = tool.get("function", tool) if isinstance(tool, dict) else None
-        if not isinstance(fn, dict):
-            raise InvalidInputError(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ..., 'parameters': ...}}}}")
-        name = fn.get("name")
-        if not isinstance(name, str) or not name.strip() or _NAME_END.search(name) or len(name) > MAX_NAME_LEN:
-            raise InvalidInputError(f"tools[{i}].function.name must be a non-empty name without '<', '>' or newlines, got {name!r}")
-        if name in names:
-            raise InvalidInputError(f"tools[{i}]: two tools are named {name!r}")
-        names.add(name)
-        if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
-            raise InvalidInputError(f"tools[{i}].function.parameters must be a JSON-schema object")
-
-
-def check_tool_choice(choice: Any) -> None:
-    if choice is None or choice in ("auto", "none", "required"):
-        return
-    function = choice.get("function") if isinstance(choice, dict) else None
-    if not (isinstance(function, dict) and choice.get("type") == "function" and isinstance(function.get("name"), str)):
-        raise InvalidInputError("tool_choice must be 'auto', 'none', 'required' or "
-                                "{'type': 'function', 'function': {'name': ...}}", param="tool_choice")
-
-
-def index_tools(tools: Iterable[dict] | None) -> dict[str, dict]:
-    """name -> {parameter name -> schema}, tolerant of incomplete tool definitions."""
-    out: dict[str, dict] = {}
-    for tool in tools or []:
-        if not isinstance(tool, dict):
-            continue
-        fn = tool.get("function", tool)
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            continue
-        params = fn.get("parameters")
-        props = params.get("properties") if isinstance(params, dict) else None
-        out[fn["name"]] = props if isinstance(props, dict) else {}
-    return out
-
-
-# -- the state machine -------------------------------------------------------------------------------------------
-
-_TEXT = "text"  # plain content, looking for <tool_call>
+_TEXT = "text"  # plain content, looking for <tool_call> (or a bare <function=)
 _OPEN = "open"  # after <tool_call>: whitespace, then <function=
 _FNAME = "fname"  # reading NAME of <function=NAME>
-_BODY = "body"  # inside a function: whitespace, <parameter=...> or </function>
+_BODY = "body"  # inside a started call: parameters, or the end of the function / call
 _PNAME = "pname"  # reading KEY of <parameter=KEY>
-_PVALUE = "pvalue"  # reading a value up to </parameter>
+_PVALUE = "pvalue"  # reading a value up to where it ends
 _AFTER = "after"  # after </function>: whitespace, then </tool_call> (or another <function=)
 
 
-class ToolCallParser:
-    """Incremental XML tool-call parser; see the module docstring for the events and rules.
+def _continues(text: str, tags: tuple[str, ...], final: bool) -> bool | None:
+    """Whether ``text`` (after whitespace) starts with one of ``tags``; the end of the output counts as yes.
+    None when the text so far cannot tell."""
+    rest = text.lstrip(_WS)
+    if any(rest.startswith(t) for t in tags):
+        return True
+    if not rest or any(t.startswith(rest) for t in tags):
+        return True if final else None
+    return False
 
-    ``tools`` are OpenAI tool definitions (``{"type": "function", "function": {"name", "parameters"}}``) used to type
-    parameter values; a call to a function not in ``tools`` is still reported, with guessed types.
-    ``id_factory`` makes call ids (default ``call_`` + 24 random hex digits).
+
+class ToolCallParser:
+    """Incremental XML tool-call parser over the content of one output; see the module docstring.
+
+    ``tools`` are OpenAI tool definitions (``{"type": "function", "function": {"name", "parameters"}}``): only their
+    names are calls, and their parameter schemas type the values. ``id_factory`` makes call ids.
     """
 
     def __init__(self, tools: list[dict] | None = None, *, id_factory: Callable[[], str] | None = None) -> None:
@@ -314,56 +90,40 @@ class ToolCallParser:
         self._mode = _TEXT
         self._buf = ""  # unprocessed input
         self._pending_ws = ""  # trailing whitespace of the text so far, not emitted yet
-        self._raw = ""  # raw text of the call being parsed (from the whitespace before <tool_call>)
-        self._next_index = 0
-        self._index: int | None = None  # index of the started, unfinished call
+        self._raw = ""  # raw text of a call not started yet (it becomes content if the call never starts)
+        self._index = 0  # index of the current (or next) call
         self._fn_name = ""
-        self._nparams = 0
+        self._params: set[str] = set()  # parameters of the current call already in its JSON
         self._pname = ""
-        self._scan = 0  # where to resume looking for </parameter> in _buf
+        self._scan = 0  # where to resume looking for the end of a value in _buf
         self._completed = 0
-        self._used = False
         self._finished = False
 
-    def feed(self, delta: str) -> list[ToolEvent]:
+    def feed(self, delta: str) -> list[Event]:
         if self._finished:
             raise RuntimeError("ToolCallParser.feed() called after finish()")
-        self._used = True
-        out: list[ToolEvent] = []
+        out: list[Event] = []
         if delta:
             self._buf += delta
-            self._run(out)
+            self._run(out, final=False)
         return out
 
-    def finish(self) -> list[ToolEvent]:
+    def finish(self) -> list[Event]:
         if self._finished:
             return []
         self._finished = True
-        out: list[ToolEvent] = []
-        self._run(out)
-        if self._mode == _AFTER:  # the call is complete; what is left is a partial tag: text
-            self._mode = _TEXT
-        if self._mode == _TEXT:
-            if self._buf:
-                out.append(ContentDelta(self._pending_ws + self._buf))
-            elif self._pending_ws and not self._completed:
-                out.append(ContentDelta(self._pending_ws))
-            self._buf = self._pending_ws = ""
-        else:  # a call still open at the end is not a call
-            self._raw += self._buf
-            self._buf = ""
-            self._abort(out)
+        out: list[Event] = []
+        self._run(out, final=True)  # every mode resolves at the end: the buffer is empty, the mode is text
+        if self._pending_ws and not self._completed:
+            out.append(ContentDelta(self._pending_ws))
+        self._pending_ws = ""
         return out
 
-    def parse_complete(self, text: str) -> tuple[str | None, list[ToolCall]]:
-        """Run a fresh parser over a whole output; returns (content or None when empty, complete calls)."""
-        if self._used or self._finished:
-            raise RuntimeError("parse_complete() needs a fresh ToolCallParser")
-        events = self.feed(text) + self.finish()
-        content = "".join(e.text for e in events if isinstance(e, ContentDelta))
-        return (content or None), collect_tool_calls(events)
-
     # -- internals ------------------------------------------------------------------------------------------
+
+    def _run(self, out: list, final: bool) -> None:
+        while self._step(out, final):
+            pass
 
     def _text(self, out: list, s: str) -> None:
         """Emit plain text, holding back its trailing whitespace."""
@@ -374,37 +134,29 @@ class ToolCallParser:
         else:
             self._pending_ws += s
 
-    def _abort(self, out: list) -> bool:
-        if self._index is not None:
-            out.append(ToolCallAbort(self._index))
-            self._next_index = self._index  # the next call takes its index: complete calls are numbered 0, 1, ...
-            self._index = None
-        if self._raw:
-            out.append(ContentDelta(self._raw))
+    def _not_a_call(self, out: list) -> bool:
+        """The markup read since <tool_call> is not a call: it is content, and parsing goes on after it."""
+        self._text(out, self._raw)
         self._raw = ""
         self._mode = _TEXT
         return True
-
-    def _skip_ws(self, keep: bool) -> str:
-        buf = self._buf
-        rest = buf.lstrip(_WS)
-        if keep:
-            self._raw += buf[: len(buf) - len(rest)]
-        self._buf = rest
-        return rest
 
     def _consume(self, n: int) -> None:
         self._raw += self._buf[:n]
         self._buf = self._buf[n:]
 
-    def _read_name(self) -> str | None | bool:
-        """Read ``NAME>`` from the buffer: the name, False when malformed (buffer left at the offending spot),
-        None when more input is needed."""
+    def _skip_ws(self) -> str:
+        rest = self._buf.lstrip(_WS)
+        self._consume(len(self._buf) - len(rest))
+        return rest
+
+    def _read_name(self, final: bool) -> str | bool | None:
+        """Read ``NAME>``: the name; False when malformed (left at the offending character); None to wait."""
         buf = self._buf
-        m = _NAME_END.search(buf, 0, MAX_NAME_LEN + 1)
+        m = NAME_END.search(buf, 0, MAX_NAME_LEN + 1)
         if m is None:
-            if len(buf) > MAX_NAME_LEN:
-                self._consume(MAX_NAME_LEN)
+            if len(buf) > MAX_NAME_LEN or final:
+                self._consume(min(len(buf), MAX_NAME_LEN))
                 return False
             return None
         i = m.start()
@@ -415,134 +167,157 @@ class ToolCallParser:
         self._consume(i + 1)
         return name
 
-    def _run(self, out: list) -> None:
-        while self._step(out):
-            pass
+    def _end_call(self, out: list) -> None:
+        out.append(ToolCallArgsDelta(self._index, "}" if self._params else "{}"))
+        out.append(ToolCallEnd(self._index))
+        self._index += 1
+        self._completed += 1
+        self._raw = ""
 
-    def _step(self, out: list) -> bool:
+    def _value_end(self, final: bool) -> tuple[int, int] | None:
+        """(where the value ends, where parsing resumes) in the buffer, or None while that cannot be told."""
+        buf, i = self._buf, self._scan
+        while True:
+            i = buf.find("<", i)
+            if i < 0:
+                self._scan = len(buf)
+                return (len(buf), len(buf)) if final else None
+            tail = buf[i:]
+            decided: bool | None = False
+            resume = i
+            m = PARAM_CLOSE.match(buf, i)
+            if m is not None:
+                if m.end() == len(buf) and not final:
+                    decided = None  # "</parameter" may still grow into "</parameter>" or "</parameter1>"
+                else:
+                    decided, resume = _continues(buf[m.end():], _AFTER_VALUE, final), m.end()
+            elif tail.startswith(PARAM_OPEN):  # the next parameter, on a line of its own: this one lacked a closer
+                if i > 0 and buf[i - 1] == "\n":
+                    m = NAME_END.search(buf, i + len(PARAM_OPEN))
+                    named = m is not None and buf[m.start()] == ">" and buf[i + len(PARAM_OPEN):m.start()].strip()
+                    decided = bool(named) if (m or final) else None
+            elif tail.startswith(FUNC_CLOSE):
+                decided = _continues(tail[len(FUNC_CLOSE):], _AFTER_FUNCTION, final)
+            elif tail.startswith(TOOL_CLOSE):
+                decided = _continues(tail[len(TOOL_CLOSE):], (TOOL_OPEN,), final)
+            elif not final and any(t.startswith(tail) for t in _VALUE_ENDS):
+                decided = None  # a tag still arriving
+            if decided is None:
+                self._scan = i
+                return None
+            if decided:
+                return i, resume
+            i += 1
+
+    def _step(self, out: list, final: bool) -> bool:
         """Advance the machine once; False when it needs more input."""
         mode = self._mode
         if mode == _TEXT:
             buf = self._buf
-            i = buf.find(TOOL_OPEN)
-            if i < 0:
-                cut = len(buf) - partial_suffix_len(buf, TOOL_OPEN)
+            starts = [(buf.find(tag), tag) for tag in (TOOL_OPEN, FUNC_OPEN)]
+            found = [(i, tag) for i, tag in starts if i >= 0]
+            if not found:
+                cut = len(buf) if final else len(buf) - max(partial_suffix_len(buf, t) for t in (TOOL_OPEN, FUNC_OPEN))
                 self._text(out, buf[:cut])
                 self._buf = buf[cut:]
                 return False
+            i, tag = min(found)
             self._text(out, buf[:i])
-            self._raw = self._pending_ws + TOOL_OPEN
+            self._raw = self._pending_ws + tag
             self._pending_ws = ""
-            self._buf = buf[i + len(TOOL_OPEN):]
-            self._mode = _OPEN
+            self._buf = buf[i + len(tag):]
+            self._mode = _OPEN if tag == TOOL_OPEN else _FNAME
             return True
 
         if mode == _OPEN:
-            rest = self._skip_ws(keep=True)
+            rest = self._skip_ws()
             if rest.startswith(FUNC_OPEN):
                 self._consume(len(FUNC_OPEN))
                 self._mode = _FNAME
                 return True
-            if FUNC_OPEN.startswith(rest):
+            if FUNC_OPEN.startswith(rest) and not final:
                 return False
-            return self._abort(out)
+            return self._not_a_call(out)
 
         if mode == _FNAME:
-            name = self._read_name()
+            name = self._read_name(final)
             if name is None:
                 return False
-            if name is False:
-                return self._abort(out)
-            self._index = self._next_index
-            self._next_index += 1
-            self._fn_name = name
-            self._nparams = 0
+            if name is False or name not in self._schemas:
+                return self._not_a_call(out)
+            self._fn_name, self._params, self._raw = name, set(), ""
             out.append(ToolCallStart(self._index, self._new_id(), name))
             self._mode = _BODY
             return True
 
         if mode == _BODY:
-            rest = self._skip_ws(keep=True)
+            rest = self._buf = self._buf.lstrip(_WS)
             if rest.startswith(PARAM_OPEN):
-                self._consume(len(PARAM_OPEN))
+                self._buf = rest[len(PARAM_OPEN):]
                 self._mode = _PNAME
-                return True
-            if rest.startswith(FUNC_CLOSE):
+            elif rest.startswith(FUNC_CLOSE):
                 self._buf = rest[len(FUNC_CLOSE):]
-                out.append(ToolCallArgsDelta(self._index, "}" if self._nparams else "{}"))
-                out.append(ToolCallEnd(self._index))
-                self._index = None
-                self._raw = ""
-                self._completed += 1
+                self._end_call(out)
                 self._mode = _AFTER
-                return True
-            if PARAM_OPEN.startswith(rest) or FUNC_CLOSE.startswith(rest):
-                return False
-            return self._abort(out)
+            elif rest.startswith(TOOL_CLOSE):  # </function> was missing
+                self._buf = rest[len(TOOL_CLOSE):]
+                self._end_call(out)
+                self._mode = _TEXT
+            elif rest.startswith(TOOL_OPEN):  # a new call: this one lacked its closers
+                self._end_call(out)
+                self._mode = _TEXT
+            elif rest.startswith(FUNC_OPEN):
+                self._end_call(out)
+                self._mode = _TEXT
+            elif not rest or any(t.startswith(rest) for t in _BODY_TAGS):
+                if not final:
+                    return False
+                self._buf = ""
+                self._end_call(out)  # cut off inside the call
+                self._mode = _TEXT
+            else:  # stray text inside the call
+                nxt = rest.find("<", 1)
+                self._buf = rest[nxt:] if nxt > 0 else ""
+            return True
 
         if mode == _PNAME:
-            name = self._read_name()
+            name = self._read_name(final)
+            self._raw = ""
             if name is None:
                 return False
-            if name is False:
-                return self._abort(out)
-            self._pname = name
-            self._scan = 0
+            if name is False:  # not a parameter after all: skip it as stray text
+                self._mode = _BODY
+                return True
+            self._pname, self._scan = name, 0
             self._mode = _PVALUE
             return True
 
         if mode == _PVALUE:
-            buf = self._buf
-            i = buf.find(PARAM_CLOSE, self._scan)
-            if i < 0:
-                self._scan = max(0, len(buf) - len(PARAM_CLOSE) + 1)
+            end = self._value_end(final)
+            if end is None:
                 return False
-            raw_value = buf[:i]
-            self._consume(i + len(PARAM_CLOSE))
-            schema = self._schemas.get(self._fn_name, {}).get(self._pname)
-            value = convert_parameter(raw_value, schema)
-            key = json.dumps(self._pname, ensure_ascii=False)
-            text = ("{" if self._nparams == 0 else ", ") + key + ": " + _dumps(value, raw_value)
-            out.append(ToolCallArgsDelta(self._index, text))
-            self._nparams += 1
+            stop, resume = end
+            raw_value = self._buf[:stop]
+            self._buf = self._buf[resume:]
+            if self._pname not in self._params:
+                schema = self._schemas[self._fn_name].get(self._pname)
+                value = dumps_value(convert_parameter(raw_value, schema), raw_value)
+                key = json.dumps(self._pname, ensure_ascii=False)
+                out.append(ToolCallArgsDelta(self._index, ("{" if not self._params else ", ") + f"{key}: {value}"))
+                self._params.add(self._pname)
             self._mode = _BODY
             return True
 
         # _AFTER
-        rest = self._skip_ws(keep=False)
+        rest = self._buf = self._buf.lstrip(_WS)
         if rest.startswith(TOOL_CLOSE):
             self._buf = rest[len(TOOL_CLOSE):]
             self._mode = _TEXT
             return True
-        if rest.startswith(FUNC_OPEN):
-            self._raw = ""
-            self._consume(len(FUNC_OPEN))
-            self._mode = _FNAME
+        if rest.startswith(FUNC_OPEN):  # another call in the same <tool_call>
+            self._mode = _TEXT
             return True
-        if not rest or TOOL_CLOSE.startswith(rest) or FUNC_OPEN.startswith(rest):
+        if not final and (not rest or TOOL_CLOSE.startswith(rest) or FUNC_OPEN.startswith(rest)):
             return False
         self._mode = _TEXT  # no </tool_call>: the call stands, the rest is text
         return True
-
-
-def collect_tool_calls(events: Iterable[Any]) -> list[ToolCall]:
-    """The complete calls described by a stream of events (started, ended, not aborted), in index order."""
-    calls: dict[int, list] = {}
-    done: set[int] = set()
-    for e in events:
-        if isinstance(e, ToolCallStart):
-            calls[e.index] = [e.id, e.name, []]
-        elif isinstance(e, ToolCallArgsDelta):
-            calls[e.index][2].append(e.text)
-        elif isinstance(e, ToolCallEnd):
-            done.add(e.index)
-        elif isinstance(e, ToolCallAbort):
-            calls.pop(e.index, None)
-            done.discard(e.index)
-    return [ToolCall(c[0], c[1], "".join(c[2])) for i, c in sorted(calls.items()) if i in done]
-
-
-def parse_complete(text: str, tools: list[dict] | None = None, *,
-                   id_factory: Callable[[], str] | None = None) -> tuple[str | None, list[ToolCall]]:
-    """Non-streaming parse of a whole output: (content or None when empty, complete tool calls)."""
-    return ToolCallParser(tools, id_factory=id_factory).parse_complete(text)

@@ -25,8 +25,9 @@ import torch
 from minicpmv.config import read_json
 from minicpmv.errors import CheckpointError, ImageError, InvalidInputError, VideoError
 from minicpmv.processing.chat_template import ChatTemplate
-from minicpmv.processing.image import DownsampleMode, ImagePlan, ImageSettings, ProcessedImage, process_image
+from minicpmv.processing.image import ImagePlan, ImageSettings, ProcessedImage, process_image
 from minicpmv.processing.image_io import ImageInput
+from minicpmv.processing.options import ProcessingOptions
 from minicpmv.processing.tokenizer import MediaTokens, TextTokenizer
 from minicpmv.processing.video import ProcessedVideo, VideoInput, VideoSettings, process_video
 
@@ -177,22 +178,17 @@ class Processor:
         `apply_chat_template` returns)."""
         return self.template.render(collect_media(messages)[0], **kwargs)
 
-    def settings(
-        self,
-        downsample_mode: DownsampleMode | None = None,
-        max_slice_nums: int | None = None,
-        max_num_frames: int | None = None,
-        stack_frames: int | None = None,
-        video_max_slice_nums: int | None = None,
-    ) -> tuple[ImageSettings, VideoSettings]:
-        """The image and video settings with these overrides (None keeps the checkpoint's value); checked here."""
-        overrides = {"downsample_mode": downsample_mode, "max_slice_nums": max_slice_nums}
+    def settings(self, options: ProcessingOptions | None = None, video_max_slice_nums: int | None = None
+                 ) -> tuple[ImageSettings, VideoSettings]:
+        """The image and video settings with these options (None keeps the checkpoint's value); checked here."""
+        o = options or ProcessingOptions()
+        overrides = {"downsample_mode": o.downsample_mode, "max_slice_nums": o.max_slice_nums}
         image = dataclasses.replace(self.image_settings, **{k: v for k, v in overrides.items() if v is not None})
         video = self.video_settings.replace(
-            downsample_mode=downsample_mode,
-            max_slice_nums=video_max_slice_nums if video_max_slice_nums is not None else max_slice_nums,
-            max_num_frames=max_num_frames,
-            stack_frames=stack_frames,
+            downsample_mode=o.downsample_mode,
+            max_slice_nums=video_max_slice_nums if video_max_slice_nums is not None else o.max_slice_nums,
+            max_num_frames=o.max_num_frames,
+            stack_frames=o.stack_frames,
         )
         return image, video
 
@@ -205,19 +201,20 @@ class Processor:
         add_generation_prompt: bool = True,
         enable_thinking: bool = False,
         tools: list[dict] | None = None,
-        use_image_id: bool | None = None,
-        downsample_mode: DownsampleMode | None = None,
-        max_slice_nums: int | None = None,
-        max_num_frames: int | None = None,
-        stack_frames: int | None = None,
+        options: ProcessingOptions | None = None,
         video_max_slice_nums: int | None = None,
+        **knobs: Any,
     ) -> ProcessorOutput:
         """`images` / `videos` override the data carried by the messages' image / video parts; either way the i-th
         image (video) fills the i-th image (video) placeholder.
 
-        As in the reference processor, ``use_image_id``, ``downsample_mode`` and ``max_slice_nums`` apply to images
-        and videos alike; ``video_max_slice_nums`` overrides ``max_slice_nums`` for videos only.
-        ``max_num_frames`` and ``stack_frames`` apply to videos."""
+        ``options`` (or its fields as keywords): as in the reference processor, ``use_image_id``,
+        ``downsample_mode`` and ``max_slice_nums`` apply to images and videos alike; ``video_max_slice_nums``
+        overrides ``max_slice_nums`` for videos only; ``max_num_frames`` and ``stack_frames`` apply to videos."""
+        if options is None:
+            options = ProcessingOptions.from_dict(knobs)
+        elif knobs:
+            raise InvalidInputError(f"give the processing options either as options= or as keywords, not both: {sorted(knobs)}")
         messages, part_images, part_videos = collect_media(messages)
         text = self.template.render(
             messages,
@@ -230,9 +227,8 @@ class Processor:
         images = _media_list("image", images, part_images, text.count(tokens.image))
         videos = _media_list("video", videos, part_videos, text.count(tokens.video))
 
-        settings, video_settings = self.settings(downsample_mode, max_slice_nums, max_num_frames, stack_frames,
-                                                 video_max_slice_nums)
-        with_ids = self.use_image_id if use_image_id is None else use_image_id
+        settings, video_settings = self.settings(options, video_max_slice_nums)
+        with_ids = self.use_image_id if options.use_image_id is None else options.use_image_id
 
         processed = [process_image(image, settings) for image in images]
         replacements = [image_placeholder(p.plan, tokens, i if with_ids else None) for i, p in enumerate(processed)]

@@ -12,6 +12,10 @@ from tokenizers import Tokenizer
 from minicpmv.errors import CheckpointError, InvalidInputError
 
 
+IM_START = "<|im_start|>"
+DEFAULT_STOP_TOKENS = ("<|endoftext|>", "<|im_end|>")
+
+
 @dataclass(frozen=True)
 class MediaTokens:
     """Token strings the processor writes around visual features (`extra_special_tokens` in tokenizer_config)."""
@@ -81,3 +85,13 @@ class TextTokenizer:
     @property
     def eos_token_id(self) -> int:
         return self.token_to_id(self.special_tokens["eos_token"])
+
+    @property
+    def im_start_id(self) -> int:
+        """``<|im_start|>``: where each turn of the chat template begins."""
+        return self.token_to_id(IM_START)
+
+    @property
+    def default_stop_ids(self) -> list[int]:
+        """What ends an answer when the checkpoint's generation config says nothing: ``<|endoftext|>``, ``<|im_end|>``."""
+        return [self.token_to_id(t) for t in DEFAULT_STOP_TOKENS]

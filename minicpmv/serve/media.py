@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Literal
 
 from minicpmv.errors import InvalidInputError
+from minicpmv.processing.prompt import media_part
 
 MediaKind = Literal["image", "video"]
 Resolver = Callable[[str, int], Iterable[str]]
@@ -549,3 +550,22 @@ async def fetch_media_async(
 ) -> bytes:
     """fetch_media in a worker thread, so the event loop is not blocked. Ends within about policy.timeout_s."""
     return await asyncio.to_thread(fetch_media, url, policy, kind, resolver)
+
+
+async def fetch_message_media(message: dict, policy: MediaPolicy) -> dict:
+    """``message`` with each media part's URL fetched under ``policy`` (every spelling the processor reads)."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return message
+    parts = []
+    for part in content:
+        media = media_part(part)
+        if media is not None:
+            kind, source = media
+            if isinstance(source, str):
+                source = await fetch_media_async(source, policy, kind)
+            elif not isinstance(source, bytes):
+                raise InvalidInputError(f"a {kind} content part needs {{'{kind}_url': {{'url': ...}}}}")
+            part = {"type": kind, kind: source}
+        parts.append(part)
+    return {**message, "content": parts}

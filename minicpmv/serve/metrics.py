@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from bisect import bisect_left
 
-from minicpmv.engine.engine import Engine
+from minicpmv.engine.engine import EngineStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -44,7 +44,7 @@ class Metrics:
         with self.lock:
             self.errors[status] = self.errors.get(status, 0) + 1
 
-    def render(self, engine: Engine) -> str:
+    def render(self, stats: EngineStats) -> str:
         p = "minicpmv"
         with self.lock:
             lines = [
@@ -61,22 +61,20 @@ class Metrics:
                 f"# TYPE {p}_inter_token_latency_seconds histogram",
                 *self.inter_token.lines(f"{p}_inter_token_latency_seconds"),
             ]
-        # Engine figures are read without its lock: plain ints, a slightly stale value is fine.
-        scheduler, runner = engine.scheduler, engine.runner
         lines += [
             f"# TYPE {p}_queue_depth gauge",
-            f"{p}_queue_depth {len(scheduler.waiting)}",
+            f"{p}_queue_depth {stats.waiting}",
             f"# TYPE {p}_running_sequences gauge",
-            f"{p}_running_sequences {len(scheduler.running)}",
+            f"{p}_running_sequences {stats.running}",
             f"# TYPE {p}_vision_encode_seconds_total counter",
-            f"{p}_vision_encode_seconds_total {runner.encode_seconds}",
+            f"{p}_vision_encode_seconds_total {stats.vision_encode_seconds}",
             f"# TYPE {p}_vision_cache_hits_total counter",
-            f"{p}_vision_cache_hits_total {engine.vision_cache.hits}",
+            f"{p}_vision_cache_hits_total {stats.vision_cache_hits}",
             f"# TYPE {p}_vision_cache_misses_total counter",
-            f"{p}_vision_cache_misses_total {engine.vision_cache.misses}",
+            f"{p}_vision_cache_misses_total {stats.vision_cache_misses}",
             f"# TYPE {p}_prefix_cache_hits_total counter",
-            f"{p}_prefix_cache_hits_total {engine.prefix_cache.hits}",
+            f"{p}_prefix_cache_hits_total {stats.prefix_cache_hits}",
             f"# TYPE {p}_prefix_cached_tokens_total counter",
-            f"{p}_prefix_cached_tokens_total {engine.cached_tokens}",
+            f"{p}_prefix_cached_tokens_total {stats.cached_tokens}",
         ]
         return "\n".join(lines) + "\n"

@@ -4,21 +4,14 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from minicpmv.engine.sampling import SamplingParams
-from minicpmv.output.tool_calls import check_tool_choice
-
-
-class MMProcessorKwargs(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    downsample_mode: Literal["16x", "4x"] | None = None
-    max_slice_nums: int | None = Field(None, ge=1, le=64)
-    use_image_id: bool | None = None
-    max_num_frames: int | None = Field(None, ge=1, le=1024)
-    stack_frames: int | None = Field(None, ge=1, le=10)
+from minicpmv.errors import InvalidInputError
+from minicpmv.output.tools import check_tool_choice
+from minicpmv.processing.options import ProcessingOptions
 
 
 class ChatTemplateKwargs(BaseModel):
@@ -61,7 +54,7 @@ class ChatCompletionRequest(BaseModel):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
-    mm_processor_kwargs: MMProcessorKwargs | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None  # ProcessingOptions' fields
     chat_template_kwargs: ChatTemplateKwargs | None = None
     normalize_escaped_newlines: bool = False  # the model card's "\\n" -> newline clean-up of content
     user: str | None = None
@@ -96,6 +89,9 @@ class ChatCompletionRequest(BaseModel):
         check_tool_choice(choice)
         return choice
 
+    def processing_options(self) -> ProcessingOptions:
+        return ProcessingOptions.from_dict(self.mm_processor_kwargs or {}, where="mm_processor_kwargs")
+
     def sampling_params(self) -> SamplingParams:
         given = {
             "temperature": self.temperature,
@@ -113,7 +109,7 @@ class ChatCompletionRequest(BaseModel):
             "logprobs": (self.top_logprobs or 0) if self.logprobs else None,
         }
         if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs=true")
+            raise InvalidInputError("top_logprobs needs logprobs=true", param="top_logprobs")
         return SamplingParams(
             ignore_eos=self.ignore_eos,
             skip_special_tokens=self.skip_special_tokens,

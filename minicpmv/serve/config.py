@@ -1,0 +1,16 @@
+"""What the server was started with (besides the model)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from minicpmv.serve.media import MediaPolicy
+
+
+@dataclass
+class ServerConfig:
+    model_name: str
+    api_key: str | None = None
+    max_body_bytes: int = 100 << 20
+    media: MediaPolicy = field(default_factory=MediaPolicy)
+    enable_test_hooks: bool = False
