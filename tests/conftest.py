@@ -1,10 +1,12 @@
-"""Shared fixtures: a checkpoint-like directory with the rebuilt tokenizer and the reference processor files."""
+"""Shared fixtures: a checkpoint-like directory with the rebuilt tokenizer and the reference processor files, the
+tiny checkpoint with them, an LLM over it, and a short clip. Helpers are in tests/tiny.py."""
 
 from __future__ import annotations
 
 import pytest
 
 from minicpmv.processing.tokenizer_build import write_tokenizer_files
+from tests.tiny import REAL, link_tree, reference_checkpoint, write_clip
 
 
 @pytest.fixture(scope="session")
@@ -24,21 +26,35 @@ def ours(tokenizer_dir):
 
 @pytest.fixture(scope="session")
 def reference_processor(tokenizer_dir):
-    """transformers' MiniCPMV4_6Processor (torchvision image backend): the test oracle."""
+    """transformers' MiniCPMV4_6Processor (torchvision image backend): the test oracle. It reads the same files as a
+    ``tiny_dir`` processor would, and loading one takes seconds: build it once."""
     from transformers import AutoProcessor
 
     return AutoProcessor.from_pretrained(tokenizer_dir)
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    """The tiny reference checkpoint (tests/tiny.py) plus the real tokenizer, template and processor files."""
-    import shutil
-
-    from tests.tiny import reference_checkpoint
-
-    _, source = reference_checkpoint("base")
+def tiny_dir(tmp_path_factory, tokenizer_dir):
+    """The tiny reference checkpoint (tests/tiny.py) with the real vocabulary, plus the real tokenizer, template and
+    processor files. Read-only: its weights are hard links to the reference's."""
+    _, source = reference_checkpoint("base", REAL)
     target = tmp_path_factory.mktemp("tiny") / "ckpt"
-    shutil.copytree(source, target)
-    write_tokenizer_files(target)
+    link_tree(source, target)
+    link_tree(tokenizer_dir, target, dirs_exist_ok=True)
     return target
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_dir):
+    """An LLM over ``tiny_dir`` in float32, one per test module."""
+    from minicpmv.llm import LLM
+
+    return LLM(tiny_dir, dtype="float32", progress=False)
+
+
+@pytest.fixture(scope="session")
+def clip(tmp_path_factory):
+    """A 2.5 s H.264 clip: 3 frames at 1 fps."""
+    path = tmp_path_factory.mktemp("video") / "clip.mp4"
+    write_clip(path, "libx264", 160, 120, 4, 10)
+    return path

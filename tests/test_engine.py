@@ -4,84 +4,29 @@ sampling and stopping, cancellation, and a bounded queue under load."""
 from __future__ import annotations
 
 import random
-from pathlib import Path
-import numpy as np
+
 import pytest
-import torch
 
 from minicpmv.engine.engine import Engine, EngineConfig
 from minicpmv.engine.sampling import SamplingParams
 from minicpmv.engine.sequence import Sequence
 from minicpmv.errors import ContextLengthError, InvalidInputError, QueueFullError
 from minicpmv.llm import LLM, ChatOptions
-from tests.tiny import eventually, reference_checkpoint
+from tests.tiny import eventually, image, reference_greedy, user
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
-def llm(tiny_dir):
-    return LLM(tiny_dir, dtype="float32", progress=False)
-
-
-def image(w, h, seed):
-    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-
-
-def user(*parts):
-    def part(p):
-        if isinstance(p, np.ndarray):
-            return {"type": "image", "image": p}
-        if isinstance(p, Path):
-            return {"type": "video", "video": str(p)}
-        return {"type": "text", "text": p}
-
-    return [{"role": "user", "content": [part(p) for p in parts]}]
-
-
-@pytest.fixture(scope="module")
-def clip(tmp_path_factory) -> Path:
-    from tests.test_video import write_clip
-
-    path = tmp_path_factory.mktemp("video") / "clip.mp4"
-    write_clip(path, "libx264", 160, 120, 4, 10)  # 2.5 s: 3 frames at 1 fps
-    return path
-
-
 CONVERSATIONS = [
-    ({"messages": user("Tell me a story.")}),
-    ({"messages": user(image(448, 448, 1), "What is this?"), "downsample_mode": "16x"}),
-    ({"messages": user(image(640, 480, 2), "Describe it."), "downsample_mode": "4x"}),
-    ({"messages": user(image(300, 200, 3), image(800, 600, 4), image(224, 224, 5), "Compare them.")}),
+    ({"messages": [user("Tell me a story.")]}),
+    ({"messages": [user(image(448, 448, 1), "What is this?")], "downsample_mode": "16x"}),
+    ({"messages": [user(image(640, 480, 2), "Describe it.")], "downsample_mode": "4x"}),
+    ({"messages": [user(image(300, 200, 3), image(800, 600, 4), image(224, 224, 5), "Compare them.")]}),
 ]
 
 
-def reference_greedy(tiny_dir, llm, conv, n):
-    """transformers' generate on the same conversation (its own processor, its own model)."""
-    from transformers import AutoProcessor
-
-    ref, _ = reference_checkpoint("base")
-    processor = AutoProcessor.from_pretrained(tiny_dir)
-    messages = conv["messages"]
-    mode = conv.get("downsample_mode", "16x")
-    text = llm.processor.render(messages, add_generation_prompt=True, enable_thinking=False)
-    images = [p["image"] for m in messages for p in m["content"] if p["type"] == "image"]
-    videos = [Path(p["video"]) for m in messages for p in m["content"] if p["type"] == "video"]
-    extra = {}
-    if videos:
-        from minicpmv.processing.video import process_video
-        from tests.test_video import all_frames, reference_metadata
-
-        extra = dict(videos=[all_frames(v) for v in videos], do_sample_frames=True,
-                     video_metadata=[reference_metadata(process_video(v)) for v in videos])
-    inputs = processor(text=text, images=[images] if images else None, downsample_mode=mode, return_tensors="pt", **extra)
-    with torch.no_grad():
-        out = ref.generate(**inputs, downsample_mode=mode, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-    return out[0, inputs["input_ids"].shape[1] :].tolist()
-
-
-def test_mixed_batch_equals_each_alone_and_transformers(llm, tiny_dir, clip):
-    conversations = CONVERSATIONS + [{"messages": user(clip, "What happens?")}]
+def test_mixed_batch_equals_each_alone_and_transformers(llm, reference_processor, clip):
+    conversations = CONVERSATIONS + [{"messages": [user(clip, "What happens?")]}]
     together = llm.chat(conversations, GREEDY)
     assert [r.usage.image_tokens > 0 for r in together] == [False, True, True, True, False]
     assert together[-1].usage.video_tokens > 0
@@ -90,16 +35,16 @@ def test_mixed_batch_equals_each_alone_and_transformers(llm, tiny_dir, clip):
         alone = LLM.chat(llm, [conv], GREEDY)[0]
         assert batched.token_ids == alone.token_ids
         assert batched.finish_reason == "length" and len(batched.token_ids) == GREEDY.max_tokens
-        assert batched.token_ids == reference_greedy(tiny_dir, llm, conv, GREEDY.max_tokens)
+        assert batched.token_ids == reference_greedy(reference_processor, llm, conv, GREEDY.max_tokens)
 
 
 def test_second_turn_reuses_prefix_state_and_image_features(llm, tiny_dir):
     photo = image(800, 600, 7)
-    turn1 = user(photo, "What is in the picture?")
+    turn1 = [user(photo, "What is in the picture?")]
     first = llm.chat(turn1, GREEDY)[0]
     engine = llm.engine
     encoded, prefilled = engine.runner.encoded, engine.prefilled_tokens
-    turn2 = turn1 + [{"role": "assistant", "content": first.text}] + user("And the colours?")
+    turn2 = turn1 + [{"role": "assistant", "content": first.text}] + [user("And the colours?")]
     second = llm.chat(turn2, GREEDY)[0]
     assert engine.runner.encoded == encoded  # the image was not encoded again
     cached = second.usage.cached_tokens
@@ -118,7 +63,7 @@ def own_engine(llm, **config) -> Engine:
 
 def test_a_prompt_runs_in_one_forward_and_leaves_its_turn_start_state(llm):
     engine = own_engine(llm)
-    seq = llm.prepare(user("Hi there"), SamplingParams(temperature=0, max_tokens=1), llm.default_options)
+    seq = llm.prepare([user("Hi there")], SamplingParams(temperature=0, max_tokens=1), llm.default_options)
     engine.add(seq)
     steps = 0
     while seq.finish_reason is None:
@@ -130,9 +75,9 @@ def test_a_prompt_runs_in_one_forward_and_leaves_its_turn_start_state(llm):
 
 def test_seeded_sampling_is_reproducible(llm):
     params = SamplingParams(temperature=1.0, top_p=0.9, seed=123, max_tokens=10, ignore_eos=True)
-    a = llm.chat(user("Hi"), params)[0]
-    b = llm.chat([user("Other"), user("Hi")], params)[1]  # different batch company
-    c = llm.chat(user("Hi"), SamplingParams(temperature=1.0, top_p=0.9, seed=124, max_tokens=10, ignore_eos=True))[0]
+    a = llm.chat([user("Hi")], params)[0]
+    b = llm.chat([[user("Other")], [user("Hi")]], params)[1]  # different batch company
+    c = llm.chat([user("Hi")], SamplingParams(temperature=1.0, top_p=0.9, seed=124, max_tokens=10, ignore_eos=True))[0]
     assert a.token_ids == b.token_ids
     assert a.token_ids != c.token_ids
 
@@ -147,14 +92,14 @@ def run_raw(llm, messages, params) -> Sequence:
 
 def test_stop_string_spanning_tokens_stops_exactly(llm):
     varied = dict(temperature=1.0, seed=3, max_tokens=24, ignore_eos=True)  # greedy tiny models repeat one token
-    free = run_raw(llm, user("Say something."), SamplingParams(**varied))
+    free = run_raw(llm, [user("Say something.")], SamplingParams(**varied))
     pieces = [llm.processor.tokenizer.decode([t]) for t in free.output_ids]
     assert "".join(pieces) == free.text
     # A stop string that starts inside the 3rd token's text and ends inside a later one.
     start = len(pieces[0]) + len(pieces[1]) + max(len(pieces[2]) - 1, 0)
     stop = free.text[start : start + 6]
     assert len(stop) == 6 and len(pieces[2]) < 6
-    stopped = run_raw(llm, user("Say something."), SamplingParams(**varied, stop=[stop]))
+    stopped = run_raw(llm, [user("Say something.")], SamplingParams(**varied, stop=[stop]))
     assert stopped.finish_reason == "stop"
     assert stopped.text == free.text[: free.text.find(stop)]
     assert stopped.output_ids == free.output_ids[: len(stopped.output_ids)] and len(stopped.output_ids) < 24
@@ -162,11 +107,11 @@ def test_stop_string_spanning_tokens_stops_exactly(llm):
 
 def test_stop_strings_wait_for_min_tokens(llm):
     varied = dict(temperature=1.0, seed=3, max_tokens=24, ignore_eos=True)
-    free = run_raw(llm, user("Say something."), SamplingParams(**varied))
+    free = run_raw(llm, [user("Say something.")], SamplingParams(**varied))
     first = llm.processor.tokenizer.decode(free.output_ids[:1])  # a stop string found in the very first token
-    at_once = run_raw(llm, user("Say something."), SamplingParams(**varied, stop=[first]))
+    at_once = run_raw(llm, [user("Say something.")], SamplingParams(**varied, stop=[first]))
     assert at_once.text == "" and len(at_once.output_ids) == 1
-    stopped = run_raw(llm, user("Say something."), SamplingParams(**varied, stop=[first], min_tokens=4))
+    stopped = run_raw(llm, [user("Say something.")], SamplingParams(**varied, stop=[first], min_tokens=4))
     assert len(stopped.output_ids) >= 4 and stopped.text.startswith(first)
     assert stopped.output_ids == free.output_ids[: len(stopped.output_ids)]
     # A stop that starts before min_tokens and completes after it still stops the output, exactly there.
@@ -174,16 +119,16 @@ def test_stop_strings_wait_for_min_tokens(llm):
     start = len(pieces[0]) - 1
     spanning = free.text[start : len(pieces[0]) + len(pieces[1]) + 1]
     assert free.text.find(spanning) == start
-    cut = run_raw(llm, user("Say something."), SamplingParams(**varied, stop=[spanning], min_tokens=3))
+    cut = run_raw(llm, [user("Say something.")], SamplingParams(**varied, stop=[spanning], min_tokens=3))
     assert cut.finish_reason == "stop" and cut.text == free.text[:start] and len(cut.output_ids) == 3
 
 
 def test_finish_reasons(llm):
-    free = llm.chat(user("Go."), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
+    free = llm.chat([user("Go.")], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
     assert free.finish_reason == "length" and len(free.token_ids) == 8
     stop_id = free.token_ids[4]
     first = free.token_ids.index(stop_id)
-    stopped = llm.chat(user("Go."), SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[stop_id]))[0]
+    stopped = llm.chat([user("Go.")], SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[stop_id]))[0]
     assert stopped.finish_reason == "stop"
     assert stopped.token_ids == free.token_ids[: first + 1]
 
@@ -191,19 +136,19 @@ def test_finish_reasons(llm):
 def test_prompt_longer_than_context_is_refused(tiny_dir):
     small = LLM(tiny_dir, dtype="float32", progress=False, engine_config=EngineConfig(max_model_len=64))
     with pytest.raises(ContextLengthError, match="context holds 64 tokens"):
-        small.chat(user("word " * 100), GREEDY)
-    assert small.chat(user("Hi"), SamplingParams(temperature=0, max_tokens=5))[0].token_ids
+        small.chat([user("word " * 100)], GREEDY)
+    assert small.chat([user("Hi")], SamplingParams(temperature=0, max_tokens=5))[0].token_ids
 
 
 def test_unknown_option_and_bad_messages(llm):
     with pytest.raises(InvalidInputError, match="unknown chat option"):
-        llm.chat(user("Hi"), GREEDY, downsample="4x")
+        llm.chat([user("Hi")], GREEDY, downsample="4x")
     with pytest.raises(InvalidInputError):
         llm.chat([{"role": "user", "content": [{"type": "image", "image": b"not an image"}]}], GREEDY)
 
 
 def test_cancelled_stream_frees_its_state(llm):
-    stream = llm.chat_stream(user("Count."), SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
+    stream = llm.chat_stream([user("Count.")], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
     next(stream)
     next(stream)
     seq = next(iter(llm.engine.scheduler.running))
@@ -215,12 +160,12 @@ def test_cancelled_stream_frees_its_state(llm):
 
 def test_stream_deltas_join_to_the_final_text(llm):
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    deltas = list(llm.chat_stream(user("Write."), params, enable_thinking=True))
+    deltas = list(llm.chat_stream([user("Write.")], params, enable_thinking=True))
     final = deltas[-1].result
     assert final is not None and deltas[-1].finish_reason == "length"
     assert "".join(d.reasoning for d in deltas) == (final.reasoning or "")
     assert "".join(d.text for d in deltas) == (final.text or "")
-    assert final.token_ids == llm.chat(user("Write."), params, enable_thinking=True)[0].token_ids
+    assert final.token_ids == llm.chat([user("Write.")], params, enable_thinking=True)[0].token_ids
 
 
 def test_200_requests_through_a_small_queue(tiny_dir):
@@ -231,7 +176,7 @@ def test_200_requests_through_a_small_queue(tiny_dir):
         engine_config=EngineConfig(max_num_seqs=4, max_waiting=6, max_num_batched_tokens=128),
     )
     engine, rng = llm.engine, random.Random(0)
-    prompt_ids = llm.prepare(user("Hello there"), None, llm.default_options).prompt_ids
+    prompt_ids = llm.prepare([user("Hello there")], None, llm.default_options).prompt_ids
     accepted, rejected = [], 0
     for i in range(200):
         seq = Sequence(
@@ -255,31 +200,31 @@ def test_200_requests_through_a_small_queue(tiny_dir):
 
 
 def test_streams_and_chat_calls_interleave_without_losing_output(llm):
-    a = llm.chat_stream(user("first"), GREEDY)
-    b = llm.chat_stream(user("second"), GREEDY)
+    a = llm.chat_stream([user("first")], GREEDY)
+    b = llm.chat_stream([user("second")], GREEDY)
     got_a = [next(a)]
     got_b = list(b)  # steps the engine for both streams; a's outputs wait for it
-    other = llm.chat(user("third"), SamplingParams(temperature=0, max_tokens=3))[0]
+    other = llm.chat([user("third")], SamplingParams(temperature=0, max_tokens=3))[0]
     got_a += list(a)
     ids = [t for d in got_a for t in d.token_ids]
-    assert ids == got_a[-1].result.token_ids == llm.chat(user("first"), GREEDY)[0].token_ids
-    assert got_b[-1].result.token_ids == llm.chat(user("second"), GREEDY)[0].token_ids
+    assert ids == got_a[-1].result.token_ids == llm.chat([user("first")], GREEDY)[0].token_ids
+    assert got_b[-1].result.token_ids == llm.chat([user("second")], GREEDY)[0].token_ids
     assert len(other.token_ids) == 3
 
 
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda llm: llm.chat(user("x"), {"max_tokens": 2}), "sampling_params must be a SamplingParams"),
-        (lambda llm: list(llm.chat_stream([user("a"), user("b")])), "chat_stream takes one conversation"),
-        (lambda llm: llm.chat(user("x"), enable_thinking="false"), "enable_thinking must be True or False"),
-        (lambda llm: llm.chat(user("x"), tool_choice="sometimes"), "tool_choice must be"),
-        (lambda llm: llm.chat(user("x"), tools=[{"type": "function", "function": {"name": "a<b"}}]), "function.name"),
+        (lambda llm: llm.chat([user("x")], {"max_tokens": 2}), "sampling_params must be a SamplingParams"),
+        (lambda llm: list(llm.chat_stream([[user("a")], [user("b")]])), "chat_stream takes one conversation"),
+        (lambda llm: llm.chat([user("x")], enable_thinking="false"), "enable_thinking must be True or False"),
+        (lambda llm: llm.chat([user("x")], tool_choice="sometimes"), "tool_choice must be"),
+        (lambda llm: llm.chat([user("x")], tools=[{"type": "function", "function": {"name": "a<b"}}]), "function.name"),
         (lambda llm: LLM(llm.name, max_slice_nums=0), "max_slice_nums must be an integer in"),
         (lambda llm: LLM(llm.name, device="tpu"), "device must be"),
         (lambda llm: LLM(llm.name, engine_config={"max_num_seqs": 2}), "engine_config must be an EngineConfig"),
         (lambda llm: EngineConfig(max_num_seqs=0), "max_num_seqs must be an integer >= 1"),
-        (lambda llm: llm.chat([user("ok"), [{"role": "user", "content": [{"type": "image", "image": "/no/such.png"}]}]]),
+        (lambda llm: llm.chat([[user("ok")], [{"role": "user", "content": [{"type": "image", "image": "/no/such.png"}]}]]),
          "conversation 1: .*not found"),
         (lambda llm: llm.chat([{"role": "user", "content": [{"type": "image", "image": image(8, 8, 0), "text": "hi"}]}]),
          "either text or image"),
@@ -294,22 +239,22 @@ def test_sampling_params_changed_after_creation_are_checked_again(llm):
     params = SamplingParams(max_tokens=4)
     params.temperature = float("nan")
     with pytest.raises(InvalidInputError, match="temperature"):
-        llm.chat(user("x"), params)
+        llm.chat([user("x")], params)
 
 
 def test_a_batch_of_conversations_shows_progress(llm, monkeypatch, capsys):
     monkeypatch.setattr(llm, "progress", True)
-    llm.chat([user(f"q{i}") for i in range(3)], SamplingParams(temperature=0, max_tokens=2))
+    llm.chat([[user(f"q{i}")] for i in range(3)], SamplingParams(temperature=0, max_tokens=2))
     err = capsys.readouterr().err
     assert "conversations: 100%" in err and "3/3" in err
-    llm.chat(user("one"), SamplingParams(temperature=0, max_tokens=2))  # a single conversation: no bar
+    llm.chat([user("one")], SamplingParams(temperature=0, max_tokens=2))  # a single conversation: no bar
     assert "conversations" not in capsys.readouterr().err
 
 
 def test_tool_choice_none_shows_the_model_no_tools(llm):
     tools = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
-    none = llm.prepare(user("x"), None, ChatOptions(tools=tools, tool_choice="none"))
-    plain = llm.prepare(user("x"), None, ChatOptions())
-    auto = llm.prepare(user("x"), None, ChatOptions(tools=tools))
+    none = llm.prepare([user("x")], None, ChatOptions(tools=tools, tool_choice="none"))
+    plain = llm.prepare([user("x")], None, ChatOptions())
+    auto = llm.prepare([user("x")], None, ChatOptions(tools=tools))
     assert none.prompt_ids == plain.prompt_ids != auto.prompt_ids
     assert not none.parser.parses_tools and auto.parser.parses_tools

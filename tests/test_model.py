@@ -12,8 +12,8 @@ from minicpmv.errors import InvalidInputError
 from minicpmv.model.minicpmv import MiniCPMV
 from minicpmv.model.state import Snapshots
 from tests.tiny import (
-    IMAGE_TOKEN,
-    VIDEO_TOKEN,
+    REAL,
+    SMALL,
     prompt_with_placeholders,
     reference_checkpoint,
     to_patches,
@@ -91,7 +91,7 @@ def compare_logits(variant, ids, pixel_values=None, target_sizes=None, mode="16x
 
 
 def test_text_only_logits_match_reference():
-    ids = torch.randint(0, 248000, (150,), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, SMALL.text, (150,), generator=torch.Generator().manual_seed(1))
     compare_logits("base", ids)
 
 
@@ -130,8 +130,8 @@ def test_a_snapshot_taken_partway_through_a_chunk_equals_the_state_after_that_pr
     """The prefix cache's turn-start state comes out of the forward that crosses it, beside another sequence."""
     _, directory = reference_checkpoint("base")
     model = load_model(directory, dtype=dtype)
-    ids = torch.randint(0, 248000, (40,), generator=torch.Generator().manual_seed(3))
-    other = torch.randint(0, 248000, (7,), generator=torch.Generator().manual_seed(4))
+    ids = torch.randint(0, SMALL.text, (40,), generator=torch.Generator().manual_seed(3))
+    other = torch.randint(0, SMALL.text, (7,), generator=torch.Generator().manual_seed(4))
     state, neighbour = model.new_state(), model.new_state()
     model(ids[:5], [state])
     snapshots = Snapshots({0: 20, 1: 7})  # the neighbour's chunk ends at its point: nothing to keep there
@@ -167,7 +167,7 @@ def test_video_frames_match_reference(mode):
         videos=[frames], do_sample_frames=False, max_slice_nums=1, downsample_mode=mode, return_tensors="pt"
     )
     sizes = out["target_sizes_videos"]
-    ids = prompt_with_placeholders(tokens_per_unit(sizes, mode), token=VIDEO_TOKEN)
+    ids = prompt_with_placeholders(tokens_per_unit(sizes, mode), token=SMALL.video)
     compare_logits("base", ids, out["pixel_values_videos"], sizes, mode, video=True)
 
 
@@ -207,14 +207,14 @@ def test_prefill_then_steps_equal_full_forward_and_reference():
     ours = load_model(directory)
     pixels, sizes = image_inputs([(448, 448)], "16x")
     features = ours.encode_images(to_patches(pixels), sizes, "16x")
-    ids = torch.cat([prompt_with_placeholders([features.shape[0]]), torch.randint(0, 248000, (40,))])
+    ids = torch.cat([prompt_with_placeholders([features.shape[0]]), torch.randint(0, SMALL.text, (40,))])
     with torch.no_grad():
         expected = ref(input_ids=ids[None], pixel_values=pixels, target_sizes=sizes).logits[0]
     full = ours(ids, [ours.new_state()], image_features=features, all_logits=True)
     n_prefill = len(ids) - 32
     first = n_prefill - 30  # two prefill chunks, the second resuming from the first's state across a 64 boundary
     state = ours.new_state()
-    n_img = int((ids[:first] == IMAGE_TOKEN).sum())
+    n_img = int((ids[:first] == SMALL.image).sum())
     parts = [ours(ids[:first], [state], image_features=features[:n_img], all_logits=True)]
     parts.append(ours(ids[first:n_prefill], [state], image_features=features[n_img:], all_logits=True))
     parts += [ours(ids[i : i + 1], [state]) for i in range(n_prefill, len(ids))]
@@ -228,7 +228,7 @@ def test_batched_decode_of_different_lengths_equals_separate_runs():
     _, directory = reference_checkpoint("base")
     ours = load_model(directory)
     g = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(0, 248000, (n,), generator=g) for n in (9, 70, 1)]
+    prompts = [torch.randint(0, SMALL.text, (n,), generator=g) for n in (9, 70, 1)]
     states = [ours.new_state() for _ in prompts]
     alone = [ours(p, [s]) for p, s in zip(prompts, states)]
     # Mixed batch: one decode token for the first two, a whole prompt for a fresh third sequence.
@@ -254,7 +254,7 @@ def test_greedy_32_tokens_equal_reference_generate(with_image):
         features = ours.encode_images(to_patches(pixels), sizes, "16x")
         ids = prompt_with_placeholders([features.shape[0]])
     else:
-        ids = torch.randint(0, 248000, (40,), generator=torch.Generator().manual_seed(6))
+        ids = torch.randint(0, SMALL.text, (40,), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         expected = ref.generate(
             input_ids=ids[None], max_new_tokens=32, min_new_tokens=32, do_sample=False, **kwargs
@@ -263,12 +263,14 @@ def test_greedy_32_tokens_equal_reference_generate(with_image):
 
 
 def test_bfloat16_stays_close_to_float32():
-    _, directory = reference_checkpoint("base")
+    # The real vocabulary, where the argmax bound below was measured: the small one's random head has near-ties
+    # (top-2 gaps of 3e-4, under bf16's rounding) at 2 of these 76 positions.
+    _, directory = reference_checkpoint("base", REAL)
     fp32 = load_model(directory)
     bf16 = load_model(directory, dtype="bfloat16")
     assert bf16.dtype == torch.bfloat16
     pixels, sizes = image_inputs([(448, 448)], "16x")
-    ids = prompt_with_placeholders(tokens_per_unit(sizes, "16x"))
+    ids = prompt_with_placeholders(tokens_per_unit(sizes, "16x"), REAL.image, text=REAL.text)
     a = fp32(ids, [fp32.new_state()], image_features=fp32.encode_images(to_patches(pixels), sizes), all_logits=True)
     b = bf16(ids, [bf16.new_state()], image_features=bf16.encode_images(to_patches(pixels), sizes), all_logits=True)
     # Measured: max abs difference 0.0103 on logits up to 1.41, per-position cosine >= 0.9998, argmax agrees

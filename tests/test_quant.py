@@ -15,7 +15,7 @@ from minicpmv.errors import CheckpointError
 from minicpmv.model import kernels
 from minicpmv.model.kernels import PackedLinear, interleave_gate_up
 from minicpmv.model.quant import save_quantized
-from tests.tiny import reference_checkpoint
+from tests.tiny import SMALL, reference_checkpoint
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="needs a CPU with AVX-512 BF16 and a C++ compiler")
 
@@ -115,8 +115,8 @@ def test_fused_bf16_decode_matches_the_plain_bf16_model_past_a_cache_resize():
     fast = load_model(directory, dtype="bfloat16")
     assert type(fast.model.language_model.layers[0].mlp).__name__ == "FusedMLP"
     assert fast.model.language_model.fused_decode is not None  # the whole decode step in one kernel
-    prompt = torch.randint(0, 248000, (250,), generator=torch.Generator().manual_seed(0))
-    tokens = torch.randint(0, 248000, (20,), generator=torch.Generator().manual_seed(1)).tolist()  # past 256 keys
+    prompt = torch.randint(0, SMALL.text, (250,), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, SMALL.text, (20,), generator=torch.Generator().manual_seed(1)).tolist()  # past 256 keys
     a, b = greedy_logits(plain, prompt, tokens), greedy_logits(fast, prompt, tokens)
     assert (a - b).abs().max().item() < 0.03  # measured 0.006: float32 inside the fused kernels, bf16 outside
     assert F.cosine_similarity(a, b, dim=-1).min().item() > 0.999
@@ -126,7 +126,7 @@ def test_fused_bf16_decode_matches_the_plain_bf16_model_past_a_cache_resize():
 def test_fused_batched_decode_equals_separate_runs():
     _, directory = reference_checkpoint("untied_equal_heads")
     model = load_model(directory, dtype="bfloat16")
-    ids = torch.randint(0, 248000, (40,), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, SMALL.text, (40,), generator=torch.Generator().manual_seed(2))
     s1, s2 = model.new_state(), model.new_state()
     model(ids[:5], [s1])
     model(ids, [s2])
@@ -141,7 +141,7 @@ def test_fused_batched_decode_equals_separate_runs():
 def test_int8_agrees_with_bf16_over_256_greedy_steps_and_int4_is_reported(variant, capsys):
     _, directory = reference_checkpoint(variant)
     bf16 = load_model(directory, dtype="bfloat16")
-    prompt = torch.randint(0, 150000, (32,), generator=torch.Generator().manual_seed(0))
+    prompt = torch.randint(0, SMALL.text, (32,), generator=torch.Generator().manual_seed(0))
     state, logits, tokens = bf16.new_state(), [], []
     logits.append(bf16(prompt, [state]))
     for _ in range(255):
@@ -157,7 +157,7 @@ def test_int8_agrees_with_bf16_over_256_greedy_steps_and_int4_is_reported(varian
     with capsys.disabled():
         print(f"\n{variant}: agreement with bf16 over 256 greedy steps: {json.dumps(report)}")
     assert report["int8"]["top1"] >= 0.95 and report["int8"]["cosine"] >= 0.99
-    assert report["int4"]["cosine"] >= 0.9  # measured 0.988 (base)
+    assert report["int4"]["cosine"] >= 0.9  # measured 0.987 (base)
 
 
 @pytest.mark.parametrize("quant", ["int8", "int4"])

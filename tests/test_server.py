@@ -6,68 +6,21 @@ from __future__ import annotations
 import base64
 import io
 import json
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx2 as httpx
 import numpy as np
 import pytest
-import uvicorn
-from openai import OpenAI
 from PIL import Image
 
 from minicpmv.engine.engine import EngineConfig
 from minicpmv.llm import LLM
-from minicpmv.serve.app import ServerConfig, create_app
+from minicpmv.serve.app import ServerConfig
 from minicpmv.serve.media import MediaPolicy
+from tests.tiny import KEY, WEATHER_TOOL, Server, call_xml, write_clip
 
-KEY = "test-key"
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string"},
-                "days": {"type": "integer"},
-                "scale": {"type": "number"},
-                "metric": {"type": "boolean"},
-                "tags": {"type": "array"},
-                "where": {"type": "object"},
-                "note": {"type": ["string", "null"]},
-            },
-        },
-    },
-}
 TIME_TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}}}}
-
-
-class Server:
-    def __init__(self, llm: LLM, config: ServerConfig):
-        self.llm = llm
-        self.app = create_app(llm, config)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.05)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        self.client = OpenAI(base_url=self.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
-
-    def post(self, body, key=KEY, **kw):
-        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
-        # json.dumps escapes non-ASCII, so even text that is not valid Unicode reaches the server as the client sent it
-        kw.setdefault("content", json.dumps(body))
-        return httpx.post(self.url + "/v1/chat/completions", headers=headers, timeout=60, **kw)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -160,8 +113,6 @@ def test_images_as_data_uris_and_per_request_mode(server):
 
 
 def test_video_as_data_uri_next_to_an_image(server, tmp_path):
-    from tests.test_video import write_clip
-
     write_clip(tmp_path / "clip.mp4", "libx264", 160, 120, 4, 10)
     video = "data:video/mp4;base64," + base64.b64encode((tmp_path / "clip.mp4").read_bytes()).decode()
     messages = [{"role": "user", "content": [
@@ -233,11 +184,6 @@ def test_logprobs_stream_and_non_stream(server):
 
 
 # -- tool calls ----------------------------------------------------------------------------------------------
-def call_xml(name, **params):
-    body = "".join(f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in params.items())
-    return f"<tool_call>\n<function={name}>\n{body}</function>\n</tool_call>"
-
-
 TOOL_CASES = {
     "one call": (call_xml("get_weather", city="Paris"), None, [("get_weather", {"city": "Paris"})]),
     "two calls": (call_xml("get_weather", city="Rome") + "\n" + call_xml("get_time", zone="CET"), None,

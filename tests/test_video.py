@@ -1,7 +1,7 @@
 """Video input against transformers' MiniCPMV4_6VideoProcessor / MiniCPMV4_6Processor.
 
 Clips are written with PyAV into a temporary directory. The reference is handed every frame of the clip (decoded
-here with PyAV) plus the metadata our decoder read, with ``do_sample_frames=True``, so both sides sample from the
+with PyAV, tests/tiny.py) plus the metadata our decoder read, with ``do_sample_frames=True``, so both sides sample from the
 same facts; the comparison then checks the chosen indices, pixels, patch grids and token ids.
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import io
-from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -28,35 +27,19 @@ from minicpmv.processing.video import (
     stack_canvas,
     stack_layout,
 )
-from tests.tiny import image, reference_checkpoint, to_patches, user
+from tests.tiny import (
+    REAL,
+    all_frames,
+    image,
+    reference_checkpoint,
+    reference_metadata,
+    to_patches,
+    user,
+    video_frame,
+    write_clip,
+)
 
 PAD = "<|video_pad|>"
-
-
-def picture(i: int, height: int, width: int) -> np.ndarray:
-    """A frame that differs from every other: a ramp shifted by the frame number, plus noise."""
-    ramp = (np.arange(width)[None, :, None] * 3 + np.arange(height)[:, None, None] + 17 * i) % 256
-    noise = np.random.default_rng(i).integers(0, 40, (height, width, 3))
-    return ((ramp + noise) % 256).astype(np.uint8)
-
-
-def write_clip(path: Path, codec: str, width: int, height: int, fps: int, frames: int, pix_fmt="yuv420p", pts=None):
-    container = av.open(str(path), "w")
-    stream = container.add_stream(codec, rate=fps)
-    stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
-    if codec == "libx264":
-        stream.options = {"preset": "ultrafast"}
-    if pts is not None:
-        stream.codec_context.time_base = Fraction(1, 1000)
-    for i in range(frames):
-        frame = av.VideoFrame.from_ndarray(picture(i, height, width), format="rgb24")
-        if pts is not None:
-            frame.pts, frame.time_base = pts[i], Fraction(1, 1000)
-        for packet in stream.encode(frame):
-            container.mux(packet)
-    for packet in stream.encode():
-        container.mux(packet)
-    container.close()
 
 
 def irregular_pts(count: int, seed: int = 1) -> list[int]:
@@ -84,23 +67,6 @@ def clips(tmp_path_factory) -> dict[str, Path]:
     for name, (codec, *args) in CLIPS.items():
         write_clip(directory / name, codec, *args)
     return {name: directory / name for name in CLIPS}
-
-
-_decoded: dict[Path, np.ndarray] = {}
-
-
-def all_frames(path: Path) -> np.ndarray:
-    if path not in _decoded:
-        with av.open(str(path)) as container:
-            _decoded[path] = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
-    return _decoded[path]
-
-
-def reference_metadata(ours):
-    from transformers.video_utils import VideoMetadata
-
-    m = ours.metadata
-    return VideoMetadata(total_num_frames=m.total_frames, fps=m.fps, duration=m.duration)
 
 
 def reference_video(path, ours, **kwargs):
@@ -187,7 +153,7 @@ def test_units_interleave_main_frames_and_stacks(clips):
 def test_stack_canvas_matches_reference(count, size):
     from transformers import MiniCPMV4_6VideoProcessor
 
-    frames = [picture(i, *size) for i in range(count)]
+    frames = [video_frame(i, *size) for i in range(count)]
     stacked = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2)
     expected = MiniCPMV4_6VideoProcessor().concat_frames_as_image(stacked)
     canvas = stack_canvas(frames)
@@ -404,7 +370,7 @@ def test_invalid_video_requests(ours, messages, videos, message):
 def test_greedy_with_video_equals_reference_generate(ours, clips, with_image, mode):
     from transformers import MiniCPMV4_6ImageProcessor
 
-    ref, directory = reference_checkpoint("base")
+    ref, directory = reference_checkpoint("base", REAL)  # fed our tokenizer's ids
     model = load_model(directory)
     path = clips["h264-odd.mp4"]
     messages = [user(IMG, VID, "Describe.")] if with_image else [user(VID, "Describe.")]

@@ -26,7 +26,7 @@ from PIL import Image
 from minicpmv.engine.engine import EngineConfig
 from minicpmv.llm import LLM
 from minicpmv.serve.app import ServerConfig
-from tests.test_server import KEY, WEATHER_TOOL, Server, call_xml
+from tests.tiny import KEY, WEATHER_TOOL, Server, call_xml
 
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = ROOT / "bench" / "out" / "web_chat.png"

@@ -1,20 +1,43 @@
-"""Tiny random-weight reference models built with transformers (the test oracle), saved like real checkpoints."""
+"""The tests' one helpers module (fixtures live in conftest.py): tiny random-weight reference models built with
+transformers (the test oracle) and saved like real checkpoints, plus the builders the test modules share."""
 
 from __future__ import annotations
 
 import atexit
 import functools
+import os
 import shutil
 import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
 import torch
 
-IMAGE_TOKEN, VIDEO_TOKEN = 248056, 248057
-VOCAB = 248094
+
+@dataclass(frozen=True)
+class Vocab:
+    """A checkpoint's vocabulary: its size, the placeholder ids its config.json names (the model reads them there),
+    and the bound below which random ids are ordinary text."""
+
+    size: int
+    image: int
+    video: int
+    text: int
 
 
-def tiny_config(**overrides):
+# The real tokenizer's vocabulary and <|image_pad|>/<|video_pad|> ids: for checkpoints used through the tokenizer
+# (LLM, server, CLI). An embedding and head of 248k rows make a checkpoint ~80 MB.
+REAL = Vocab(248094, 248056, 248057, text=248000)
+# Checkpoints fed raw ids (model-vs-reference comparisons, kernels, quantization, loading) need no tokenizer. Not a
+# multiple of 64, like the real one, so the head's ragged tail is exercised; the placeholders sit inside it.
+SMALL = Vocab(1030, 1000, 1001, text=1000)
+
+
+def tiny_config(vocab: Vocab = SMALL, **overrides):
     from transformers import MiniCPMV4_6Config
 
     vision = dict(
@@ -22,7 +45,7 @@ def tiny_config(**overrides):
     )
     text = dict(
         model_type="qwen3_5_text",
-        vocab_size=VOCAB,
+        vocab_size=vocab.size,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=4,
@@ -38,7 +61,7 @@ def tiny_config(**overrides):
     )
     text.update(overrides.pop("text", {}))
     vision.update(overrides.pop("vision", {}))
-    top = dict(insert_layer_id=1, image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, tie_word_embeddings=True)
+    top = dict(insert_layer_id=1, image_token_id=vocab.image, video_token_id=vocab.video, tie_word_embeddings=True)
     top.update(overrides)
     return MiniCPMV4_6Config(vision_config=vision, text_config=text, **top)
 
@@ -52,21 +75,35 @@ VARIANTS = {
 
 
 @functools.cache
-def reference_checkpoint(variant: str = "base") -> tuple[object, Path]:
-    """(reference model in eval mode, directory it was saved to) for a tiny config; built once per session."""
+def reference_checkpoint(variant: str = "base", vocab: Vocab = SMALL) -> tuple[object, Path]:
+    """(reference model in eval mode, directory it was saved to) for a tiny config; built once per session.
+
+    The small vocabulary unless the test goes through the real tokenizer (``vocab=REAL``)."""
     from transformers import MiniCPMV4_6ForConditionalGeneration
 
     torch.manual_seed(0)
     overrides = {k: dict(v) if isinstance(v, dict) else v for k, v in VARIANTS[variant].items()}
-    model = MiniCPMV4_6ForConditionalGeneration(tiny_config(**overrides)).eval()
+    model = MiniCPMV4_6ForConditionalGeneration(tiny_config(vocab, **overrides)).eval()
     with torch.no_grad():  # the default init leaves norms at identity; perturb them so they are tested too
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith(("A_log", "dt_bias")):
                 p.add_(torch.randn_like(p) * 0.2)
     directory = Path(tempfile.mkdtemp(prefix="minicpmv-tiny-"))
-    atexit.register(shutil.rmtree, directory, ignore_errors=True)  # ~125 MB each: never leave them behind
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)  # never leave them behind
     model.save_pretrained(directory)
     return model, directory
+
+
+def link_tree(source: Path, target: Path, dirs_exist_ok: bool = False) -> None:
+    """A copy of a directory for reading only: hard links where the file system allows, else copies."""
+
+    def link(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(source, target, copy_function=link, dirs_exist_ok=dirs_exist_ok)
 
 
 def to_patches(pixel_values: torch.Tensor, patch: int = 14) -> torch.Tensor:
@@ -80,32 +117,177 @@ def tokens_per_unit(target_sizes: torch.Tensor, mode: str, merger_times: int = 1
     return [int(h * w) // divisor for h, w in target_sizes.tolist()]
 
 
-def prompt_with_placeholders(counts: list[int], token: int = IMAGE_TOKEN, seed: int = 0) -> torch.Tensor:
-    """Random text tokens with one run of ``token`` per entry of ``counts`` in between."""
+def prompt_with_placeholders(counts: list[int], token: int = SMALL.image, seed: int = 0, text: int = SMALL.text):
+    """Random text tokens (below ``text``) with one run of ``token`` per entry of ``counts`` in between."""
     g = torch.Generator().manual_seed(seed)
-    parts = [torch.randint(0, 248000, (7,), generator=g)]
+    parts = [torch.randint(0, text, (7,), generator=g)]
     for n in counts:
-        parts += [torch.full((n,), token), torch.randint(0, 248000, (5,), generator=g)]
+        parts += [torch.full((n,), token), torch.randint(0, text, (5,), generator=g)]
     return torch.cat(parts)
 
 
+# -- messages and media ----------------------------------------------------------------------------------------------
 def user(*parts) -> dict:
-    """A user message from text strings and content-part dicts."""
-    return {"role": "user", "content": [{"type": "text", "text": p} if isinstance(p, str) else p for p in parts]}
+    """A user message: strings become text parts, images (PIL or arrays) image parts, Paths video parts; dicts stay."""
+    import PIL.Image
+
+    def part(p):
+        if isinstance(p, str):
+            return {"type": "text", "text": p}
+        if isinstance(p, (PIL.Image.Image, np.ndarray)):
+            return {"type": "image", "image": p}
+        if isinstance(p, Path):
+            return {"type": "video", "video": str(p)}
+        return p
+
+    return {"role": "user", "content": [part(p) for p in parts]}
 
 
 def image(width: int, height: int, seed: int = 0):
-    """A random RGB PIL image."""
-    import numpy as np
+    """A random RGB PIL image (``np.asarray`` of it for an array input)."""
     import PIL.Image
 
     return PIL.Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
+def video_frame(i: int, height: int, width: int) -> np.ndarray:
+    """A frame that differs from every other: a ramp shifted by the frame number, plus noise."""
+    ramp = (np.arange(width)[None, :, None] * 3 + np.arange(height)[:, None, None] + 17 * i) % 256
+    noise = np.random.default_rng(i).integers(0, 40, (height, width, 3))
+    return ((ramp + noise) % 256).astype(np.uint8)
+
+
+def write_clip(path: Path, codec: str, width: int, height: int, fps: int, frames: int, pix_fmt="yuv420p", pts=None):
+    """A clip of ``video_frame`` frames written with PyAV; ``pts`` (ms) for a variable frame rate."""
+    import av
+
+    container = av.open(str(path), "w")
+    stream = container.add_stream(codec, rate=fps)
+    stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+    if codec == "libx264":
+        stream.options = {"preset": "ultrafast"}
+    if pts is not None:
+        stream.codec_context.time_base = Fraction(1, 1000)
+    for i in range(frames):
+        frame = av.VideoFrame.from_ndarray(video_frame(i, height, width), format="rgb24")
+        if pts is not None:
+            frame.pts, frame.time_base = pts[i], Fraction(1, 1000)
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+    container.close()
+
+
+_decoded: dict[Path, np.ndarray] = {}
+
+
+def all_frames(path: Path) -> np.ndarray:
+    """Every frame of a clip, decoded with PyAV (what the reference video processor is handed)."""
+    import av
+
+    if path not in _decoded:
+        with av.open(str(path)) as container:
+            _decoded[path] = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    return _decoded[path]
+
+
+def reference_metadata(ours):
+    """transformers' VideoMetadata for the facts our decoder read from a clip."""
+    from transformers.video_utils import VideoMetadata
+
+    m = ours.metadata
+    return VideoMetadata(total_num_frames=m.total_frames, fps=m.fps, duration=m.duration)
+
+
+def reference_greedy(processor, llm, conv, n):
+    """transformers' generate on the same conversation: the reference processor (conftest's ``reference_processor``)
+    and the reference model behind ``tiny_dir``."""
+    from minicpmv.processing.video import process_video
+
+    ref, _ = reference_checkpoint("base", REAL)
+    messages = conv["messages"]
+    mode = conv.get("downsample_mode", "16x")
+    text = llm.processor.render(messages, add_generation_prompt=True, enable_thinking=False)
+    images = [p["image"] for m in messages for p in m["content"] if p["type"] == "image"]
+    videos = [Path(p["video"]) for m in messages for p in m["content"] if p["type"] == "video"]
+    extra = {}
+    if videos:
+        extra = dict(videos=[all_frames(v) for v in videos], do_sample_frames=True,
+                     video_metadata=[reference_metadata(process_video(v)) for v in videos])
+    inputs = processor(text=text, images=[images] if images else None, downsample_mode=mode, return_tensors="pt", **extra)
+    with torch.no_grad():
+        out = ref.generate(**inputs, downsample_mode=mode, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+# -- a server on 127.0.0.1 -------------------------------------------------------------------------------------------
+KEY = "test-key"
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string"},
+                "days": {"type": "integer"},
+                "scale": {"type": "number"},
+                "metric": {"type": "boolean"},
+                "tags": {"type": "array"},
+                "where": {"type": "object"},
+                "note": {"type": ["string", "null"]},
+            },
+        },
+    },
+}
+
+
+def call_xml(name, **params):
+    """A tool call as the model writes it (Qwen3-coder XML)."""
+    body = "".join(f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in params.items())
+    return f"<tool_call>\n<function={name}>\n{body}</function>\n</tool_call>"
+
+
+class Server:
+    """Our app served by uvicorn in a thread on a free port, with an official openai client for it."""
+
+    def __init__(self, llm, config):
+        import uvicorn
+        from openai import OpenAI
+
+        from minicpmv.serve.app import create_app
+
+        self.llm = llm
+        self.app = create_app(llm, config)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.05)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.client = OpenAI(base_url=self.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+    def post(self, body, key=KEY, **kw):
+        import json
+
+        import httpx2 as httpx
+
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+        # json.dumps escapes non-ASCII, so even text that is not valid Unicode reaches the server as the client sent it
+        kw.setdefault("content", json.dumps(body))
+        return httpx.post(self.url + "/v1/chat/completions", headers=headers, timeout=60, **kw)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
 def eventually(check, timeout: float = 10.0) -> bool:
     """Poll ``check()`` until true (the engine thread acts on aborts between its steps); False after ``timeout``."""
-    import time
-
     end = time.monotonic() + timeout
     while not check():
         if time.monotonic() > end:
