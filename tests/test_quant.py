@@ -118,7 +118,7 @@ def test_fused_bf16_decode_matches_the_plain_bf16_model_past_a_cache_resize():
     prompt = torch.randint(0, SMALL.text, (250,), generator=torch.Generator().manual_seed(0))
     tokens = torch.randint(0, SMALL.text, (20,), generator=torch.Generator().manual_seed(1)).tolist()  # past 256 keys
     a, b = greedy_logits(plain, prompt, tokens), greedy_logits(fast, prompt, tokens)
-    assert (a - b).abs().max().item() < 0.03  # measured 0.006: float32 inside the fused kernels, bf16 outside
+    assert (a - b).abs().max().item() < 0.03  # measured 0.004: float32 inside the fused kernels, bf16 outside
     assert F.cosine_similarity(a, b, dim=-1).min().item() > 0.999
 
 
