@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import httpx2 as httpx
-import numpy as np
 import pytest
-from PIL import Image
+
+from tests.tiny import image
 
 EXE = str(Path(sys.executable).with_name("minicpmv"))
 OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1"}  # never reach for a hub from the tests
@@ -35,7 +35,7 @@ def demo(tmp_path_factory):
 @pytest.fixture(scope="module")
 def picture(tmp_path_factory):
     path = tmp_path_factory.mktemp("img") / "pic.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 300, 3), dtype=np.uint8)).save(path)
+    image(300, 200).save(path)
     return path
 
 
