@@ -250,10 +250,11 @@ class LLM:
         self._loop.abort(request_id)
 
     def outputs(self, seq: Sequence) -> Iterator[StepOutput]:
-        """Run ``seq``, yielding its outputs as they come; a refusal or failure is raised. Leaving early aborts it."""
+        """Run ``seq`` (and its forks: n > 1), yielding their outputs as they come; a refusal or failure is raised.
+        Leaving early aborts it."""
         inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.submit(seq, inbox.put)
-        done = False
+        pending, done = set(seq.group_ids), False  # n > 1: until every choice finished
         try:
             while not done:
                 item = inbox.get()
@@ -261,7 +262,9 @@ class LLM:
                     done = True
                     raise item
                 if item is not None:
-                    done = item.finished
+                    if item.finished:
+                        pending.discard(item.seq.request_id)
+                    done = not pending
                     yield item
         finally:
             if not done:

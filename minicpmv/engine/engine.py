@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from minicpmv.engine.cache import PrefixCache, VisionCache, prefix_key
 from minicpmv.engine.detokenizer import IncrementalDetokenizer
 from minicpmv.engine.runner import Runner
-from minicpmv.engine.sampler import Sampler, SampleRow, make_generator
+from minicpmv.engine.sampler import Sampler, SampleRow, TokenLogprobs, make_generator
 from minicpmv.engine.scheduler import Scheduler, SchedulerConfig
 from minicpmv.engine.sequence import Sequence, Status
 from minicpmv.engine.stops import StopStringMatcher
@@ -118,6 +120,10 @@ class Engine:
                     f"{seq.visual_tokens(kind)} expected by the {kind}s"
                 )
         seq.generator = make_generator(seq.params.seed, self.model.device)
+        for i, fork in enumerate(seq.forks, 1):  # seeded choices differ from one another, reproducibly
+            fork.generator = make_generator(None if seq.params.seed is None else seq.params.seed + i, self.model.device)
+            fork.detokenizer = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=fork.params.skip_special_tokens)
+            fork.stop_matcher = StopStringMatcher(fork.params.stop)
         # The prompt's last turn starts after its final <|im_start|>: the next turn of this chat shares the prefix.
         starts = self._turn_starts(seq)
         seq.snapshot_at = starts[-1] if starts else 0
@@ -126,11 +132,15 @@ class Engine:
         self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> Sequence | None:
+        """End the request (with all its choices)."""
+        found = None
         for seq in [*self.scheduler.running, *self.scheduler.waiting]:
-            if seq.request_id == request_id:
-                self._finish(seq, "abort")
-                return seq
-        return None
+            if seq.request_id == request_id or seq.group == request_id:
+                found = found or seq
+                for s in (seq, *seq.forks):
+                    if s.status != Status.FINISHED:
+                        self._finish(s, "abort")
+        return found
 
     def has_work(self) -> bool:
         return len(self.scheduler) > 0
@@ -154,8 +164,10 @@ class Engine:
         # A chunk that crosses a sequence's snapshot point leaves the state there behind, from the same forward
         # (the model keeps the points that fall inside a chunk).
         snapshots = Snapshots({i: seq.snapshot_at - seq.num_computed for i, (seq, _) in enumerate(batch) if seq.prefilling})
+        starts = [seq.num_computed for seq, _ in batch]
+        scored = [seq.prefilling and seq.params.prompt_logprobs is not None for seq, _ in batch]
         try:
-            logits = self.runner.run(batch, snapshots)
+            logits = self.runner.run(batch, snapshots, all_logits=any(scored))
         except Exception as exc:  # a failed forward ends the sequences in it, never the engine
             outputs = []
             for seq, _ in batch:
@@ -171,16 +183,61 @@ class Engine:
         for i, state in snapshots.states.items():
             seq = batch[i][0]
             self.prefix_cache.put(self._prefix_key(seq, seq.snapshot_at), state)
-        ready = [i for i, (seq, _) in enumerate(batch) if not seq.prefilling]
+        if any(scored):  # every fed token's logits: score the prompt tokens they predict, keep each last row
+            ends = torch.tensor([n for _, n in batch]).cumsum(0)
+            for i, (seq, n) in enumerate(batch):
+                if scored[i]:
+                    self._score_prompt(seq, logits[int(ends[i]) - n : int(ends[i])], starts[i])
+            logits = logits[ends - 1]
+        seqs, ready = [], []
+        for i, (seq, _) in enumerate(batch):
+            if seq.prefilling:
+                continue
+            choices = [seq, *self._start_forks(seq)] if seq.forks and not seq.output_ids else [seq]
+            seqs += choices
+            ready += [i] * len(choices)
         if not ready:
             return []
         rows = logits[ready]
         if self.never_sample:
             rows[:, self.never_sample] = float("-inf")
-        seqs = [batch[i][0] for i in ready]
         sampled = self.sampler(rows, [SampleRow(s.params, s.prompt_ids, s.output_ids, s.generator) for s in seqs])
         tokens = [self._forced(s, t) for s, t in zip(seqs, sampled.token_ids)]
         return [self._append(*args) for args in zip(seqs, tokens, sampled.logprobs)]
+
+    def _start_forks(self, seq: Sequence) -> list[Sequence]:
+        """n > 1: the other choices start now, from copies of the state ``seq``'s prefill just computed."""
+        started = []
+        for fork in seq.forks:
+            if fork.status != Status.WAITING or fork.state is not None:
+                continue
+            fork.state, fork.num_cached = seq.state.clone(), seq.num_cached
+            fork.prompt_logprobs = list(seq.prompt_logprobs)
+            fork.status = Status.RUNNING
+            self.scheduler.running.append(fork)
+            started.append(fork)
+        return started
+
+    def _score_prompt(self, seq: Sequence, rows: torch.Tensor, start: int) -> None:
+        """Logprobs of the prompt tokens after ``start`` predicted by this chunk's logits ``rows`` (raw, like the
+        sampled tokens' logprobs); the first prompt token has none."""
+        if start == 0:
+            seq.prompt_logprobs = [None]
+        targets = seq.prompt_ids[start + 1 : start + 1 + rows.shape[0]]
+        if not targets:
+            return
+        logp = rows[: len(targets)].float().log_softmax(dim=-1)
+        ids = torch.tensor(targets, device=logp.device).unsqueeze(1)
+        chosen = logp.gather(1, ids)
+        ranks = ((logp > chosen).sum(dim=-1) + 1).tolist()
+        n = seq.params.prompt_logprobs
+        top = torch.topk(logp, min(n, logp.shape[1]), dim=-1) if n else None
+        for j, token in enumerate(targets):
+            seq.prompt_logprobs.append(TokenLogprobs(
+                token_id=token, logprob=float(chosen[j]), rank=ranks[j],
+                top_ids=top.indices[j].tolist() if top is not None else [],
+                top_logprobs=top.values[j].tolist() if top is not None else [],
+            ))
 
     def _forced(self, seq: Sequence, sampled: int) -> int:
         """The test hook: a sequence with ``forced_output_ids`` emits them (then its first stop id) instead."""
@@ -208,7 +265,8 @@ class Engine:
         """Give a newly admitted sequence its state: a copy of the longest cached prefix state that matches (the
         turns of a chat start after each <|im_start|>), else an empty one."""
         seq.state = None
-        for pos in reversed(self._turn_starts(seq)):
+        scored = seq.params.prompt_logprobs is not None  # a cached prefix has no logits to score
+        for pos in [] if scored else reversed(self._turn_starts(seq)):
             hit = self.prefix_cache.get(self._prefix_key(seq, pos), pos)
             if hit is not None:
                 seq.state, seq.num_cached = hit.state, hit.length

@@ -2,7 +2,7 @@
 
 Only the loop thread touches the ``Engine``. Submissions and aborts reach it through a queue; each sequence's
 outputs go to the sink its submitter gave: ``sink(None)`` once the engine accepted it, then one ``StepOutput`` per
-step that produced something (the last one ``finished``), or one exception (refused: queue full, too long; or the
+step that produced something (the last one ``finished``; with n > 1 choices, each choice's), or one exception (refused: queue full, too long; or the
 step failed). The thread starts with the first submission and sleeps while there is no work.
 """
 
@@ -66,6 +66,9 @@ class EngineLoop:
                     sink(out.error if out.error is not None else out)
                 if out.finished:
                     self._sinks.pop(out.seq.request_id, None)
+                    if out.error is not None:  # a failed prefill: its choices never start
+                        for fork in out.seq.forks:
+                            self._sinks.pop(fork.request_id, None)
         for request_id, sink in list(self._sinks.items()):
             self.engine.abort(request_id)
             sink(EngineClosedError("the engine was shut down before the request finished"))
@@ -83,8 +86,11 @@ class EngineLoop:
                 except Exception as exc:  # refused (queue full, too long): tell the submitter
                     sink(exc)
                     continue
-                self._sinks[item.request_id] = sink
+                for request_id in item.group_ids:  # n > 1: every choice's outputs go to the one sink
+                    self._sinks[request_id] = sink
                 sink(None)
             elif kind == "abort":
-                self.engine.abort(item)
+                seq = self.engine.abort(item)
+                for request_id in seq.group_ids if seq is not None else [item]:
+                    self._sinks.pop(request_id, None)
                 self._sinks.pop(item, None)

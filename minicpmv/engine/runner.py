@@ -59,9 +59,11 @@ class Runner:
             offset += visual.num_tokens
         return torch.cat(parts)
 
-    def run(self, batch: list[tuple[Sequence, int]], snapshots: Snapshots | None = None) -> torch.Tensor:
-        """Feed each sequence its next ``n`` tokens; return logits of each sequence's last fed token [B, vocab]
-        (and fill ``snapshots``, states kept from partway through a chunk)."""
+    def run(self, batch: list[tuple[Sequence, int]], snapshots: Snapshots | None = None,
+            all_logits: bool = False) -> torch.Tensor:
+        """Feed each sequence its next ``n`` tokens; return logits of each sequence's last fed token [B, vocab], or
+        with ``all_logits`` of every fed token [sum(n), vocab] (and fill ``snapshots``, states kept from partway
+        through a chunk)."""
         ids, images, videos = [], [], []
         for seq, n in batch:
             start = seq.num_computed
@@ -81,4 +83,5 @@ class Runner:
             image_features=torch.cat(images) if images else None,
             video_features=torch.cat(videos) if videos else None,
             snapshots=snapshots,
+            all_logits=all_logits,
         )

@@ -49,6 +49,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None  # logprobs of the prompt's tokens (each given the ones before), top-n beside
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
@@ -115,5 +116,9 @@ class SamplingParams:
             raise bad("ignore_eos", "a boolean")
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise bad("logprobs", f"an integer in [0, {MAX_LOGPROBS}] or null")
+        if self.prompt_logprobs is not None and (
+            not _is_int(self.prompt_logprobs) or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS
+        ):
+            raise bad("prompt_logprobs", f"an integer in [0, {MAX_LOGPROBS}] or null")
         if not isinstance(self.skip_special_tokens, bool):
             raise bad("skip_special_tokens", "a boolean")

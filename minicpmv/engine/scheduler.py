@@ -35,7 +35,8 @@ class Scheduler:
     def admit(self) -> list[Sequence]:
         """Move waiting sequences into the running set while there is room; return the newly admitted."""
         admitted = []
-        while self.waiting and len(self.running) < self.config.max_num_seqs:
+        # A request with n choices takes n slots (its forks join the running set after its prefill).
+        while self.waiting and (not self.running or len(self.running) + len(self.waiting[0].forks) < self.config.max_num_seqs):
             seq = self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)

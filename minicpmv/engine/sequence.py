@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import enum
 import itertools
 from dataclasses import dataclass, field
@@ -64,6 +65,26 @@ class Sequence:
     parser: OutputParser | None = None
     events: list[Event] = field(default_factory=list)  # everything the parser emitted (the forced prefix's too)
     stop_after_tool_call: bool = False  # parallel_tool_calls false: the output ends with its first complete call
+    prompt_logprobs: list = field(default_factory=list)  # with params.prompt_logprobs: None, then one per prompt token
+    # n > 1: the other choices. They wait outside the scheduler until this sequence's prefill ends, then start
+    # from a copy of its state and the same last logits (the prompt is computed once).
+    forks: list[Sequence] = field(default_factory=list)
+    group: str = ""  # the request id of the sequence a fork came from (its own otherwise)
+
+    def __post_init__(self) -> None:
+        self.group = self.group or self.request_id
+
+    def fork(self) -> Sequence:
+        """Another choice for the same prompt: its own readers and output, sharing params and visuals."""
+        return Sequence(
+            list(self.prompt_ids), self.params, self.visuals, output_prefix=self.output_prefix,
+            forced_output_ids=self.forced_output_ids, parser=copy.deepcopy(self.parser), events=list(self.events),
+            stop_after_tool_call=self.stop_after_tool_call, group=self.request_id,
+        )
+
+    @property
+    def group_ids(self) -> list[str]:
+        return [self.request_id, *(f.request_id for f in self.forks)]
 
     @property
     def num_prompt(self) -> int:

@@ -21,14 +21,16 @@ async def generate(llm: LLM, seq: Sequence) -> AsyncIterator[StepOutput | None]:
     loop = asyncio.get_running_loop()
     inbox: asyncio.Queue = asyncio.Queue()
     llm.submit(seq, lambda item: loop.call_soon_threadsafe(inbox.put_nowait, item))
-    finished = False
+    pending, finished = set(seq.group_ids), False  # n > 1: until every choice finished
     try:
         while not finished:
             item = await inbox.get()
             if isinstance(item, Exception):
                 finished = True
                 raise item
-            finished = item is not None and item.finished
+            if item is not None and item.finished:
+                pending.discard(item.seq.request_id)
+            finished = not pending
             yield item
     finally:
         if not finished:
