@@ -58,3 +58,22 @@ def clip(tmp_path_factory):
     path = tmp_path_factory.mktemp("video") / "clip.mp4"
     write_clip(path, "libx264", 160, 120, 4, 10)
     return path
+
+
+API_KEY = "protocol-key"
+
+
+@pytest.fixture(scope="session")
+def live_server(tiny_dir):
+    """One real server over the tiny checkpoint for the protocol tests (completions, responses, Ollama, Anthropic):
+    API key ``API_KEY``, model name "tiny", test hooks on."""
+    from minicpmv.engine.engine import EngineConfig
+    from minicpmv.llm import LLM
+    from minicpmv.serve.config import ServerConfig
+    from tests.tiny import LiveServer
+
+    llm = LLM(tiny_dir, dtype="float32", progress=False, engine_config=EngineConfig(max_num_seqs=8))
+    server = LiveServer(llm, ServerConfig(model_name="tiny", api_key=API_KEY, enable_test_hooks=True))
+    yield server
+    server.stop()
+    llm.close()

@@ -15,7 +15,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from minicpmv.llm import LLM
-from minicpmv.serve import openai_chat
+from minicpmv.serve import completions, openai_chat, tokenize
 from minicpmv.serve.config import ServerConfig
 from minicpmv.serve.errors import HTTPError
 from minicpmv.serve.metrics import Metrics
@@ -123,4 +123,6 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         return HTMLResponse(page)
 
     app.include_router(openai_chat.router(llm, config, metrics))
+    app.include_router(completions.router(llm, config, metrics))
+    app.include_router(tokenize.router(llm, config, metrics))
     return app

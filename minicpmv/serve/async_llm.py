@@ -37,6 +37,40 @@ async def generate(llm: LLM, seq: Sequence) -> AsyncIterator[StepOutput | None]:
             llm.abort(seq.request_id)
 
 
+async def merge(streams: list[AsyncIterator]) -> AsyncIterator:
+    """The items of several async iterators as they come (one request's several prompts)."""
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(stream):
+        try:
+            async for item in stream:
+                await queue.put(item)
+        except Exception as exc:
+            await queue.put(exc)
+        await queue.put(done)
+
+    tasks = [asyncio.ensure_future(pump(s)) for s in streams]
+    try:
+        left = len(tasks)
+        while left:
+            item = await queue.get()
+            if item is done:
+                left -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:  # a consumer that leaves early cancels the rest (their sequences are aborted)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def run_to_end(llm: LLM, seq: Sequence, metrics: Metrics) -> ChatResult:
     """Run ``seq`` to its end (timing its tokens for the metrics) and return its result."""
     start, last = time.perf_counter(), None

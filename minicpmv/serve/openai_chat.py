@@ -4,6 +4,7 @@ parser events as a stream of chat.completion.chunk SSE events."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -57,26 +58,34 @@ def tool_call_body(call) -> dict:
     return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments_json}}
 
 
-def completion(result: ChatResult, model: str, llm: LLM, body: ChatCompletionRequest) -> dict:
+def choice_body(index: int, result: ChatResult, llm: LLM) -> dict:
     message: dict = {"role": "assistant", "content": result.text}
     if result.reasoning is not None:
         message["reasoning_content"] = result.reasoning
     if result.tool_calls:
         message["tool_calls"] = [tool_call_body(c) for c in result.tool_calls]
     return {
+        "index": index,
+        "message": message,
+        "logprobs": logprobs_body(llm, result.logprobs) if result.logprobs is not None else None,
+        "finish_reason": result.finish_reason,
+    }
+
+
+def choices_usage(results: list[ChatResult]) -> Usage:
+    """n choices: the prompt counted once, every choice's output counted."""
+    first = results[0].usage
+    return dataclasses.replace(first, completion_tokens=sum(r.usage.completion_tokens for r in results))
+
+
+def completion(results: list[ChatResult], model: str, llm: LLM, body: ChatCompletionRequest) -> dict:
+    return {
         "id": completion_id(),
         "object": "chat.completion",
         "created": now(),
         "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": message,
-                "logprobs": logprobs_body(llm, result.logprobs) if result.logprobs is not None else None,
-                "finish_reason": result.finish_reason,
-            }
-        ],
-        "usage": usage_body(result.usage),
+        "choices": [choice_body(i, r, llm) for i, r in enumerate(results)],
+        "usage": usage_body(choices_usage(results)),
     }
 
 
@@ -109,8 +118,11 @@ async def stream_chunks(llm: LLM, seq, body: ChatCompletionRequest, model: str, 
     cid, created = completion_id(), now()
     outputs = generate(llm, seq)
 
-    def chunk(delta: dict, finish_reason=None, logprobs=None) -> str:
-        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+    choices = [seq, *seq.forks]  # n > 1: chunks name their choice by index
+    index = {s.request_id: i for i, s in enumerate(choices)}
+
+    def chunk(delta: dict, finish_reason=None, logprobs=None, choice_index: int = 0) -> str:
+        choice = {"index": choice_index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         return sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]})
 
     try:
@@ -118,31 +130,35 @@ async def stream_chunks(llm: LLM, seq, body: ChatCompletionRequest, model: str, 
     except MiniCPMVError as exc:
         yield http_error(exc)
         return
-    yield chunk({"role": "assistant", "content": ""})
-    for delta in filter(None, map(event_delta, seq.events)):  # what the prompt gave the answer: a forced call's name
-        yield chunk(delta)
-    start, last = time.perf_counter(), None
+    for i in range(len(choices)):
+        yield chunk({"role": "assistant", "content": ""}, choice_index=i)
+        for delta in filter(None, map(event_delta, seq.events)):  # what the prompt gave the answer: a forced call's name
+            yield chunk(delta, choice_index=i)
+    start, last, finished = time.perf_counter(), None, 0
     try:
         async for out in outputs:
             t = time.perf_counter()
             (metrics.ttft if last is None else metrics.inter_token).observe(t - (last or start))
             last = t
+            one, i = out.seq, index[out.seq.request_id]
             deltas = [d for d in map(event_delta, out.events) if d is not None]
             lp = None
-            if seq.params.logprobs is not None and out.token_ids:
-                lp = logprobs_body(llm, seq.logprobs[-len(out.token_ids):])
-            for i, d in enumerate(deltas):
-                yield chunk(d, logprobs=lp if i == 0 else None)
+            if one.params.logprobs is not None and out.token_ids:
+                lp = logprobs_body(llm, one.logprobs[-len(out.token_ids):])
+            for k, d in enumerate(deltas):
+                yield chunk(d, logprobs=lp if k == 0 else None, choice_index=i)
             if not deltas and lp is not None:
-                yield chunk({}, logprobs=lp)
+                yield chunk({}, logprobs=lp, choice_index=i)
             if out.finished:
-                result = llm.result(seq)
-                metrics.prompt_tokens += result.usage.prompt_tokens
-                metrics.completion_tokens += result.usage.completion_tokens
-                yield chunk({}, finish_reason=result.finish_reason)
+                yield chunk({}, finish_reason=llm.result(one).finish_reason, choice_index=i)
+                finished += 1
+            if finished == len(choices):
+                total = choices_usage([llm.result(c) for c in choices])
+                metrics.prompt_tokens += total.prompt_tokens
+                metrics.completion_tokens += total.completion_tokens
                 if body.stream_options and body.stream_options.include_usage:
                     yield sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                               "choices": [], "usage": usage_body(result.usage)})
+                               "choices": [], "usage": usage_body(total)})
     except Exception as exc:  # failed mid-stream: the status line is gone, so report it in the stream
         error = http_error(exc)
         metrics.error(error.status)
@@ -173,12 +189,14 @@ def router(llm: LLM, config: ServerConfig, metrics: Metrics) -> APIRouter:
                 raise first
             return StreamingResponse(prepend(first, stream), media_type="text/event-stream")
         try:
-            result = await until_disconnect(request, run_to_end(llm, seq, metrics))
+            await until_disconnect(request, run_to_end(llm, seq, metrics))
         except MiniCPMVError as exc:
             raise http_error(exc) from None
-        metrics.prompt_tokens += result.usage.prompt_tokens
-        metrics.completion_tokens += result.usage.completion_tokens
-        return completion(result, config.model_name, llm, body)
+        results = [llm.result(s) for s in (seq, *seq.forks)]
+        total = choices_usage(results)
+        metrics.prompt_tokens += total.prompt_tokens
+        metrics.completion_tokens += total.completion_tokens
+        return completion(results, config.model_name, llm, body)
 
     async def prepare(body: ChatCompletionRequest) -> Sequence:
         messages = [await fetch_message_media(m, config.media) for m in body.messages]
@@ -200,6 +218,7 @@ def router(llm: LLM, config: ServerConfig, metrics: Metrics) -> APIRouter:
             if not config.enable_test_hooks:
                 raise InvalidInputError("test_output is only accepted by a server started with --enable-test-hooks")
             seq.forced_output_ids = llm.processor.tokenizer.encode(body.test_output)
+        seq.forks = [seq.fork() for _ in range(body.n - 1)]
         return seq
 
     return api

@@ -14,6 +14,17 @@ from minicpmv.output.tools import check_tool_choice
 from minicpmv.processing.options import ProcessingOptions
 
 
+MAX_CHOICES = 8  # n: choices per prompt
+
+
+def whole_number(cls, value):
+    """(A before-validator.) 4.0 is the integer 4 (some clients write every number as a float); 4.5 and "4" stay
+    errors."""
+    def whole(v):
+        return int(v) if isinstance(v, float) and v.is_integer() else v
+    return [whole(v) for v in value] if isinstance(value, list) else whole(value)
+
+
 class ChatTemplateKwargs(BaseModel):
     model_config = ConfigDict(extra="forbid")
     enable_thinking: bool = False
@@ -40,7 +51,7 @@ class ChatCompletionRequest(BaseModel):
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     min_tokens: int | None = None
-    n: int = 1
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)  # choices share one prefill
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     seed: int | None = None
@@ -60,21 +71,8 @@ class ChatCompletionRequest(BaseModel):
     user: str | None = None
     test_output: str | None = None  # honoured only when the server runs with test hooks enabled
 
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError("only n=1 is supported")
-        return n
-
-    @field_validator("max_tokens", "max_completion_tokens", "top_k", "min_tokens", "n", "seed", "top_logprobs",
-                     "stop_token_ids", mode="before")
-    @classmethod
-    def _whole_floats(cls, value):
-        """4.0 is the integer 4 (some clients write every number as a float); 4.5 and "4" stay errors."""
-        def whole(v):
-            return int(v) if isinstance(v, float) and v.is_integer() else v
-        return [whole(v) for v in value] if isinstance(value, list) else whole(value)
+    _whole_floats = field_validator("max_tokens", "max_completion_tokens", "top_k", "min_tokens", "n", "seed",
+                                    "top_logprobs", "stop_token_ids", mode="before")(whole_number)
 
     @field_validator("stream_options")
     @classmethod
