@@ -15,7 +15,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from minicpmv.llm import LLM
-from minicpmv.serve import completions, openai_chat, tokenize
+from minicpmv.serve import completions, openai_chat, responses, tokenize
 from minicpmv.serve.config import ServerConfig
 from minicpmv.serve.errors import HTTPError
 from minicpmv.serve.metrics import Metrics
@@ -125,4 +125,5 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     app.include_router(openai_chat.router(llm, config, metrics))
     app.include_router(completions.router(llm, config, metrics))
     app.include_router(tokenize.router(llm, config, metrics))
+    app.include_router(responses.router(llm, config, metrics))
     return app
