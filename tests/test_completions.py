@@ -18,8 +18,12 @@ def client(live_server):
     return OpenAI(base_url=live_server.url + "/v1", api_key=live_server.config.api_key, max_retries=0, timeout=60)
 
 
+def auth(live_server) -> dict:
+    return {"Authorization": f"Bearer {live_server.config.api_key}"}
+
+
 def tokenize(live_server, **body):
-    r = httpx.post(live_server.url + "/tokenize", json={"model": "tiny", **body}, timeout=30)
+    r = httpx.post(live_server.url + "/tokenize", json={"model": "tiny", **body}, headers=auth(live_server), timeout=30)
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -95,7 +99,7 @@ def test_n_streamed_chunks_name_their_choice(client):
 ])
 def test_bad_completion_requests_are_400_naming_the_field(live_server, body, param):
     r = httpx.post(live_server.url + "/v1/completions", json={"model": "tiny", **body},
-                   headers={"Authorization": f"Bearer {live_server.config.api_key}"}, timeout=30)
+                   headers=auth(live_server), timeout=30)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
 
@@ -108,9 +112,10 @@ def test_chat_n_over_the_limit_is_400(client):
 def test_tokenize_and_detokenize(live_server):
     out = tokenize(live_server, prompt="Hello world", return_token_strs=True)
     assert out["count"] == len(out["tokens"]) and "".join(out["token_strs"]) == "Hello world"
-    r = httpx.post(live_server.url + "/detokenize", json={"model": "tiny", "tokens": out["tokens"]})
+    r = httpx.post(live_server.url + "/detokenize", json={"model": "tiny", "tokens": out["tokens"]}, headers=auth(live_server))
     assert r.json() == {"prompt": "Hello world"}
-    bad = httpx.post(live_server.url + "/detokenize", json={"tokens": [-1]})
+    bad = httpx.post(live_server.url + "/detokenize", json={"tokens": [-1]}, headers=auth(live_server))
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
-    both = httpx.post(live_server.url + "/tokenize", json={"prompt": "a", "messages": MESSAGES})
+    both = httpx.post(live_server.url + "/tokenize", json={"prompt": "a", "messages": MESSAGES}, headers=auth(live_server))
     assert both.status_code == 400
+    assert httpx.post(live_server.url + "/tokenize", json={"prompt": "a"}).status_code == 401

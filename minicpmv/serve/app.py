@@ -15,13 +15,16 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from minicpmv.llm import LLM
-from minicpmv.serve import completions, openai_chat, responses, tokenize
+from minicpmv.serve import completions, ollama, openai_chat, responses, tokenize
 from minicpmv.serve.config import ServerConfig
 from minicpmv.serve.errors import HTTPError
 from minicpmv.serve.metrics import Metrics
 from minicpmv.serve.protocol import error_body
 
 __all__ = ["ServerConfig", "create_app"]
+
+PROTECTED = ("/v1/", "/api/", "/tokenize", "/detokenize")  # what --api-key guards
+ERROR_BODIES = [("/api/", ollama.error_body)]  # the protocols whose error bodies are not OpenAI's
 
 log = logging.getLogger("minicpmv.serve")
 
@@ -62,42 +65,46 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     app.state.metrics, app.state.llm = metrics, llm
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
 
-    def error_response(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
+    def error_response(status: int, message: str, kind: str, param: str | None = None, path: str = "") -> JSONResponse:
         metrics.error(status)
         headers = {"Retry-After": "1"} if status in (429, 503) else None
-        return JSONResponse(error_body(message, kind, status, param), status_code=status, headers=headers)
+        body = next((make for prefix, make in ERROR_BODIES if path.startswith(prefix)), error_body)
+        return JSONResponse(body(message, kind, status, param), status_code=status, headers=headers)
 
     @app.exception_handler(HTTPError)
-    async def _http_error(_, exc: HTTPError):
-        return error_response(exc.status, exc.message, exc.kind, exc.param)
+    async def _http_error(request: Request, exc: HTTPError):
+        return error_response(exc.status, exc.message, exc.kind, exc.param, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         if first.get("type") == "json_invalid":
             return error_response(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}",
-                                  "invalid_request_error")
+                                  "invalid_request_error", path=request.url.path)
         if first.get("loc") == ("body",) and "json" not in request.headers.get("content-type", ""):
-            return error_response(400, "send the request as JSON (Content-Type: application/json)", "invalid_request_error")
+            return error_response(400, "send the request as JSON (Content-Type: application/json)", "invalid_request_error",
+                                  path=request.url.path)
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
-        return error_response(400, message, "invalid_request_error", where or None)
+        return error_response(400, message, "invalid_request_error", where or None, request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _starlette(_, exc: StarletteHTTPException):
-        return error_response(exc.status_code, str(exc.detail), "invalid_request_error")
+    async def _starlette(request: Request, exc: StarletteHTTPException):
+        return error_response(exc.status_code, str(exc.detail), "invalid_request_error", path=request.url.path)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_, exc: Exception):
+    async def _unexpected(request: Request, exc: Exception):
         log.exception("unexpected error")
-        return error_response(500, f"internal error ({type(exc).__name__})", "internal_error")
+        return error_response(500, f"internal error ({type(exc).__name__})", "internal_error", path=request.url.path)
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
-        if config.api_key and request.url.path.startswith("/v1/"):
+        if config.api_key and request.url.path.startswith(PROTECTED):
             scheme, _, key = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not secrets.compare_digest(key.encode(), config.api_key.encode()):
-                return error_response(401, "missing or wrong API key", "authentication_error")
+            if scheme.lower() != "bearer":
+                key = request.headers.get("x-api-key", "")  # Anthropic's spelling
+            if not secrets.compare_digest(key.encode(), config.api_key.encode()):
+                return error_response(401, "missing or wrong API key", "authentication_error", path=request.url.path)
         return await call_next(request)
 
     @app.get("/health")
@@ -126,4 +133,5 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     app.include_router(completions.router(llm, config, metrics))
     app.include_router(tokenize.router(llm, config, metrics))
     app.include_router(responses.router(llm, config, metrics))
+    app.include_router(ollama.router(llm, config, metrics))
     return app
