@@ -15,7 +15,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from minicpmv.llm import LLM
-from minicpmv.serve import completions, ollama, openai_chat, responses, tokenize
+from minicpmv.serve import anthropic, completions, ollama, openai_chat, responses, tokenize
 from minicpmv.serve.config import ServerConfig
 from minicpmv.serve.errors import HTTPError
 from minicpmv.serve.metrics import Metrics
@@ -24,7 +24,7 @@ from minicpmv.serve.protocol import error_body
 __all__ = ["ServerConfig", "create_app"]
 
 PROTECTED = ("/v1/", "/api/", "/tokenize", "/detokenize")  # what --api-key guards
-ERROR_BODIES = [("/api/", ollama.error_body)]  # the protocols whose error bodies are not OpenAI's
+ERROR_BODIES = [("/api/", ollama.error_body), ("/v1/messages", anthropic.error_body)]  # the protocols whose error bodies are not OpenAI's
 
 log = logging.getLogger("minicpmv.serve")
 
@@ -134,4 +134,5 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     app.include_router(tokenize.router(llm, config, metrics))
     app.include_router(responses.router(llm, config, metrics))
     app.include_router(ollama.router(llm, config, metrics))
+    app.include_router(anthropic.router(llm, config, metrics))
     return app
