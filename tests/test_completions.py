@@ -119,3 +119,43 @@ def test_tokenize_and_detokenize(live_server):
     both = httpx.post(live_server.url + "/tokenize", json={"prompt": "a", "messages": MESSAGES}, headers=auth(live_server))
     assert both.status_code == 400
     assert httpx.post(live_server.url + "/tokenize", json={"prompt": "a"}).status_code == 401
+
+
+def test_prompt_logprobs_over_a_chunked_prefill_match_transformers(tiny_dir):
+    import torch
+
+    from minicpmv.engine.engine import EngineConfig
+    from minicpmv.engine.sequence import Sequence
+    from minicpmv.llm import LLM
+    from tests.tiny import reference_checkpoint
+
+    ref, _ = reference_checkpoint("base")
+    llm = LLM(tiny_dir, dtype="float32", progress=False, engine_config=EngineConfig(max_num_batched_tokens=7))
+    try:
+        ids = llm.processor.tokenizer.encode("The quick brown fox jumps over the lazy dog, twice over, and then once more for luck.")
+        seq = Sequence(ids, SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=3))
+        list(llm.outputs(seq))
+        with torch.no_grad():
+            expected = ref(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
+        assert seq.prompt_logprobs[0] is None and len(seq.prompt_logprobs) == len(ids) > 14  # 3+ chunks
+        got = [e.logprob for e in seq.prompt_logprobs[1:]]
+        want = [float(expected[i, t]) for i, t in enumerate(ids[1:])]
+        assert got == pytest.approx(want, abs=1e-4)
+        assert seq.prompt_logprobs[5].top_ids == expected[4].topk(3).indices.tolist()
+    finally:
+        llm.close()
+
+
+def test_aborting_a_request_with_n_choices_ends_every_choice(live_server):
+    from minicpmv.engine.sequence import Status
+    from tests.tiny import eventually
+
+    llm = live_server.llm
+    seq = llm.prepare(MESSAGES, SamplingParams(temperature=1.0, max_tokens=500, ignore_eos=True), llm.default_options)
+    seq.forks = [seq.fork() for _ in range(2)]
+    outputs = llm.outputs(seq)
+    seen = {next(outputs).seq.request_id for _ in range(6)}
+    assert len(seen) > 1  # the choices run side by side
+    outputs.close()  # leaving early aborts the request
+    assert eventually(lambda: all(s.status == Status.FINISHED and s.state is None for s in (seq, *seq.forks)))
+    assert {s.finish_reason for s in (seq, *seq.forks)} == {"abort"}

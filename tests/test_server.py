@@ -341,7 +341,7 @@ def error_of(r, status):
     [
         ({"temperature": -1}, "temperature"),
         ({"top_p": 0}, "top_p"),
-        ({"n": 2}, "n=1"),
+        ({"n": 9}, "less than or equal to 8"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"frobnicate": True}, "frobnicate"),
         ({"messages": []}, "messages"),
