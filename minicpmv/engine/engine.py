@@ -111,6 +111,8 @@ class Engine:
                 f"the prompt has {seq.num_prompt} tokens and asks for {seq.params.max_tokens or 'at least 1'} more, "
                 f"but the context holds {limit} tokens"
             )
+        if 1 + len(seq.forks) > self.config.max_num_seqs:
+            raise InvalidInputError(f"{1 + len(seq.forks)} choices do not fit max_num_seqs={self.config.max_num_seqs}", param="n")
         for kind in ("image", "video"):
             token = self.runner.token_ids[kind]
             placeholders = seq.prompt_ids.count(token) if token is not None else 0

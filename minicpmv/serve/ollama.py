@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import hashlib
 import json
 import logging
 import time
@@ -206,7 +207,7 @@ def router(llm: LLM, config: ServerConfig, metrics: Metrics) -> APIRouter:
     details = {"parent_model": "", "format": "safetensors", "family": "minicpmv", "families": ["minicpmv", "qwen35"],
                "parameter_size": "1.3B", "quantization_level": getattr(llm.model, "quantization", None) or llm.dtype}
     size = sum(p.numel() * p.element_size() for p in llm.model.parameters())
-    digest = f"{abs(hash(llm.name)):064x}"[-64:]
+    digest = hashlib.sha256(llm.name.encode()).hexdigest()  # stands for the checkpoint in Ollama's listings
 
     def check_model(name: str) -> None:
         if name not in (config.model_name, f"{config.model_name}:latest"):
