@@ -44,6 +44,9 @@ def test_text_and_image_streamed_and_not_agree(client):
     assert [e.sequence_number for e in events] == list(range(len(events)))
     assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == r.output_text
     assert events[-1].response.output_text == r.output_text
+    # the SDK's strict event accumulator (it wants response.completed: an answer that ends by itself)
+    with client.responses.stream(**{**kw, "max_output_tokens": 50}, extra_body={"test_output": "A picture."}) as s:
+        assert s.get_final_response().output_text == "A picture."
 
 
 def test_reasoning_item_with_thinking_on(client):
@@ -56,6 +59,8 @@ def test_reasoning_item_with_thinking_on(client):
     assert r.usage.output_tokens_details.reasoning_tokens > 0
     events, types = collect(client.responses.create(stream=True, **kw))
     assert "response.reasoning_text.delta" in types and types[-1] == "response.completed"
+    with client.responses.stream(**kw) as s:
+        assert [i.type for i in s.get_final_response().output] == ["reasoning", "message"]
     off = client.responses.create(model="tiny", input="Colour?", reasoning={"effort": "none"}, max_output_tokens=50,
                                   extra_body={"test_output": "Blue."})
     assert [i.type for i in off.output] == ["message"]
@@ -70,6 +75,8 @@ def test_function_call_then_its_output_via_previous_response_id(live_server, cli
         args = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
         assert json.loads(args) == {"city": "Paris", "days": 2}
         first = events[-1].response
+        with client.responses.stream(input=image_input("Weather?"), **kw) as s:
+            assert s.get_final_response().output[0].type == "function_call"
     else:
         first = client.responses.create(input=image_input("Weather?"), **kw)
     call = next(i for i in first.output if i.type == "function_call")
