@@ -84,6 +84,7 @@ class ChatResult:
     usage: Usage
     logprobs: list | None = None
     request_id: str = ""
+    prompt_logprobs: list | None = None  # with SamplingParams.prompt_logprobs: None, then one per prompt token
 
 
 @dataclass
@@ -345,6 +346,7 @@ class LLM:
             usage=self.usage(seq),
             logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
             request_id=seq.request_id,
+            prompt_logprobs=list(seq.prompt_logprobs) if seq.params.prompt_logprobs is not None else None,
         )
 
     @staticmethod

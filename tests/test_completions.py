@@ -30,7 +30,8 @@ def tokenize(live_server, **body):
 
 def test_echo_prompt_logprobs_equal_the_chat_paths_logprobs(live_server, client):
     llm = live_server.llm
-    chat = llm.chat(MESSAGES, SamplingParams(temperature=0, max_tokens=4, logprobs=0))[0]
+    chat = llm.chat(MESSAGES, SamplingParams(temperature=0, max_tokens=4, logprobs=0, prompt_logprobs=0))[0]
+    assert chat.prompt_logprobs[0] is None and len(chat.prompt_logprobs) == chat.usage.prompt_tokens
     prompt = tokenize(live_server, messages=MESSAGES)["tokens"]
     assert prompt == llm.prepare(MESSAGES, None, llm.default_options).prompt_ids
     ids = prompt + chat.token_ids

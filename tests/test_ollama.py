@@ -93,3 +93,28 @@ def test_ollama_error_bodies(live_server, client):
                    headers={"Authorization": f"Bearer {live_server.config.api_key}"})
     assert r.status_code == 400 and set(r.json()) == {"error"} and "base64" in r.json()["error"]
     assert httpx.get(live_server.url + "/api/tags").status_code == 401
+
+
+def test_videos_extra_on_a_raw_request(live_server, tmp_path):
+    """The ollama client drops unknown message fields, so this extra is shown with a plain POST."""
+    import base64
+
+    import av
+    import numpy as np
+
+    path = tmp_path / "clip.mp4"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(8):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 30, dtype=np.uint8), format="rgb24")
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    video = base64.b64encode(path.read_bytes()).decode()
+    body = {"model": "tiny", "stream": False, "options": {**GREEDY, "max_num_frames": 2, "max_slice_nums": 1},
+            "messages": [{"role": "user", "content": "What happens?", "videos": [video]}]}
+    r = httpx.post(live_server.url + "/api/chat", json=body, headers={"Authorization": f"Bearer {live_server.config.api_key}"}, timeout=60)
+    assert r.status_code == 200, r.text
+    plain = httpx.post(live_server.url + "/api/chat", json={**body, "messages": [{"role": "user", "content": "What happens?"}]},
+                       headers={"Authorization": f"Bearer {live_server.config.api_key}"}, timeout=60)
+    assert r.json()["prompt_eval_count"] > plain.json()["prompt_eval_count"] + 32  # the frames' placeholders
