@@ -226,20 +226,18 @@ class Engine:
         if start == 0:
             seq.prompt_logprobs = [None]
         targets = seq.prompt_ids[start + 1 : start + 1 + rows.shape[0]]
-        if not targets:
-            return
-        logp = rows[: len(targets)].float().log_softmax(dim=-1)
-        ids = torch.tensor(targets, device=logp.device).unsqueeze(1)
-        chosen = logp.gather(1, ids)
-        ranks = ((logp > chosen).sum(dim=-1) + 1).tolist()
         n = seq.params.prompt_logprobs
-        top = torch.topk(logp, min(n, logp.shape[1]), dim=-1) if n else None
-        for j, token in enumerate(targets):
-            seq.prompt_logprobs.append(TokenLogprobs(
-                token_id=token, logprob=float(chosen[j]), rank=ranks[j],
-                top_ids=top.indices[j].tolist() if top is not None else [],
-                top_logprobs=top.values[j].tolist() if top is not None else [],
-            ))
+        for lo in range(0, len(targets), 256):  # a few rows at a time: a row is vocab-sized
+            part = targets[lo : lo + 256]
+            logp = rows[lo : lo + len(part)].float().log_softmax(dim=-1)
+            chosen = logp.gather(1, torch.tensor(part, device=logp.device).unsqueeze(1))
+            ranks = ((logp > chosen).sum(dim=-1) + 1).tolist()
+            top = torch.topk(logp, min(n, logp.shape[1]), dim=-1) if n else None
+            values = chosen.squeeze(1).tolist()
+            top_ids = top.indices.tolist() if top is not None else [[] for _ in part]
+            top_values = top.values.tolist() if top is not None else [[] for _ in part]
+            for j, token in enumerate(part):
+                seq.prompt_logprobs.append(TokenLogprobs(token, values[j], ranks[j], top_ids[j], top_values[j]))
 
     def _forced(self, seq: Sequence, sampled: int) -> int:
         """The test hook: a sequence with ``forced_output_ids`` emits them (then its first stop id) instead."""
