@@ -71,8 +71,11 @@ class ChatCompletionRequest(BaseModel):
     user: str | None = None
     test_output: str | None = None  # honoured only when the server runs with test hooks enabled
 
-    _whole_floats = field_validator("max_tokens", "max_completion_tokens", "top_k", "min_tokens", "n", "seed",
-                                    "top_logprobs", "stop_token_ids", mode="before")(whole_number)
+    @field_validator("max_tokens", "max_completion_tokens", "top_k", "min_tokens", "n", "seed", "top_logprobs",
+                     "stop_token_ids", mode="before")
+    @classmethod
+    def _whole_floats(cls, value):
+        return whole_number(cls, value)
 
     @field_validator("stream_options")
     @classmethod
