@@ -35,6 +35,8 @@ def test_create_and_stream_agree_with_an_image(client):
         text = "".join(stream.text_stream)
         final = stream.get_final_message()
     assert text == m.content[0].text == final.content[0].text and final.stop_reason == "max_tokens"
+    counted = client.messages.count_tokens(model="tiny", system="Be brief.", messages=kw["messages"])
+    assert counted.input_tokens == m.usage.input_tokens + m.usage.cache_read_input_tokens
 
 
 @pytest.mark.parametrize("streamed", [False, True])

@@ -58,6 +58,9 @@ def test_string_prompt_stream_and_non_stream_agree_with_stop_and_several_prompts
     two = client.completions.create(prompt=["Once upon a time", "The sky is"], **kw)
     assert [c.index for c in two.choices] == [0, 1] and two.choices[0].text == whole.choices[0].text
     assert two.usage.completion_tokens == 12
+    streamed = list(client.completions.create(prompt=["Once upon a time", "The sky is"], stream=True, **kw))
+    for i in (0, 1):
+        assert "".join(c.choices[0].text for c in streamed if c.choices[0].index == i) == two.choices[i].text
     stop = client.completions.create(prompt="x", model="tiny", max_tokens=20, extra_body={"test_output": "red, green; blue"}, stop=[";"])
     assert stop.choices[0].text == "red, green" and stop.choices[0].finish_reason == "stop"
 
@@ -160,3 +163,23 @@ def test_aborting_a_request_with_n_choices_ends_every_choice(live_server):
     outputs.close()  # leaving early aborts the request
     assert eventually(lambda: all(s.status == Status.FINISHED and s.state is None for s in (seq, *seq.forks)))
     assert {s.finish_reason for s in (seq, *seq.forks)} == {"abort"}
+
+
+def test_lm_eval_harness_loglikelihood_payload(live_server, client):
+    """local-completions' loglikelihood request (batched token-id prompts, echo, max_tokens=1) read its way."""
+    tok = live_server.llm.processor.tokenizer
+    context, continuation = tok.encode("The capital of France is"), tok.encode(" Paris")
+    other = tok.encode("Two plus two is") + tok.encode(" four")
+    out = client.completions.create(model="tiny", prompt=[context + continuation, other], temperature=0, max_tokens=1,
+                                    logprobs=1, seed=1234, echo=True)
+    assert [c.index for c in out.choices] == [0, 1]
+    lp = out.choices[0].logprobs
+    scored = lp.token_logprobs[len(context):-1]  # lm-eval's slice: the continuation, not the generated token
+    assert len(scored) == len(continuation) and all(v <= 0 for v in scored)
+    is_greedy = all(tok_str == max(top, key=top.get) for tok_str, top in zip(lp.tokens[len(context):-1], lp.top_logprobs[len(context):-1]))
+    from minicpmv.engine.sequence import Sequence
+
+    seq = Sequence(context + continuation, SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0))
+    list(live_server.llm.outputs(seq))
+    assert scored == pytest.approx([e.logprob for e in seq.prompt_logprobs[len(context):]], abs=1e-5)
+    assert is_greedy == all(e.rank == 1 for e in seq.prompt_logprobs[len(context):])

@@ -234,6 +234,20 @@ def router(llm: LLM, config: ServerConfig, metrics: Metrics) -> APIRouter:
         return {"input_tokens": seq.num_prompt - seq.num_cached, "output_tokens": len(seq.output_ids),
                 "cache_read_input_tokens": seq.num_cached, "cache_creation_input_tokens": 0}
 
+    @api.post("/v1/messages/count_tokens")
+    async def count_tokens(body: dict[str, Any]):
+        try:
+            parsed = MessagesRequest(**{"max_tokens": 1, **body})
+            choice, _ = parsed.chat_tool_choice()
+            options = {"enable_thinking": parsed.thinking_on(), "tools": parsed.chat_tools(), "tool_choice": choice}
+            seq = await prepare_chat(llm, config, to_messages(parsed), parsed.sampling_params(), options,
+                                     parsed.mm_processor_kwargs)
+        except MiniCPMVError as exc:
+            raise http_error(exc) from None
+        except ValueError as exc:  # pydantic's ValidationError
+            raise HTTPError(400, str(exc).splitlines()[0] if str(exc) else "invalid request") from None
+        return {"input_tokens": seq.num_prompt}
+
     @api.post("/v1/messages")
     async def messages(body: MessagesRequest, request: Request):
         metrics.requests += 1
