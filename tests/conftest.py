@@ -60,20 +60,17 @@ def clip(tmp_path_factory):
     return path
 
 
-API_KEY = "protocol-key"
-
-
 @pytest.fixture(scope="session")
 def live_server(tiny_dir):
     """One real server over the tiny checkpoint for the protocol tests (completions, responses, Ollama, Anthropic):
-    API key ``API_KEY``, model name "tiny", test hooks on."""
+    API key ``tiny.KEY``, model name "tiny", test hooks on."""
     from minicpmv.engine.engine import EngineConfig
     from minicpmv.llm import LLM
     from minicpmv.serve.config import ServerConfig
-    from tests.tiny import LiveServer
+    from tests.tiny import KEY, Server
 
     llm = LLM(tiny_dir, dtype="float32", progress=False, engine_config=EngineConfig(max_num_seqs=8))
-    server = LiveServer(llm, ServerConfig(model_name="tiny", api_key=API_KEY, enable_test_hooks=True))
+    server = Server(llm, ServerConfig(model_name="tiny", api_key=KEY, enable_test_hooks=True))
     yield server
     server.stop()
     llm.close()

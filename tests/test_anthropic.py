@@ -8,7 +8,7 @@ import base64
 import anthropic
 import pytest
 
-from tests.tiny import png_bytes
+from tests.tiny import KEY, png_bytes
 
 TOOL = {"name": "get_weather", "description": "Weather in a city",
         "input_schema": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}
@@ -18,7 +18,7 @@ IMAGE = {"type": "image", "source": {"type": "base64", "media_type": "image/png"
 
 @pytest.fixture(scope="module")
 def client(live_server):
-    return anthropic.Anthropic(base_url=live_server.url, api_key=live_server.config.api_key, max_retries=0, timeout=60)
+    return anthropic.Anthropic(base_url=live_server.url, api_key=KEY, max_retries=0, timeout=60)
 
 
 def user(*blocks):

@@ -6,20 +6,20 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-from openai import OpenAI
 
 from minicpmv.engine.sampling import SamplingParams
+from tests.tiny import KEY, REAL, eventually, reference_checkpoint
 
 MESSAGES = [{"role": "user", "content": "Name three colours of the rainbow."}]
 
 
 @pytest.fixture(scope="module")
 def client(live_server):
-    return OpenAI(base_url=live_server.url + "/v1", api_key=live_server.config.api_key, max_retries=0, timeout=60)
+    return live_server.client
 
 
 def auth(live_server) -> dict:
-    return {"Authorization": f"Bearer {live_server.config.api_key}"}
+    return {"Authorization": f"Bearer {KEY}"}
 
 
 def tokenize(live_server, **body):
@@ -131,9 +131,7 @@ def test_prompt_logprobs_over_a_chunked_prefill_match_transformers(tiny_dir):
     from minicpmv.engine.engine import EngineConfig
     from minicpmv.engine.sequence import Sequence
     from minicpmv.llm import LLM
-    from tests.tiny import reference_checkpoint
-
-    ref, _ = reference_checkpoint("base")
+    ref, _ = reference_checkpoint("base", REAL)
     llm = LLM(tiny_dir, dtype="float32", progress=False, engine_config=EngineConfig(max_num_batched_tokens=7))
     try:
         ids = llm.processor.tokenizer.encode("The quick brown fox jumps over the lazy dog, twice over, and then once more for luck.")
@@ -152,7 +150,6 @@ def test_prompt_logprobs_over_a_chunked_prefill_match_transformers(tiny_dir):
 
 def test_aborting_a_request_with_n_choices_ends_every_choice(live_server):
     from minicpmv.engine.sequence import Status
-    from tests.tiny import eventually
 
     llm = live_server.llm
     seq = llm.prepare(MESSAGES, SamplingParams(temperature=1.0, max_tokens=500, ignore_eos=True), llm.default_options)

@@ -7,7 +7,7 @@ import httpx
 import ollama
 import pytest
 
-from tests.tiny import png_bytes
+from tests.tiny import KEY, png_bytes, write_clip
 
 TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}
@@ -17,7 +17,7 @@ GREEDY = {"temperature": 0, "num_predict": 6}
 
 @pytest.fixture(scope="module")
 def client(live_server):
-    return ollama.Client(host=live_server.url, headers={"Authorization": f"Bearer {live_server.config.api_key}"}, timeout=60)
+    return ollama.Client(host=live_server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
 
 
 def test_list_show_ps_version(client):
@@ -90,7 +90,7 @@ def test_ollama_error_bodies(live_server, client):
     with pytest.raises(ollama.ResponseError, match="num_ctx"):
         client.chat(model="tiny", messages=[{"role": "user", "content": "hi"}], options={"num_ctx": 3})
     r = httpx.post(live_server.url + "/api/chat", json={"model": "tiny", "messages": [{"role": "user", "content": "hi", "images": ["%%%"]}]},
-                   headers={"Authorization": f"Bearer {live_server.config.api_key}"})
+                   headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 400 and set(r.json()) == {"error"} and "base64" in r.json()["error"]
     assert httpx.get(live_server.url + "/api/tags").status_code == 401
 
@@ -99,22 +99,13 @@ def test_videos_extra_on_a_raw_request(live_server, tmp_path):
     """The ollama client drops unknown message fields, so this extra is shown with a plain POST."""
     import base64
 
-    import av
-    import numpy as np
-
     path = tmp_path / "clip.mp4"
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("mpeg4", rate=4)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        for i in range(8):
-            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 30, dtype=np.uint8), format="rgb24")
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode())
+    write_clip(path, "mpeg4", 64, 48, 4, 8)
     video = base64.b64encode(path.read_bytes()).decode()
     body = {"model": "tiny", "stream": False, "options": {**GREEDY, "max_num_frames": 2, "max_slice_nums": 1},
             "messages": [{"role": "user", "content": "What happens?", "videos": [video]}]}
-    r = httpx.post(live_server.url + "/api/chat", json=body, headers={"Authorization": f"Bearer {live_server.config.api_key}"}, timeout=60)
+    r = httpx.post(live_server.url + "/api/chat", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
     assert r.status_code == 200, r.text
     plain = httpx.post(live_server.url + "/api/chat", json={**body, "messages": [{"role": "user", "content": "What happens?"}]},
-                       headers={"Authorization": f"Bearer {live_server.config.api_key}"}, timeout=60)
+                       headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
     assert r.json()["prompt_eval_count"] > plain.json()["prompt_eval_count"] + 32  # the frames' placeholders

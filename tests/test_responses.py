@@ -8,7 +8,6 @@ import json
 
 import openai
 import pytest
-from openai import OpenAI
 
 from tests.tiny import png_bytes
 
@@ -20,7 +19,7 @@ IMAGE = "data:image/png;base64," + base64.b64encode(png_bytes(40, 30)).decode()
 
 @pytest.fixture(scope="module")
 def client(live_server):
-    return OpenAI(base_url=live_server.url + "/v1", api_key=live_server.config.api_key, max_retries=0, timeout=60)
+    return live_server.client
 
 
 def image_input(text="What is in the image?"):

@@ -296,32 +296,6 @@ def eventually(check, timeout: float = 10.0) -> bool:
     return True
 
 
-class LiveServer:
-    """Our server (create_app) on 127.0.0.1 in a thread, for the protocol tests' official clients."""
-
-    def __init__(self, llm, config):
-        import threading
-        import time
-
-        import uvicorn
-
-        from minicpmv.serve.app import create_app
-
-        self.llm, self.config = llm, config
-        self.server = uvicorn.Server(uvicorn.Config(create_app(llm, config), host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-
 def png_bytes(width: int = 40, height: int = 30, seed: int = 0) -> bytes:
     import io
 
