@@ -23,7 +23,7 @@ from minicpmv.serve.blocks import Block, Blocks, Change
 from minicpmv.serve.config import ServerConfig
 from minicpmv.serve.errors import HTTPError, http_error
 from minicpmv.serve.metrics import Metrics
-from minicpmv.serve.prepare import prepare_chat
+from minicpmv.serve.prepare import json_output, prepare_chat
 from minicpmv.serve.protocol import whole_number
 
 log = logging.getLogger("minicpmv.serve")
@@ -68,9 +68,12 @@ class MessagesRequest(BaseModel):
         unknown = set(value) - {"format", "effort"}
         if unknown:
             raise ValueError(f"unknown output_config field(s) {sorted(unknown)}")
-        if value.get("format") is not None:
-            raise ValueError("structured output (output_config.format) is not available yet on this server")
         return value  # effort: a hint for how hard to think; thinking itself is the thinking field
+
+    def check_format(self) -> None:
+        fmt = (self.output_config or {}).get("format")
+        if fmt is not None:  # {"type": "json_schema", "schema": {...}}
+            json_output("output_config.format", fmt.get("schema") if isinstance(fmt, dict) else None)
 
     def thinking_on(self) -> bool:
         t = self.thinking
@@ -254,6 +257,7 @@ def router(llm: LLM, config: ServerConfig, metrics: Metrics) -> APIRouter:
         if body.model != config.model_name:
             raise HTTPError(404, f"model: {body.model!r} does not exist; this server serves {config.model_name!r}", "not_found_error")
         try:
+            body.check_format()
             choice, parallel = body.chat_tool_choice()
             options = {"enable_thinking": body.thinking_on(), "tools": body.chat_tools(), "tool_choice": choice,
                        "parallel_tool_calls": parallel}

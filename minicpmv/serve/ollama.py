@@ -31,7 +31,7 @@ from minicpmv.serve.async_llm import generate, run_to_end, until_disconnect
 from minicpmv.serve.config import ServerConfig
 from minicpmv.serve.errors import HTTPError, http_error
 from minicpmv.serve.metrics import Metrics
-from minicpmv.serve.prepare import prepare_chat
+from minicpmv.serve.prepare import json_output, prepare_chat
 
 log = logging.getLogger("minicpmv.serve")
 
@@ -196,8 +196,10 @@ def thinking(think) -> bool:
 def check_format(fmt) -> None:
     if fmt in (None, ""):
         return
-    if fmt == "json" or isinstance(fmt, dict):
-        raise InvalidInputError("structured output (format) is not available yet on this server", param="format")
+    if fmt == "json":
+        return json_output("format")
+    if isinstance(fmt, dict):
+        return json_output("format", fmt)
     raise InvalidInputError(f"format must be 'json' or a JSON schema, got {fmt!r}", param="format")
 
 

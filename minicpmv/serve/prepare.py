@@ -16,6 +16,12 @@ from minicpmv.serve.config import ServerConfig
 from minicpmv.serve.media import fetch_message_media
 
 
+def json_output(param: str, schema: dict | None = None) -> None:
+    """A protocol's JSON output format (``schema`` None: any JSON object). Structured output has not landed on this
+    branch, so it is refused by name; once SamplingParams has its constraint, this is where it is made."""
+    raise InvalidInputError(f"{param}: structured output (JSON formats) is not available yet on this server", param=param)
+
+
 async def prepare_chat(
     llm: LLM,
     config: ServerConfig,

@@ -28,17 +28,13 @@ from minicpmv.serve.blocks import Block, Blocks, Change
 from minicpmv.serve.config import ServerConfig
 from minicpmv.serve.errors import HTTPError, http_error
 from minicpmv.serve.metrics import Metrics
-from minicpmv.serve.prepare import prepare_chat
+from minicpmv.serve.prepare import json_output, prepare_chat
 from minicpmv.serve.protocol import whole_number
 
 log = logging.getLogger("minicpmv.serve")
 
 STORE_SIZE = 256  # responses kept for previous_response_id
 EFFORTS = {"none": False, "minimal": False, "low": True, "medium": True, "high": True, "xhigh": True}
-
-
-def structured_output_unavailable(param: str) -> InvalidInputError:
-    return InvalidInputError("structured output (JSON formats) is not available yet on this server", param=param)
 
 
 class ResponsesRequest(BaseModel):
@@ -109,8 +105,10 @@ class ResponsesRequest(BaseModel):
             raise InvalidInputError(f"unknown text field(s) {sorted(unknown)}", param="text")
         fmt = (self.text.get("format") or {"type": "text"})
         kind = fmt.get("type") if isinstance(fmt, dict) else None
-        if kind in ("json_schema", "json_object"):
-            raise structured_output_unavailable("text.format")
+        if kind == "json_schema":
+            json_output("text.format", fmt.get("schema") if isinstance(fmt.get("schema"), dict) else {})
+        if kind == "json_object":
+            json_output("text.format")
         if kind != "text":
             raise InvalidInputError(f"text.format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}", param="text.format")
 
