@@ -24,7 +24,8 @@ from minicpmv.serve.protocol import error_body
 __all__ = ["ServerConfig", "create_app"]
 
 PROTECTED = ("/v1/", "/api/", "/tokenize", "/detokenize")  # what --api-key guards
-ERROR_BODIES = [("/api/", ollama.error_body), ("/v1/messages", anthropic.error_body)]  # the protocols whose error bodies are not OpenAI's
+# the protocols whose error bodies are not OpenAI's
+ERROR_BODIES = [("/api/", ollama.error_body), ("/v1/messages", anthropic.error_body)]
 
 log = logging.getLogger("minicpmv.serve")
 
