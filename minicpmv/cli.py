@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=_int_in(1, 65535), default=8000)
-    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or x-api-key: KEY) on /v1/*, /api/*, /tokenize, /detokenize")
+    serve.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer KEY' (or x-api-key: KEY) on /v1/*, /api/*, /tokenize, /detokenize")
     serve.add_argument("--served-model-name", default=None, help="the model id clients send (default: MODEL)")
     serve.add_argument("--max-waiting", type=_int_in(1), default=256, help="queued requests before 429")
     serve.add_argument("--allowed-local-media-path", type=Path, default=None, help="file:// media allowed under it")
