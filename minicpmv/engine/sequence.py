@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -64,6 +65,8 @@ class Sequence:
     parser: OutputParser | None = None
     events: list[Event] = field(default_factory=list)  # everything the parser emitted (the forced prefix's too)
     stop_after_tool_call: bool = False  # parallel_tool_calls false: the output ends with its first complete call
+    # Constrained decoding: a minicpmv.output.constraints.Constraint (its mask applies before the sampler).
+    constraint: Any = None
 
     @property
     def num_prompt(self) -> int:
@@ -73,6 +76,11 @@ class Sequence:
     def num_computed(self) -> int:
         """Tokens already absorbed by the state."""
         return self.state.length if self.state is not None else 0
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens not yet fed to the model: the rest of the prompt, or the last sampled (plus jump-forward) tokens."""
+        return self.num_prompt + len(self.output_ids) - self.num_computed
 
     @property
     def prefilling(self) -> bool:
