@@ -117,7 +117,7 @@ def main() -> None:
         free, _, _ = run(llm, n, SamplingParams(temperature=0, max_tokens=per_request, ignore_eos=True))
         rows.append([n, per_request, free, slow, fast, slow / free, fast / free, fill_us, apply_us,
                      f"{forced}/{fast_tokens}", f"{same}/{n}"])
-        print(f"{n} streams done", flush=True)
+        print(f"{n} streams: " + " ".join(f"{c:.2f}" if isinstance(c, float) else str(c) for c in rows[-1]), flush=True)
         figures[n] = dict(free=free, constrained=slow, jump_forward=fast)
     print(f"\nfull-size random checkpoint, {args.dtype}, CPU threads {torch.get_num_threads()}; "
           f"schema: {len(EXTRACTION['properties'])} fields, line items; greedy")
