@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -104,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--image", action="append", default=[], help="image file (repeatable)")
     run.add_argument("--video", action="append", default=[], help="video file (repeatable)")
     run.add_argument("--json", action="store_true", help="print the full result as JSON")
+    constrain = run.add_mutually_exclusive_group()
+    constrain.add_argument("--json-schema", type=Path, metavar="FILE", help="answer with JSON valid against this schema")
+    constrain.add_argument("--regex", help="answer with text matching this regular expression")
+    constrain.add_argument("--choice", action="append", help="answer with exactly one of these (repeatable)")
+    constrain.add_argument("--grammar", type=Path, metavar="FILE", help="answer in this Lark grammar")
     _processing_args(run)
     _sampling_args(run)
 
@@ -134,11 +140,38 @@ def _llm(args, **options):
     )
 
 
+def _structured(args):
+    """--json-schema / --regex / --choice / --grammar as the one StructuredOutputs they mean (or None)."""
+    from minicpmv.engine.sampling import StructuredOutputs
+
+    def read(path: Path, what: str) -> str:
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise MiniCPMVError(f"cannot read the {what} {path}: {exc}") from None
+
+    if getattr(args, "json_schema", None) is not None:
+        text = read(args.json_schema, "JSON schema")
+        try:
+            schema = json.loads(text)
+        except ValueError as exc:
+            raise MiniCPMVError(f"{args.json_schema} is not valid JSON: {exc}") from None
+        return StructuredOutputs(json=schema, param="--json-schema")
+    if getattr(args, "regex", None) is not None:
+        return StructuredOutputs(regex=args.regex, param="--regex")
+    if getattr(args, "choice", None):
+        return StructuredOutputs(choice=args.choice, param="--choice")
+    if getattr(args, "grammar", None) is not None:
+        return StructuredOutputs(grammar=read(args.grammar, "grammar"), param="--grammar")
+    return None
+
+
 def _sampling(args):
     from minicpmv.engine.sampling import SamplingParams
 
     return SamplingParams(
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, max_tokens=args.max_tokens
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, max_tokens=args.max_tokens,
+        structured=_structured(args),
     )
 
 
@@ -207,6 +240,8 @@ def cmd_serve(args) -> int:
     llm = _llm(args)
     if llm.demo:
         print(DEMO_BANNER, file=sys.stderr)
+    # The grammar tokenizer (constrained output) takes seconds to build: build it now, beside the server's start.
+    threading.Thread(target=lambda: llm.grammars.tokenizer, name="minicpmv-grammar-tokenizer", daemon=True).start()
     if args.max_image_pixels:
         settings = llm.processor.image_settings
         llm.processor.image_settings = dataclasses.replace(settings, max_pixels=args.max_image_pixels)

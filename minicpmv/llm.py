@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import queue
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +23,15 @@ from minicpmv.engine.loop import EngineLoop, Sink
 from minicpmv.engine.sampling import SamplingParams
 from minicpmv.engine.sequence import Sequence, VisualInput
 from minicpmv.errors import CheckpointError, InvalidInputError
+from minicpmv.output.constraints import Constraint, GrammarCompiler
 from minicpmv.output.events import ContentDelta, Event, ReasoningDelta, ToolCall, aggregate
 from minicpmv.output.parser import OutputParser
+from minicpmv.output.tool_grammar import tool_call_grammar
 from minicpmv.output.tools import check_tool_choice, check_tools, index_tools
 from minicpmv.processing.options import ProcessingOptions, as_flag
 from minicpmv.processing.prompt import Processor
+
+_GRAMMARS_LOCK = threading.Lock()
 
 
 @dataclass
@@ -158,6 +163,7 @@ class LLM:
         self.engine = Engine(self.model, tokenizer.backend, self.eos_token_ids, tokenizer.im_start_id, engine_config)
         self._loop = EngineLoop(self.engine)
         self.progress = progress  # None: progress bars on a terminal only
+        self._grammars: GrammarCompiler | None = None
         self.name = str(model)
         self.demo = bool(raw_config.get("demo_random_weights", False))
 
@@ -193,7 +199,32 @@ class LLM:
             seq.prompt_ids += self.processor.tokenizer.encode(prefix)
             seq.output_prefix = prefix
             seq.events = seq.parser.feed(prefix)  # the answer's first events come from the prompt
+        seq.constraint = self._constraint(params, options, prefix, thinking)
         return seq
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """Compiles and caches the grammars of constrained requests (its tokenizer is built on first use, ~3 s)."""
+        with _GRAMMARS_LOCK:  # requests are prepared on several threads at once
+            if self._grammars is None:
+                self._grammars = GrammarCompiler.from_tokenizer(
+                    self.processor.tokenizer.backend, self.model.cfg.text.vocab_size, self.eos_token_ids)
+            return self._grammars
+
+    def _constraint(self, params: SamplingParams, options: ChatOptions, tool_prefix: str,
+                    thinking: bool) -> Constraint | None:
+        """The answer's grammar: a forced tool call's markup and arguments (tool_choice 'required' or named), else
+        ``params.structured`` (after the thinking, when thinking is on), else none."""
+        if tool_prefix:
+            if params.structured is not None:
+                raise InvalidInputError(
+                    f"{params.structured.param} cannot be combined with tool_choice {options.tool_choice!r}: the forced "
+                    "call's arguments are already constrained by the tool's schema", param=params.structured.param)
+            return self.grammars.constraint(
+                lark=tool_call_grammar(options.tools, options.tool_choice, options.parallel_tool_calls))
+        if params.structured is None:
+            return None
+        return self.grammars.constraint(params.structured, after_think=thinking)
 
     @staticmethod
     def _forced_tool_prefix(options: ChatOptions) -> str:

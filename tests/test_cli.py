@@ -60,6 +60,17 @@ def test_run_json(demo, picture):
     assert out["finish_reason"] == "length" and out["timings"]["seconds"] > 0
 
 
+def test_run_with_a_json_schema(demo, tmp_path):
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 1, "maximum": 9},
+              "tag": {"enum": ["a", "b"]}}, "required": ["n", "tag"], "additionalProperties": False}
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(schema))
+    r = cli("run", demo, "--json-schema", path, "--max-tokens", 40, "--seed", 2, "Numbers?")
+    assert r.returncode == 0, r.stderr
+    answer = json.loads(r.stdout)
+    assert set(answer) == {"n", "tag"} and 1 <= answer["n"] <= 9 and answer["tag"] in ("a", "b")
+
+
 def test_run_quantized(demo):
     r = cli("run", demo, "--max-tokens", 3, "--quantization", "int8", "--json", "Hi")
     assert r.returncode == 0, r.stderr
@@ -86,6 +97,7 @@ def test_run_plain_and_4x(demo, picture):
         (["demo-checkpoint", "{demo}/config.json"], 1, "cannot write a checkpoint to"),
         (["run", "/no/such/model", "q"], 1, "not a checkpoint directory"),
         (["run", "{demo}", "--temperature", "-1", "q"], 1, "temperature"),
+        (["run", "{demo}", "--regex", "a", "--choice", "b", "q"], 2, "not allowed with argument"),
         (["download", "someone/nothing-here"], 1, "could not download someone/nothing-here"),
         (["frobnicate"], 2, "invalid choice"),
     ],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -485,3 +486,127 @@ def test_python_chat_from_two_threads_while_the_server_streams(server):
     tok = server.llm.processor.tokenizer
     for p, pieces in texts.items():
         assert pieces == [tok.decode([t]) for t in alone[p]]
+
+
+# -- structured output ---------------------------------------------------------------------------------------
+RECEIPT_TOOL = {"type": "function", "function": {"name": "file_receipt", "parameters": {
+    "type": "object", "required": ["shop", "total"], "properties": {
+        "shop": {"type": "string", "maxLength": 8},
+        "total": {"type": "number", "minimum": 0, "maximum": 500, "multipleOf": 0.5},
+        "paid": {"type": "boolean"},
+        "currency": {"type": "string", "enum": ["EUR", "USD"]},
+        "lines": {"type": "array", "maxItems": 2, "items": {"type": "object", "additionalProperties": False,
+                  "required": ["qty"], "properties": {"qty": {"type": "integer", "minimum": 1, "maximum": 9}}}}}}}}
+LOOKUP_TOOL = {"type": "function", "function": {"name": "lookup", "parameters": {
+    "type": "object", "required": ["code"], "properties": {"code": {"type": "string", "pattern": "^[A-Z]{2}[0-9]{2}$"}}}}}
+
+
+def tool_schema(name):
+    return next(t["function"]["parameters"] for t in (RECEIPT_TOOL, LOOKUP_TOOL) if t["function"]["name"] == name)
+
+
+def test_openai_parse_with_a_pydantic_model_returns_the_parsed_object(server):
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    class Line(BaseModel):
+        sku: str = Field(pattern=r"^[0-9]{4}$")
+        qty: int = Field(ge=1, le=9)
+
+    class Receipt(BaseModel):
+        shop: Literal["aldi", "lidl", "spar"]
+        total: int = Field(ge=0, le=999)
+        paid: bool
+        lines: list[Line] = Field(max_length=2)
+
+    for seed in range(3):
+        r = server.client.chat.completions.parse(model="tiny", messages=[{"role": "user", "content": "Read it."}],
+                                                 response_format=Receipt, max_tokens=120, temperature=1.0, seed=seed)
+        parsed = r.choices[0].message.parsed
+        assert isinstance(parsed, Receipt) and r.choices[0].finish_reason == "stop"
+        assert parsed == Receipt.model_validate_json(r.choices[0].message.content)
+
+
+@pytest.mark.parametrize("extra, check", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "n", "strict": True, "schema": {
+        "type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["n"],
+        "additionalProperties": False}}}}, lambda t: set(json.loads(t)) == {"n"} and 0 <= json.loads(t)["n"] <= 9),
+    ({"structured_outputs": {"regex": "[a-c]{2}-[0-9]{2}"}}, lambda t: re.fullmatch("[a-c]{2}-[0-9]{2}", t)),
+    ({"structured_outputs": {"choice": ["cat", "dog"]}}, lambda t: t in ("cat", "dog")),
+    ({"structured_outputs": {"grammar": 'start: "x=" /[0-9]{1,3}/'}}, lambda t: re.fullmatch("x=[0-9]{1,3}", t)),
+    ({"structured_outputs": {"json": {"enum": ["on", "off"]}}}, lambda t: json.loads(t) in ("on", "off")),
+    ({"guided_json": {"type": "array", "items": {"type": "boolean"}, "maxItems": 2}},
+     lambda t: isinstance(json.loads(t), list) and len(json.loads(t)) <= 2),
+    ({"guided_regex": "[0-9]{3}"}, lambda t: re.fullmatch("[0-9]{3}", t)),
+    ({"guided_choice": ["yes", "no"]}, lambda t: t in ("yes", "no")),
+    ({"guided_grammar": 'start: "a" | "b"'}, lambda t: t in ("a", "b")),
+])
+def test_every_structured_spelling_constrains_stream_and_non_stream_alike(server, extra, check):
+    messages = [{"role": "user", "content": "Answer."}]
+    kw = dict(max_tokens=60, temperature=1.0, seed=5, extra_body=extra)
+    r = chat(server, messages, **kw).choices[0]
+    assert r.finish_reason == "stop" and check(r.message.content), r.message.content
+    _, text, _, finish = stream(server, messages, **kw)
+    assert text == r.message.content and finish == ["stop"]
+
+
+def test_json_object_and_text_response_formats(server):
+    messages = [{"role": "user", "content": "JSON."}]
+    free = chat(server, messages, response_format={"type": "text"}, max_tokens=4)
+    assert free.choices[0].finish_reason == "length"
+    for seed in range(4):
+        r = chat(server, messages, response_format={"type": "json_object"}, max_tokens=30, temperature=1.0, seed=seed)
+        text = r.choices[0].message.content
+        assert text.startswith("{")
+        if r.choices[0].finish_reason == "stop":
+            assert isinstance(json.loads(text), dict)
+        else:  # cut by max_tokens mid-JSON
+            assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 30
+
+
+@pytest.mark.parametrize("patch, needle, param", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strng"}}}},
+     "strng", "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "schema", "response_format"),
+    ({"response_format": {"type": "xml"}}, "response_format.type", "response_format"),
+    ({"structured_outputs": {"regex": "(unclosed"}}, "unclosed", "structured_outputs"),
+    ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "exactly one", "structured_outputs"),
+    ({"structured_outputs": {"whatever": 1}}, "whatever", "structured_outputs"),
+    ({"guided_grammar": "start: nothing_here"}, "nothing_here", "guided_grammar"),
+    ({"guided_choice": []}, "choice", "guided_choice"),
+    ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "not several", "guided_regex"),
+    ({"tools": [LOOKUP_TOOL], "tool_choice": "required", "guided_regex": "a"}, "cannot be combined", "guided_regex"),
+])
+def test_a_bad_constraint_is_400_with_the_reason(server, patch, needle, param):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, **patch}
+    r = server.post(body)
+    assert needle in error_of(r, 400) and r.json()["error"]["param"] == param
+    assert chat(server, [{"role": "user", "content": "Hi"}]).choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_forced_tool_calls_always_parse_and_validate_with_random_weights(server, streamed):
+    import jsonschema
+
+    tools = [RECEIPT_TOOL, LOOKUP_TOOL]
+    choices = ["required", {"type": "function", "function": {"name": "file_receipt"}},
+               {"type": "function", "function": {"name": "lookup"}}]
+    for seed in range(4):
+        for choice in choices:
+            kw = dict(tools=tools, tool_choice=choice, max_tokens=200, temperature=1.0, seed=seed,
+                      parallel_tool_calls=False)
+            if streamed:
+                chunks, text, _, finish = stream(server, [{"role": "user", "content": "File it."}], **kw)
+                deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+                calls = [(next(tc.function.name for tc in deltas if tc.function.name),
+                          json.loads("".join(tc.function.arguments or "" for tc in deltas)))]
+            else:
+                r = chat(server, [{"role": "user", "content": "File it."}], **kw).choices[0]
+                finish, text = [r.finish_reason], r.message.content
+                calls = [(c.function.name, json.loads(c.function.arguments)) for c in r.message.tool_calls or []]
+            assert finish == ["tool_calls"] and not text and len(calls) == 1, (choice, seed, text)
+            name, arguments = calls[0]
+            if isinstance(choice, dict):
+                assert name == choice["function"]["name"]
+            jsonschema.validate(arguments, tool_schema(name))

@@ -334,3 +334,29 @@ def test_stop_keeps_partial_answer_and_frees_the_sequence(page, web_server):
     after = ask(page, "Still there?", {"test_output": "Yes."})
     expect(after.get_by_test_id("answer")).to_have_text("Yes.")
     assert page.route_log.bodies[-1]["messages"][1] == {"role": "assistant", "content": partial}
+
+
+def test_json_output_with_a_schema(page, web_server):
+    web_server.llm.grammars.tokenizer  # built once per process (~3 s): `minicpmv serve` does it at start
+    log_in(page)
+    expect(page.get_by_test_id("json-schema-box")).to_be_hidden()
+    page.get_by_test_id("output-format").select_option("json")
+    expect(page.get_by_test_id("json-schema-box")).to_be_visible()
+    schema = {"type": "object", "properties": {"total": {"type": "integer", "minimum": 0, "maximum": 99},
+              "paid": {"type": "boolean"}}, "required": ["total", "paid"], "additionalProperties": False}
+    page.get_by_test_id("json-schema").fill("{not json")
+    page.get_by_test_id("prompt").fill("Total?")
+    page.get_by_test_id("prompt").press("Enter")
+    expect(page.get_by_test_id("error")).to_contain_text("JSON schema is not valid JSON")
+    page.get_by_test_id("json-schema").fill(json.dumps(schema))
+    message = ask(page, "Total?", {"temperature": 1.0, "seed": 4, "max_tokens": 40})
+    answer = json.loads(message.get_by_test_id("answer").text_content())
+    assert set(answer) == {"total", "paid"} and 0 <= answer["total"] <= 99 and isinstance(answer["paid"], bool)
+    sent = page.route_log.bodies[-1]["response_format"]
+    assert sent == {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
+    page.get_by_test_id("json-schema").fill("")
+    ask(page, "Anything?", {"max_tokens": 4})
+    assert page.route_log.bodies[-1]["response_format"] == {"type": "json_object"}
+    page.get_by_test_id("output-format").select_option("text")
+    ask(page, "Free?", {"max_tokens": 2})
+    assert "response_format" not in page.route_log.bodies[-1]

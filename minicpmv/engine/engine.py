@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -20,6 +22,7 @@ from minicpmv.engine.stops import StopStringMatcher
 from minicpmv.errors import ContextLengthError, InvalidInputError
 from minicpmv.model.minicpmv import MiniCPMV
 from minicpmv.model.state import Snapshots
+from minicpmv.output.constraints import apply_bitmask, fill_bitmask, mask_words
 from minicpmv.output.events import ContentDelta, Event, ToolCallEnd
 
 
@@ -31,6 +34,8 @@ class EngineConfig:
     vision_cache_bytes: int = 512 << 20
     prefix_cache_bytes: int = 1 << 30
     max_model_len: int | None = None  # default: the model's max_position_embeddings
+    # Constrained decoding: tokens a grammar forces (a long key, '","') are fed as one chunk with the next forward.
+    jump_forward: bool = True
 
     def __post_init__(self) -> None:
         lowest = {"max_num_seqs": 1, "max_num_batched_tokens": 1, "max_waiting": 1, "vision_cache_bytes": 0,
@@ -41,6 +46,8 @@ class EngineConfig:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise InvalidInputError(f"{name} must be an integer >= {low}, got {value!r}", param=name)
+        if not isinstance(self.jump_forward, bool):
+            raise InvalidInputError(f"jump_forward must be True or False, got {self.jump_forward!r}", param="jump_forward")
 
 
 @dataclass
@@ -67,6 +74,29 @@ class EngineStats:
     prefix_cache_hits: int
 
 
+@dataclass
+class MaskTimer:
+    """Constrained-decoding counters: masks filled, seconds filling (on the mask thread) and applying, forced tokens."""
+
+    count: int = 0
+    fill_seconds: float = 0.0
+    apply_seconds: float = 0.0
+    forced: int = 0
+
+
+def _masked(seq: Sequence) -> bool:
+    return seq.constraint is not None and seq.constraint.active
+
+
+def _joined(a: StepOutput, b: StepOutput) -> StepOutput:
+    """Two consecutive outputs of one sequence as one (list and text fields concatenated)."""
+    values = {}
+    for f in fields(StepOutput):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        values[f.name] = x + y if isinstance(x, (list, str)) else y if f.name in ("finished", "error") else x
+    return StepOutput(**values)
+
+
 class Engine:
     def __init__(self, model: MiniCPMV, tokenizer, eos_token_ids: list[int], im_start_id: int,
                  config: EngineConfig | None = None):
@@ -85,8 +115,12 @@ class Engine:
         self.runner = Runner(model, self.vision_cache)
         self.sampler = Sampler(self.eos_token_ids)
         self.never_sample = [t for t in (model.cfg.image_token_id, model.cfg.video_token_id) if t is not None]
+        self.vocab_size = model.cfg.text.vocab_size
+        self._llg_executor = None
         self.prefilled_tokens = 0  # counters for tests and metrics
         self.cached_tokens = 0
+        self.masks = MaskTimer()
+        self._mask_thread: ThreadPoolExecutor | None = None  # fills grammar masks while the forward runs
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -168,8 +202,10 @@ class Engine:
         snapshots = Snapshots({i: seq.snapshot_at - seq.num_computed for i, (seq, _) in enumerate(batch) if seq.prefilling})
         starts = [seq.num_computed for seq, _ in batch]
         scored = [seq.prefilling and seq.params.prompt_logprobs is not None for seq, _ in batch]
+        masks = self._start_masks(batch)
         try:
             logits = self.runner.run(batch, snapshots, all_logits=any(scored))
+            masked, bitmask = masks.result() if masks is not None else ([], None)
         except Exception as exc:  # a failed forward ends the sequences in it, never the engine
             outputs = []
             for seq, _ in batch:
@@ -203,9 +239,84 @@ class Engine:
         rows = logits[ready]
         if self.never_sample:
             rows[:, self.never_sample] = float("-inf")
+        if bitmask is not None:
+            self._apply_masks(rows, seqs, masked, bitmask)
         sampled = self.sampler(rows, [SampleRow(s.params, s.prompt_ids, s.output_ids, s.generator) for s in seqs])
         tokens = [self._forced(s, t) for s, t in zip(seqs, sampled.token_ids)]
-        return [self._append(*args) for args in zip(seqs, tokens, sampled.logprobs)]
+        return [self._emit(*args) for args in zip(seqs, tokens, sampled.logprobs)]
+
+    # -- constrained decoding ---------------------------------------------------------------------------------
+    def _start_masks(self, batch: list[tuple[Sequence, int]]) -> Future | None:
+        """Fill the grammar masks of the sequences that sample after this forward, on a worker thread (llguidance
+        releases the GIL), so the cost hides behind the forward. The matchers are not touched until it is done."""
+        seqs = [seq for seq, n in batch if seq.num_pending == n and _masked(seq)]
+        if not seqs:
+            return None
+        if self._mask_thread is None:
+            self._mask_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="minicpmv-masks")
+        bitmask = torch.empty((len(seqs), mask_words(self.vocab_size)), dtype=torch.int32)
+
+        def fill() -> tuple[list[Sequence], torch.Tensor]:
+            start = time.perf_counter()
+            fill_bitmask([s.constraint for s in seqs], bitmask, self._mask_executor())
+            self.masks.fill_seconds += time.perf_counter() - start
+            self.masks.count += len(seqs)
+            return seqs, bitmask
+
+        return self._mask_thread.submit(fill)
+
+    def _apply_masks(self, rows: torch.Tensor, seqs: list[Sequence], masked: list[Sequence], bitmask: torch.Tensor):
+        """Each constrained row gets its sequence's mask; a fork started this step shares its parent's (both are
+        at the grammar's start)."""
+        index = {s.request_id: k for k, s in enumerate(masked)}
+        start = time.perf_counter()
+        pairs = [(j, index.get(s.request_id, index.get(s.group))) for j, s in enumerate(seqs) if _masked(s)]
+        if len(pairs) == len(seqs) and [k for _, k in pairs] == list(range(len(seqs))):
+            apply_bitmask(rows, bitmask)
+        else:  # row views: no copy of the other rows' logits
+            for j, k in pairs:
+                apply_bitmask(rows[j : j + 1], bitmask[k : k + 1])
+        self.masks.apply_seconds += time.perf_counter() - start
+
+    def _mask_executor(self):
+        if self._llg_executor is None:
+            import llguidance
+
+            self._llg_executor = llguidance.LLExecutor()
+        return self._llg_executor
+
+    def _emit(self, seq: Sequence, token: int, logprob) -> StepOutput:
+        """Append the sampled token, advance the grammar, then append the tokens the grammar forces after it
+        (jump-forward: the next forward feeds them as one chunk). Every token passes the same stop checks."""
+        out = self._advance(seq, token, logprob)
+        if seq.constraint is None or seq.params.logprobs is not None or not self.config.jump_forward:
+            return out  # (forced tokens would have no logprobs)
+        while not out.finished:
+            forced = seq.constraint.forced() if seq.constraint.active else []
+            if not forced:
+                break
+            for t in forced:
+                if not seq.params.greedy:  # the draw step-by-step sampling would make: seeded outputs stay the same
+                    torch.empty(self.vocab_size, device=seq.generator.device).exponential_(generator=seq.generator)
+                out = _joined(out, self._advance(seq, t, None))
+                if out.finished:
+                    break
+            self.masks.forced += len(forced)
+        return out
+
+    def _advance(self, seq: Sequence, token: int, logprob) -> StepOutput:
+        constraint = seq.constraint
+        if constraint is not None and constraint.done:
+            ends = seq.params.resolved_stop_token_ids(self.eos_token_ids) or self.eos_token_ids
+            if token not in ends and token not in self.eos_token_ids:
+                token = ends[0]  # min_tokens held the end tokens back, but the grammar admits nothing else
+        if constraint is not None:
+            try:
+                constraint.accept(token)
+            except RuntimeError as exc:  # only a test hook's forced tokens can break the grammar
+                self._finish(seq, "error")
+                return StepOutput(seq, [], "", True, error=exc)
+        return self._append(seq, token, logprob)
 
     def _start_forks(self, seq: Sequence) -> list[Sequence]:
         """n > 1: the other choices start now, from copies of the state ``seq``'s prefill just computed."""
@@ -290,6 +401,8 @@ class Engine:
         reason = None
         if stopped or token in params.resolved_stop_token_ids(self.eos_token_ids):  # never sampled before min_tokens
             reason = "stop"
+        elif seq.constraint is not None and seq.constraint.done and token in self.eos_token_ids:
+            reason = "stop"  # a complete grammar admits only the model's end tokens, whatever the stop ids say
         elif seq.stop_after_tool_call and any(isinstance(e, ToolCallEnd) for e in events):
             reason = "stop"
         elif params.max_tokens is not None and len(seq.output_ids) >= params.max_tokens:

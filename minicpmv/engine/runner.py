@@ -67,8 +67,8 @@ class Runner:
         ids, images, videos = [], [], []
         for seq, n in batch:
             start = seq.num_computed
-            if not seq.prefilling:  # decoding: the last sampled token (the engine never samples placeholders)
-                ids.append(torch.tensor(seq.output_ids[-1:]))
+            if not seq.prefilling:  # decoding: the last sampled token(s) (the engine never samples placeholders)
+                ids.append(torch.tensor(seq.output_ids[start - seq.num_prompt :][:n]))
                 continue
             prompt = torch.tensor(seq.prompt_ids)
             ids.append(prompt[start : start + n])

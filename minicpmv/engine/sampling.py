@@ -5,6 +5,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
+from typing import ClassVar
 
 from minicpmv.errors import InvalidInputError
 
@@ -34,6 +35,60 @@ def _is_valid_unicode(text: str) -> bool:
 
 
 @dataclass
+class StructuredOutputs:
+    """A constraint on the answer (vLLM's ``structured_outputs``): exactly one of ``json`` (a JSON schema, dict or
+    text), ``json_object`` (any JSON object), ``regex``, ``choice`` (one of these strings) or ``grammar`` (Lark).
+
+    JSON is written compactly (no whitespace between tokens). With thinking enabled the reasoning stays free and the
+    constraint applies from ``</think>`` on. ``param`` names the request field it came from, for error messages.
+    """
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+    param: str = field(default="structured", compare=False)
+
+    KINDS: ClassVar[tuple[str, ...]] = ("json", "regex", "choice", "grammar", "json_object")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.choice, (tuple, Sequence)) and not isinstance(self.choice, str):
+            self.choice = list(self.choice)
+        self.validate()
+
+    @classmethod
+    def from_dict(cls, values: dict, param: str = "structured") -> StructuredOutputs:
+        names = set(cls.KINDS)
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise InvalidInputError(f"{param}: unknown field(s) {unknown}; known: {sorted(names)}", param=param)
+        return cls(**values, param=param)
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in self.KINDS if getattr(self, k) not in (None, False))
+
+    def validate(self) -> None:
+        given = [k for k in self.KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise InvalidInputError(
+                f"{self.param} needs exactly one of {', '.join(self.KINDS)}, got {given or 'none'}", param=self.param)
+        if self.json is not None and not isinstance(self.json, (dict, str)):
+            raise InvalidInputError(f"{self.param}: json must be a JSON schema (an object or its JSON text), "
+                                    f"got {type(self.json).__name__}", param=self.param)
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value or not _is_valid_unicode(value)):
+                raise InvalidInputError(f"{self.param}: {name} must be a non-empty string", param=self.param)
+        if self.choice is not None and (not isinstance(self.choice, list) or not self.choice or not all(
+                isinstance(c, str) and c and _is_valid_unicode(c) for c in self.choice)):
+            raise InvalidInputError(f"{self.param}: choice must be a non-empty list of non-empty strings", param=self.param)
+        if not isinstance(self.json_object, bool):
+            raise InvalidInputError(f"{self.param}: json_object must be a boolean", param=self.param)
+
+
+@dataclass
 class SamplingParams:
     temperature: float = 0.7
     top_p: float = 1.0
@@ -51,12 +106,15 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None  # logprobs of the prompt's tokens (each given the ones before), top-n beside
     skip_special_tokens: bool = True
+    structured: StructuredOutputs | None = None  # constrained decoding (JSON schema, regex, choice, grammar)
 
     def __post_init__(self) -> None:
         for f in fields(self):  # numpy scalars (np.float32(0.7), np.int64(3)) become Python numbers
             value = getattr(self, f.name)
             if isinstance(value, numbers.Number) and not isinstance(value, (int, float)) and hasattr(value, "item"):
                 setattr(self, f.name, value.item())
+        if isinstance(self.structured, dict):  # SamplingParams(structured={"json": schema})
+            self.structured = StructuredOutputs.from_dict(self.structured)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         elif self.stop is None:
@@ -122,3 +180,7 @@ class SamplingParams:
             raise bad("prompt_logprobs", f"an integer in [0, {MAX_LOGPROBS}] or null")
         if not isinstance(self.skip_special_tokens, bool):
             raise bad("skip_special_tokens", "a boolean")
+        if self.structured is not None:
+            if not isinstance(self.structured, StructuredOutputs):
+                raise bad("structured", "a StructuredOutputs or None")
+            self.structured.validate()

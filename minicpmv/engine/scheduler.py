@@ -45,8 +45,9 @@ class Scheduler:
 
     def schedule(self) -> list[tuple[Sequence, int]]:
         """(sequence, number of tokens to feed) for the next forward."""
-        batch = [(s, 1) for s in self.running if not s.prefilling]
-        budget = self.config.max_num_batched_tokens - len(batch)
+        # A decoding sequence feeds its last sampled token, plus any a grammar forced after it (jump-forward).
+        batch = [(s, s.num_pending) for s in self.running if not s.prefilling]
+        budget = self.config.max_num_batched_tokens - sum(n for _, n in batch)
         for seq in self.running:
             if budget <= 0:
                 break

@@ -6,6 +6,7 @@ import copy
 import enum
 import itertools
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -65,6 +66,8 @@ class Sequence:
     parser: OutputParser | None = None
     events: list[Event] = field(default_factory=list)  # everything the parser emitted (the forced prefix's too)
     stop_after_tool_call: bool = False  # parallel_tool_calls false: the output ends with its first complete call
+    # Constrained decoding: a minicpmv.output.constraints.Constraint (its mask applies before the sampler).
+    constraint: Any = None
     prompt_logprobs: list = field(default_factory=list)  # with params.prompt_logprobs: None, then one per prompt token
     # n > 1: the other choices. They wait outside the scheduler until this sequence's prefill ends, then start
     # from a copy of its state and the same last logits (the prompt is computed once).
@@ -80,6 +83,7 @@ class Sequence:
             list(self.prompt_ids), self.params, self.visuals, output_prefix=self.output_prefix,
             forced_output_ids=self.forced_output_ids, parser=copy.deepcopy(self.parser), events=list(self.events),
             stop_after_tool_call=self.stop_after_tool_call, group=self.request_id,
+            constraint=self.constraint.copy() if self.constraint is not None else None,
         )
 
     @property
@@ -94,6 +98,11 @@ class Sequence:
     def num_computed(self) -> int:
         """Tokens already absorbed by the state."""
         return self.state.length if self.state is not None else 0
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens not yet fed to the model: the rest of the prompt, or the last sampled (plus jump-forward) tokens."""
+        return self.num_prompt + len(self.output_ids) - self.num_computed
 
     @property
     def prefilling(self) -> bool:

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from minicpmv.engine.sampling import SamplingParams
+from minicpmv.engine.sampling import SamplingParams, StructuredOutputs
 from minicpmv.errors import InvalidInputError
 from minicpmv.output.tools import check_tool_choice
 from minicpmv.processing.options import ProcessingOptions
@@ -68,6 +68,14 @@ class ChatCompletionRequest(BaseModel):
     mm_processor_kwargs: dict[str, Any] | None = None  # ProcessingOptions' fields
     chat_template_kwargs: ChatTemplateKwargs | None = None
     normalize_escaped_newlines: bool = False  # the model card's "\\n" -> newline clean-up of content
+    # Constrained output, in the spellings clients send: OpenAI's response_format, vLLM's structured_outputs and
+    # its older guided_* fields (only one of them per request).
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     user: str | None = None
     test_output: str | None = None  # honoured only when the server runs with test hooks enabled
 
@@ -114,8 +122,61 @@ class ChatCompletionRequest(BaseModel):
         return SamplingParams(
             ignore_eos=self.ignore_eos,
             skip_special_tokens=self.skip_special_tokens,
+            structured=self.structured(),
             **{k: v for k, v in given.items() if v is not None},
         )
+
+    def structured(self) -> StructuredOutputs | None:
+        """The one output constraint the request asks for, whichever spelling it used (None: free text)."""
+        found: list[StructuredOutputs] = []
+        if self.response_format is not None:
+            spec = response_format_spec(self.response_format)
+            if spec is not None:
+                found.append(spec)
+        if self.structured_outputs is not None:
+            found.append(StructuredOutputs.from_dict(self.structured_outputs, param="structured_outputs"))
+        for name in GUIDED:
+            value = getattr(self, f"guided_{name}")
+            if value is not None:
+                found.append(StructuredOutputs(**{name: value}, param=f"guided_{name}"))
+        if len(found) > 1:
+            raise InvalidInputError(f"give one output constraint, not several: {', '.join(s.param for s in found)}",
+                                    param=found[1].param)
+        return found[0] if found else None
+
+
+GUIDED = ("json", "regex", "choice", "grammar")
+
+
+def response_format_spec(value: dict) -> StructuredOutputs | None:
+    """OpenAI ``response_format``: ``{"type": "text"}`` (free), ``{"type": "json_object"}``, or
+    ``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ..., "description": ...}}``."""
+    param = "response_format"
+    kind = value.get("type")
+    extra = sorted(set(value) - {"type", "json_schema"})
+    if extra or (kind != "json_schema" and "json_schema" in value):
+        raise InvalidInputError(f"response_format: unexpected field(s) {extra or ['json_schema']}", param=param)
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredOutputs(json_object=True, param=param)
+    if kind != "json_schema":
+        raise InvalidInputError(f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+                                param=param)
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict):
+        raise InvalidInputError("response_format.json_schema must be an object with 'name' and 'schema'", param=param)
+    unknown = sorted(set(spec) - {"name", "schema", "strict", "description"})
+    if unknown:
+        raise InvalidInputError(f"response_format.json_schema: unknown field(s) {unknown}", param=param)
+    if not isinstance(spec.get("name"), str) or not spec["name"]:
+        raise InvalidInputError("response_format.json_schema.name must be a non-empty string", param=param)
+    if spec.get("strict") not in (None, True, False):
+        raise InvalidInputError("response_format.json_schema.strict must be a boolean", param=param)
+    schema = spec.get("schema")
+    if not isinstance(schema, dict):
+        raise InvalidInputError("response_format.json_schema.schema must be a JSON-schema object", param=param)
+    return StructuredOutputs(json=schema, param=param)
 
 
 def completion_id() -> str:
