@@ -143,8 +143,8 @@ def test_thinking_is_free_and_the_constraint_starts_after_think(llm, monkeypatch
     think_end = llm.processor.tokenizer.token_to_id("</think>")
     run = llm.engine.runner.run
 
-    def nudged(batch, snapshots=None):
-        logits = run(batch, snapshots).clone()
+    def nudged(batch, snapshots=None, **kw):
+        logits = run(batch, snapshots, **kw).clone()
         for i, (seq, _) in enumerate(batch):
             if len(seq.output_ids) == 5:
                 logits[i, think_end] = 1e4
