@@ -35,6 +35,27 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=_int_in(1), default=16, help="sequences decoded together")
     p.add_argument("--max-model-len", type=_int_in(2), default=None, help="context limit (default: the model's)")
     p.add_argument("--quantization", choices=["int8", "int4"], default=None, help="weight-only quantization (CPU)")
+    p.add_argument("--lora-modules", nargs="+", type=_lora_module, default=[], metavar="NAME=PATH",
+                   help="PEFT LoRA adapters to serve (NAME=PATH or vLLM's JSON {\"name\": ..., \"path\": ...})")
+    p.add_argument("--max-loras", type=_int_in(1), default=8, help="LoRA adapters loaded at once")
+    p.add_argument("--max-lora-rank", type=_int_in(1), default=64, help="largest LoRA rank accepted")
+    p.add_argument("--merge-lora", type=Path, default=None, metavar="PATH",
+                   help="fold this one LoRA adapter into the weights (full speed for every request)")
+    p.add_argument("--enable-lora", action="store_true", help=argparse.SUPPRESS)  # vLLM's flag: adapters always work
+
+
+def _lora_module(text: str) -> tuple[str, str]:
+    """--lora-modules entries: NAME=PATH, or vLLM's JSON form {"name": ..., "path": ...}."""
+    if text.lstrip().startswith("{"):
+        try:
+            entry = json.loads(text)
+            return str(entry["name"]), str(entry["path"])
+        except (ValueError, KeyError, TypeError):
+            raise argparse.ArgumentTypeError(f"a JSON LoRA module needs \"name\" and \"path\", got {text!r}") from None
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name, path
 
 
 def _processing_args(p: argparse.ArgumentParser) -> None:
@@ -97,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="when MODEL cannot be found or downloaded, serve a random-weight demo checkpoint written to DIR",
     )
+    serve.add_argument("--enable-lora-loading", action="store_true",
+                       help="allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter (behind --api-key)")
     serve.add_argument("--enable-test-hooks", action="store_true", help=argparse.SUPPRESS)
 
     run = sub.add_parser("run", help="answer one question about images / videos and exit")
@@ -135,8 +158,13 @@ def _llm(args, **options):
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
     if hasattr(args, "max_waiting"):  # serve only
         config.max_waiting = args.max_waiting
+    names = [name for name, _ in args.lora_modules]
+    if len(set(names)) != len(names):
+        raise MiniCPMVError(f"--lora-modules names must be unique, got {names}")
     return LLM(
-        args.model, dtype=args.dtype, device=args.device, engine_config=config, quantization=args.quantization, **options
+        args.model, dtype=args.dtype, device=args.device, engine_config=config, quantization=args.quantization,
+        lora_modules=dict(args.lora_modules), max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+        merge_lora=args.merge_lora, **options
     )
 
 
@@ -251,6 +279,7 @@ def cmd_serve(args) -> int:
         max_body_bytes=args.max_body_mb << 20,
         media=MediaPolicy(allow_private=args.allow_private_media_urls, allowed_local_path=args.allowed_local_media_path),
         enable_test_hooks=args.enable_test_hooks,
+        enable_lora_loading=args.enable_lora_loading,
     )
     app = create_app(llm, config)
     print(f"serving {config.model_name} on http://{args.host}:{args.port}  (web chat at /)", file=sys.stderr)

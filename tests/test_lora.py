@@ -237,3 +237,102 @@ def test_limits_and_missing_files(tmp_path, adapters, llm):
         lora.load_adapter(tmp_path, llm.model)
     with pytest.raises(lora.AdapterError, match="is not a directory"):
         lora.load_adapter(tmp_path / "nowhere", llm.model)
+
+
+# -- the server ---------------------------------------------------------------------------------------------------
+KEY = "lora-key"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir, adapters):
+    import threading
+    import time
+
+    import uvicorn
+    from openai import OpenAI
+
+    from minicpmv.serve.app import ServerConfig, create_app
+
+    llm = LLM(tiny_dir, dtype="float32", progress=False, lora_modules={"all": adapters["all"][0]})
+    app = create_app(llm, ServerConfig(model_name="tiny", api_key=KEY, enable_lora_loading=True))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert time.time() < deadline, "server did not start"
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    yield llm, url, OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+def post(url, route, body, key=KEY):
+    import httpx2 as httpx
+
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(f"{url}/v1/{route}", json=body, headers=headers, timeout=60)
+
+
+def test_server_answers_with_the_adapter_a_request_names(server, adapters):
+    llm, url, client = server
+    models = {m.id: m for m in client.models.list().data}
+    assert list(models) == ["tiny", "all"] and models["all"].parent == "tiny"
+    messages = conversation(text="Server question.")
+    seq = llm.prepare(messages, None, llm._conversations(messages, {})[0][1])
+    r = client.chat.completions.create(model="all", messages=messages, max_tokens=4, temperature=0, logprobs=True)
+    assert r.model == "all"
+    expected = reference_greedy(adapters["all"][1], seq.prompt_ids, seq, 4)
+    assert r.choices[0].message.content == llm.processor.tokenizer.decode(expected)
+    reference = torch.log_softmax(reference_logits(adapters["all"][1], seq.prompt_ids + expected), -1)
+    got = [t.logprob for t in r.choices[0].logprobs.content]
+    want = [reference[seq.num_prompt - 1 + i, t].item() for i, t in enumerate(expected)]
+    assert np.allclose(got, want, atol=1e-4)
+    base = client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, temperature=0)
+    assert base.choices[0].message.content != r.choices[0].message.content
+
+
+def test_adapters_load_and_unload_at_runtime_behind_the_api_key(server, adapters):
+    from openai import NotFoundError
+
+    llm, url, client = server
+    body = {"lora_name": "rs", "lora_path": str(adapters["rs"][0])}
+    assert post(url, "load_lora_adapter", body, key=None).status_code == 401
+    ok = post(url, "load_lora_adapter", body)
+    assert ok.status_code == 200 and "rs" in ok.text
+    assert [m.id for m in client.models.list().data] == ["tiny", "all", "rs"]
+    r = client.chat.completions.create(model="rs", messages=conversation(), max_tokens=4, temperature=0)
+    seq = llm.prepare(conversation(), None, llm._conversations(conversation(), {})[0][1])
+    expected = reference_greedy(adapters["rs"][1], seq.prompt_ids, seq, 4)
+    assert r.choices[0].message.content == llm.processor.tokenizer.decode(expected)
+    again = post(url, "load_lora_adapter", body)
+    assert again.status_code == 400 and "already loaded" in again.json()["error"]["message"]
+    bad = post(url, "load_lora_adapter", {"lora_name": "bad", "lora_path": "/nonexistent"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "lora_path"
+    assert post(url, "unload_lora_adapter", {"lora_name": "rs"}).status_code == 200
+    with pytest.raises(NotFoundError):
+        client.chat.completions.create(model="rs", messages=conversation(), max_tokens=2)
+    gone = post(url, "unload_lora_adapter", {"lora_name": "rs"})
+    assert gone.status_code == 404 and gone.json()["error"]["param"] == "lora_name"
+    assert client.chat.completions.create(model="all", messages=conversation(), max_tokens=2).choices[0].message
+
+
+def test_runtime_loading_is_off_unless_enabled(server):
+    from minicpmv.serve.app import ServerConfig, create_app
+
+    llm, _, _ = server
+    app = create_app(llm, ServerConfig(model_name="tiny"))
+    assert not {"/v1/load_lora_adapter", "/v1/unload_lora_adapter"} & {r.path for r in app.routes}
+    app.state.engine.shutdown()
+
+
+def test_cli_lora_flags():
+    from minicpmv.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "m", "--lora-modules", "a=/x", '{"name": "b", "path": "/y"}',
+                                      "--enable-lora-loading", "--max-loras", "2", "--max-lora-rank", "16"])
+    assert args.lora_modules == [("a", "/x"), ("b", "/y")] and args.enable_lora_loading
+    assert (args.max_loras, args.max_lora_rank, args.merge_lora) == (2, 16, None)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "m", "--lora-modules", "no-equals-sign"])
