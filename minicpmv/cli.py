@@ -141,6 +141,31 @@ def build_parser() -> argparse.ArgumentParser:
     _processing_args(chat)
     _sampling_args(chat)
 
+    tune = sub.add_parser("finetune", help="LoRA fine-tuning on a JSONL of conversations; writes a PEFT adapter")
+    tune.add_argument("model", help="checkpoint directory or Hugging Face repo id")
+    tune.add_argument("data", type=Path, help="JSONL: OpenAI messages (image/video parts) or ShareGPT conversations")
+    tune.add_argument("output_dir", type=Path)
+    tune.add_argument("--rank", type=_int_in(1), default=8)
+    tune.add_argument("--alpha", type=float, default=16.0)
+    tune.add_argument("--dropout", type=float, default=0.0)
+    tune.add_argument("--target", nargs="+", default=["all"], help="linear names (q_proj ... down_proj, lm_head) or all")
+    tune.add_argument("--freeze-vision", action="store_true", help="no LoRA on the vision tower and merger")
+    tune.add_argument("--epochs", type=_int_in(1), default=1)
+    tune.add_argument("--lr", type=float, default=1e-4)
+    tune.add_argument("--batch-size", type=_int_in(1), default=1)
+    tune.add_argument("--grad-accum", type=_int_in(1), default=1)
+    tune.add_argument("--max-length", type=_int_in(2), default=4096, help="longer examples are skipped")
+    tune.add_argument("--warmup-ratio", type=float, default=0.0)
+    tune.add_argument("--save-steps", type=_int_in(0), default=0, help="also save a resumable checkpoint every N steps")
+    tune.add_argument("--no-gradient-checkpointing", action="store_true", help="faster, more memory")
+    tune.add_argument("--eval", type=Path, default=None, metavar="DATA", help="held-out JSONL: eval loss per epoch")
+    tune.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint")
+    tune.add_argument("--mode", choices=["16x", "4x"], default=None, help="visual token compression (as served)")
+    tune.add_argument("--max-slices", type=_int_in(1), default=None)
+    tune.add_argument("--think", action="store_true", help="build prompts with thinking on")
+    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--device", default="auto")
+
     download = sub.add_parser("download", help="fetch a model into the local Hugging Face cache")
     download.add_argument("model", help="repo id, e.g. openbmb/MiniCPM-V-4.6")
 
@@ -314,6 +339,23 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    from minicpmv.finetune import FinetuneConfig, finetune
+
+    cfg = FinetuneConfig(
+        rank=args.rank, alpha=args.alpha, dropout=args.dropout, targets=args.target, freeze_vision=args.freeze_vision,
+        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        max_length=args.max_length, warmup_ratio=args.warmup_ratio, seed=args.seed, save_steps=args.save_steps,
+        gradient_checkpointing=not args.no_gradient_checkpointing, enable_thinking=args.think,
+        downsample_mode=args.mode, max_slice_nums=args.max_slices,
+    )
+    log = finetune(args.model, args.data, args.output_dir, cfg, eval_data=args.eval, resume=args.resume, device=args.device)
+    losses = [e["loss"] for e in log if "loss" in e]
+    print(f"wrote a LoRA adapter to {args.output_dir} ({len(losses)} steps, last loss {losses[-1]:.4f})" if losses
+          else f"nothing left to train: the adapter in {args.output_dir} is up to date")
+    return 0
+
+
 def cmd_chat(args) -> int:
     from minicpmv.chat import interactive
 
@@ -321,7 +363,8 @@ def cmd_chat(args) -> int:
     return interactive(_llm(args), params, {"enable_thinking": args.think, **_processing(args)})
 
 
-COMMANDS = {"serve": cmd_serve, "run": cmd_run, "chat": cmd_chat, "download": cmd_download, "demo-checkpoint": cmd_demo}
+COMMANDS = {"serve": cmd_serve, "run": cmd_run, "chat": cmd_chat, "finetune": cmd_finetune, "download": cmd_download,
+            "demo-checkpoint": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
