@@ -156,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--grad-accum", type=_int_in(1), default=1)
     tune.add_argument("--max-length", type=_int_in(2), default=4096, help="longer examples are skipped")
     tune.add_argument("--warmup-ratio", type=float, default=0.0)
+    tune.add_argument("--lr-scheduler", choices=["cosine", "constant"], default="cosine")
     tune.add_argument("--save-steps", type=_int_in(0), default=0, help="also save a resumable checkpoint every N steps")
     tune.add_argument("--no-gradient-checkpointing", action="store_true", help="faster, more memory")
     tune.add_argument("--eval", type=Path, default=None, metavar="DATA", help="held-out JSONL: eval loss per epoch")
@@ -345,7 +346,7 @@ def cmd_finetune(args) -> int:
     cfg = FinetuneConfig(
         rank=args.rank, alpha=args.alpha, dropout=args.dropout, targets=args.target, freeze_vision=args.freeze_vision,
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        max_length=args.max_length, warmup_ratio=args.warmup_ratio, seed=args.seed, save_steps=args.save_steps,
+        max_length=args.max_length, warmup_ratio=args.warmup_ratio, lr_scheduler=args.lr_scheduler, seed=args.seed, save_steps=args.save_steps,
         gradient_checkpointing=not args.no_gradient_checkpointing, enable_thinking=args.think,
         downsample_mode=args.mode, max_slice_nums=args.max_slices,
     )

@@ -53,6 +53,7 @@ class FinetuneConfig:
     grad_accum: int = 1
     max_length: int = 4096
     warmup_ratio: float = 0.0
+    lr_scheduler: str = "cosine"  # or "constant" (after the warmup)
     weight_decay: float = 0.0
     seed: int = 0
     gradient_checkpointing: bool = True
@@ -68,6 +69,8 @@ class FinetuneConfig:
                 raise InvalidInputError(f"{name} must be an integer >= {low}, got {value!r}", param=name)
         if not 0 <= self.dropout < 1:
             raise InvalidInputError(f"dropout must be in [0, 1), got {self.dropout!r}", param="dropout")
+        if self.lr_scheduler not in ("cosine", "constant"):
+            raise InvalidInputError(f"lr_scheduler must be cosine or constant, got {self.lr_scheduler!r}", param="lr_scheduler")
         if not self.lr > 0:
             raise InvalidInputError(f"lr must be > 0, got {self.lr!r}", param="lr")
         known = set(LM_LINEARS) | set(VISION_LINEARS) | {"all", "lm_head"}
@@ -307,6 +310,7 @@ class Trainer:
 
         if any(isinstance(m, PackedLinear) for m in self.model.modules()):
             raise InvalidInputError("fine-tuning needs an unpacked model (dtype float32 on the CPU, or a GPU)")
+        torch.manual_seed(cfg.seed)  # the factors' initial values
         self.wrappers = add_lora(self.model, cfg)
         self.train_vision = any(n.startswith(VISION_PREFIXES) for n in self.wrappers)
         self.params = [p for w in self.wrappers.values() for p in (w.lora_A, w.lora_B)]
@@ -329,6 +333,8 @@ class Trainer:
         def factor(step: int) -> float:
             if step < warmup:
                 return (step + 1) / (warmup + 1)
+            if self.cfg.lr_scheduler == "constant":
+                return 1.0
             return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
         return factor
 
@@ -342,7 +348,9 @@ class Trainer:
                 total, count = total + loss.item(), count + n
         return total / max(count, 1)
 
-    def train(self, data: list[Example], eval_data: list[Example] | None = None, resume: bool = False) -> list[dict]:
+    def train(self, data: list[Example], eval_data: list[Example] | None = None, resume: bool = False,
+              max_steps: int | None = None) -> list[dict]:
+        """Train (from the saved checkpoint with ``resume``); ``max_steps`` stops early, resumable from there."""
         cfg = self.cfg
         if resume:
             self._load_checkpoint()
@@ -387,12 +395,20 @@ class Trainer:
                     bar.update(1)
                     if cfg.save_steps and self.step % cfg.save_steps == 0:
                         self._save_checkpoint()
-                self.epoch, self.position = self.epoch + 1, 0
+                    if max_steps is not None and self.step >= max_steps:
+                        break
+                else:
+                    self.epoch, self.position = self.epoch + 1, 0
+                if self.position:  # stopped by max_steps
+                    self._save_checkpoint()
+                    break
                 if eval_data:
                     entry = {"epoch": self.epoch, "eval_loss": self.evaluate(eval_data)}
                     self.log.append(entry)
                     bar.write(f"epoch {self.epoch}: eval loss {entry['eval_loss']:.4f}")
                 self._save_checkpoint()
+                if max_steps is not None and self.step >= max_steps:
+                    break
         finally:
             bar.close()
         save_adapter(self.output, self.wrappers, cfg, self.llm.name)
@@ -444,5 +460,4 @@ def finetune(model: str | Path, data: str | Path, output_dir: str | Path, cfg: F
     if dev.type == "cpu" and dtype != "float32":
         raise InvalidInputError("fine-tuning on the CPU runs in float32 (--dtype float32)", param="dtype")
     llm = LLM(model, dtype=dtype, device=str(dev), progress=progress)
-    torch.manual_seed(cfg.seed)
     return Trainer(llm, cfg, output_dir, progress).train(train, held_out, resume)
