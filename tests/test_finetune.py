@@ -16,7 +16,7 @@ from minicpmv.engine.sampling import SamplingParams
 from minicpmv.errors import InvalidInputError
 from minicpmv.finetune import FinetuneConfig, Trainer, batch_loss, examples, read_conversations
 from minicpmv.llm import LLM
-from tests.tiny import from_patches, reference_checkpoint
+from tests.tiny import REAL, from_patches, reference_checkpoint
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 QUESTION = "What colour is this?"
@@ -76,7 +76,7 @@ def test_saved_adapter_in_transformers_and_peft_gives_our_logits(tiny_dir, train
     from peft import PeftModel
 
     out, held_out = trained
-    ref, _ = reference_checkpoint("base")
+    ref, _ = reference_checkpoint("base", REAL)
     reference = PeftModel.from_pretrained(copy.deepcopy(ref), out).eval()
     llm = LLM(tiny_dir, dtype="float32", progress=False, lora_modules={"colours": out})
     messages = ask(held_out[0][0])

@@ -315,14 +315,15 @@ VISION_TARGETS = r"^model\.(vision_tower|merger)\..*\.(q_proj|k_proj|v_proj|out_
 
 
 def peft_adapter(directory: Path, target_modules: str, r: int = 4, alpha: float = 8, seed: int = 0,
-                 use_rslora: bool = False, safe_serialization: bool = True, variant: str = "base", std: float = 0.3):
+                 use_rslora: bool = False, safe_serialization: bool = True, variant: str = "base", std: float = 0.3,
+                 vocab: Vocab = REAL):
     """Save a PEFT LoRA adapter made on (a copy of) the tiny reference model, every B non-zero; returns the
     reference + peft model in eval mode."""
     import copy
 
     from peft import LoraConfig, get_peft_model
 
-    ref, _ = reference_checkpoint(variant)
+    ref, _ = reference_checkpoint(variant, vocab)
     torch.manual_seed(seed)
     config = LoraConfig(r=r, lora_alpha=alpha, target_modules=target_modules, use_rslora=use_rslora,
                         init_lora_weights=False)
