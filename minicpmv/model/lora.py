@@ -222,18 +222,19 @@ class LoRALinear(nn.Module):
         packed = isinstance(base, PackedLinear)
         self.act = base.act if packed else None
         self.width = base.out_features * (2 if self.act == "silu_mul" else 1)  # unfused output columns
-        self.loras: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # adapter key -> (A [R, in], B [width, R])
+        self.loras: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # adapter key -> (A^T [in, R], B^T [R, width])
 
     def add(self, key: str, parts: list[tuple[Site, LoRAWeights]]) -> None:
-        """Stack the adapter's parts: one A for all of them, one B with each part's columns (scale folded in)."""
-        a = torch.cat([w.a for _, w in parts])
-        b = torch.zeros(self.width, a.shape[0], dtype=a.dtype, device=a.device)
+        """Stack the adapter's parts: one A for all of them, one B with each part's columns (scale folded in),
+        both transposed and in float32 (small bf16 matmuls are several times slower on the CPU)."""
+        a = torch.cat([w.a for _, w in parts]).float()
+        b = torch.zeros(self.width, a.shape[0], dtype=torch.float32, device=a.device)
         col = 0
         for site, w in parts:
             r = w.a.shape[0]
-            b[site.offset : site.offset + site.out_features, col : col + r] = w.b * w.scale
+            b[site.offset : site.offset + site.out_features, col : col + r] = w.b.float() * w.scale
             col += r
-        self.loras[key] = (a, b)
+        self.loras[key] = (a.t().contiguous(), b.t().contiguous())  # [in, R], [R, width]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         groups = [(self.loras[k], rows) for k, rows in self.registry.active if k in self.loras]
@@ -244,7 +245,7 @@ class LoRALinear(nn.Module):
         y = self._pre_activation(x2) if self.act else self.base(x2)
         for (a, b), rows in groups:
             xs = x2 if rows is None else x2.index_select(0, rows)
-            delta = ((xs.to(a.dtype) @ a.t()) @ b.t()).to(y.dtype)
+            delta = ((xs.float() @ a) @ b).to(y.dtype)
             if rows is None:
                 y += delta
             else:
