@@ -5,7 +5,7 @@
 - LoRA training tokens/s (``minicpmv.finetune``, float32, gradient checkpointing) on text examples.
 
 Adapters are random PEFT-format LoRAs (rank --rank) on every language-model linear.
-Usage: python bench/lora.py [--decode-tokens 32] [--gen-tokens 16] [--rank 8] [--train-size full|tiny|none]
+Usage: python bench/lora.py [--decode-tokens 32] [--gen-tokens 16] [--rank 8] [--rounds 3] [--train-size full|tiny|none]
 """
 
 from __future__ import annotations
@@ -88,6 +88,7 @@ def main() -> int:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--train-size", choices=["full", "tiny", "none"], default="full")
     parser.add_argument("--train-steps", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
     from minicpmv import LLM, SamplingParams
@@ -97,18 +98,22 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         paths = {f"a{i}": write_adapter(Path(tmp) / f"a{i}", ckpt, args.rank, i) for i in range(4)}
         llm = LLM(ckpt, dtype="bfloat16", device="cpu", progress=False, lora_modules=paths)
-        llm.chat(user("warm up"), SamplingParams(temperature=0, max_tokens=4), lora="a0")
-        llm.chat(user("warm up"), SamplingParams(temperature=0, max_tokens=4))
-        base = decode_rate(llm, args.decode_tokens)
-        unmerged = decode_rate(llm, args.decode_tokens, lora="a0")
-        base16 = aggregate_rate(llm, args.gen_tokens, [None] * 16)
-        mixed16 = aggregate_rate(llm, args.gen_tokens, [f"a{i % 4}" for i in range(16)])
-        del llm
-        gc.collect()
         merged_llm = LLM(ckpt, dtype="bfloat16", device="cpu", progress=False, merge_lora=paths["a0"])
-        merged_llm.chat(user("warm up"), SamplingParams(temperature=0, max_tokens=4))
-        merged = decode_rate(merged_llm, args.decode_tokens)
-        del merged_llm
+        for model, lora in ((llm, "a0"), (llm, None), (merged_llm, None)):
+            model.chat(user("warm up"), SamplingParams(temperature=0, max_tokens=4), lora=lora)
+        # Rounds alternate between the peers and each figure keeps its best round: the machine's load drifts.
+        best: dict[str, float] = {}
+        for _ in range(args.rounds):
+            for name, measure in (
+                ("base", lambda: decode_rate(llm, args.decode_tokens)),
+                ("unmerged", lambda: decode_rate(llm, args.decode_tokens, lora="a0")),
+                ("merged", lambda: decode_rate(merged_llm, args.decode_tokens)),
+                ("base16", lambda: aggregate_rate(llm, args.gen_tokens, [None] * 16)),
+                ("mixed16", lambda: aggregate_rate(llm, args.gen_tokens, [f"a{i % 4}" for i in range(16)])),
+            ):
+                best[name] = max(best.get(name, 0.0), measure())
+        base, unmerged, merged, base16, mixed16 = (best[k] for k in ("base", "unmerged", "merged", "base16", "mixed16"))
+        del llm, merged_llm
         gc.collect()
     rows.append(["decode tok/s, 1 stream: unmerged adapter", unmerged, base, unmerged / base, ">= 0.8"])
     rows.append(["decode tok/s, 1 stream: merged adapter", merged, base, merged / base, "= 1.0"])
