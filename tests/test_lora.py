@@ -336,3 +336,9 @@ def test_cli_lora_flags():
     assert (args.max_loras, args.max_lora_rank, args.merge_lora) == (2, 16, None)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "m", "--lora-modules", "no-equals-sign"])
+
+
+def test_every_choice_of_a_request_uses_its_adapter(llm):
+    """n > 1 (the server forks the sequence): the other choices run with the adapter too."""
+    seq = llm.prepare(conversation(), None, llm._conversations(conversation(), {"lora": "all"})[0][1])
+    assert seq.fork().lora == seq.lora == llm.lora.key("all")

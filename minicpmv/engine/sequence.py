@@ -84,7 +84,7 @@ class Sequence:
             list(self.prompt_ids), self.params, self.visuals, output_prefix=self.output_prefix,
             forced_output_ids=self.forced_output_ids, parser=copy.deepcopy(self.parser), events=list(self.events),
             stop_after_tool_call=self.stop_after_tool_call, group=self.request_id,
-            constraint=self.constraint.copy() if self.constraint is not None else None,
+            constraint=self.constraint.copy() if self.constraint is not None else None, lora=self.lora,
         )
 
     @property
