@@ -35,6 +35,27 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=_int_in(1), default=16, help="sequences decoded together")
     p.add_argument("--max-model-len", type=_int_in(2), default=None, help="context limit (default: the model's)")
     p.add_argument("--quantization", choices=["int8", "int4"], default=None, help="weight-only quantization (CPU)")
+    p.add_argument("--lora-modules", nargs="+", type=_lora_module, default=[], metavar="NAME=PATH",
+                   help="PEFT LoRA adapters to serve (NAME=PATH or vLLM's JSON {\"name\": ..., \"path\": ...})")
+    p.add_argument("--max-loras", type=_int_in(1), default=8, help="LoRA adapters loaded at once")
+    p.add_argument("--max-lora-rank", type=_int_in(1), default=64, help="largest LoRA rank accepted")
+    p.add_argument("--merge-lora", type=Path, default=None, metavar="PATH",
+                   help="fold this one LoRA adapter into the weights (full speed for every request)")
+    p.add_argument("--enable-lora", action="store_true", help=argparse.SUPPRESS)  # vLLM's flag: adapters always work
+
+
+def _lora_module(text: str) -> tuple[str, str]:
+    """--lora-modules entries: NAME=PATH, or vLLM's JSON form {"name": ..., "path": ...}."""
+    if text.lstrip().startswith("{"):
+        try:
+            entry = json.loads(text)
+            return str(entry["name"]), str(entry["path"])
+        except (ValueError, KeyError, TypeError):
+            raise argparse.ArgumentTypeError(f"a JSON LoRA module needs \"name\" and \"path\", got {text!r}") from None
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name, path
 
 
 def _processing_args(p: argparse.ArgumentParser) -> None:
@@ -97,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="when MODEL cannot be found or downloaded, serve a random-weight demo checkpoint written to DIR",
     )
+    serve.add_argument("--enable-lora-loading", action="store_true",
+                       help="allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter (behind --api-key)")
     serve.add_argument("--enable-test-hooks", action="store_true", help=argparse.SUPPRESS)
 
     run = sub.add_parser("run", help="answer one question about images / videos and exit")
@@ -118,6 +141,32 @@ def build_parser() -> argparse.ArgumentParser:
     _processing_args(chat)
     _sampling_args(chat)
 
+    tune = sub.add_parser("finetune", help="LoRA fine-tuning on a JSONL of conversations; writes a PEFT adapter")
+    tune.add_argument("model", help="checkpoint directory or Hugging Face repo id")
+    tune.add_argument("data", type=Path, help="JSONL: OpenAI messages (image/video parts) or ShareGPT conversations")
+    tune.add_argument("output_dir", type=Path)
+    tune.add_argument("--rank", type=_int_in(1), default=8)
+    tune.add_argument("--alpha", type=float, default=16.0)
+    tune.add_argument("--dropout", type=float, default=0.0)
+    tune.add_argument("--target", nargs="+", default=["all"], help="linear names (q_proj ... down_proj, lm_head) or all")
+    tune.add_argument("--freeze-vision", action="store_true", help="no LoRA on the vision tower and merger")
+    tune.add_argument("--epochs", type=_int_in(1), default=1)
+    tune.add_argument("--lr", type=float, default=1e-4)
+    tune.add_argument("--batch-size", type=_int_in(1), default=1)
+    tune.add_argument("--grad-accum", type=_int_in(1), default=1)
+    tune.add_argument("--max-length", type=_int_in(2), default=4096, help="longer examples are skipped")
+    tune.add_argument("--warmup-ratio", type=float, default=0.0)
+    tune.add_argument("--lr-scheduler", choices=["cosine", "constant"], default="cosine")
+    tune.add_argument("--save-steps", type=_int_in(0), default=0, help="also save a resumable checkpoint every N steps")
+    tune.add_argument("--no-gradient-checkpointing", action="store_true", help="faster, more memory")
+    tune.add_argument("--eval", type=Path, default=None, metavar="DATA", help="held-out JSONL: eval loss per epoch")
+    tune.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint")
+    tune.add_argument("--mode", choices=["16x", "4x"], default=None, help="visual token compression (as served)")
+    tune.add_argument("--max-slices", type=_int_in(1), default=None)
+    tune.add_argument("--think", action="store_true", help="build prompts with thinking on")
+    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--device", default="auto")
+
     download = sub.add_parser("download", help="fetch a model into the local Hugging Face cache")
     download.add_argument("model", help="repo id, e.g. openbmb/MiniCPM-V-4.6")
 
@@ -135,8 +184,13 @@ def _llm(args, **options):
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
     if hasattr(args, "max_waiting"):  # serve only
         config.max_waiting = args.max_waiting
+    names = [name for name, _ in args.lora_modules]
+    if len(set(names)) != len(names):
+        raise MiniCPMVError(f"--lora-modules names must be unique, got {names}")
     return LLM(
-        args.model, dtype=args.dtype, device=args.device, engine_config=config, quantization=args.quantization, **options
+        args.model, dtype=args.dtype, device=args.device, engine_config=config, quantization=args.quantization,
+        lora_modules=dict(args.lora_modules), max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+        merge_lora=args.merge_lora, **options
     )
 
 
@@ -251,6 +305,7 @@ def cmd_serve(args) -> int:
         max_body_bytes=args.max_body_mb << 20,
         media=MediaPolicy(allow_private=args.allow_private_media_urls, allowed_local_path=args.allowed_local_media_path),
         enable_test_hooks=args.enable_test_hooks,
+        enable_lora_loading=args.enable_lora_loading,
     )
     app = create_app(llm, config)
     print(f"serving {config.model_name} on http://{args.host}:{args.port}  (web chat at /)", file=sys.stderr)
@@ -285,6 +340,23 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    from minicpmv.finetune import FinetuneConfig, finetune
+
+    cfg = FinetuneConfig(
+        rank=args.rank, alpha=args.alpha, dropout=args.dropout, targets=args.target, freeze_vision=args.freeze_vision,
+        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        max_length=args.max_length, warmup_ratio=args.warmup_ratio, lr_scheduler=args.lr_scheduler, seed=args.seed, save_steps=args.save_steps,
+        gradient_checkpointing=not args.no_gradient_checkpointing, enable_thinking=args.think,
+        downsample_mode=args.mode, max_slice_nums=args.max_slices,
+    )
+    log = finetune(args.model, args.data, args.output_dir, cfg, eval_data=args.eval, resume=args.resume, device=args.device)
+    losses = [e["loss"] for e in log if "loss" in e]
+    print(f"wrote a LoRA adapter to {args.output_dir} ({len(losses)} steps, last loss {losses[-1]:.4f})" if losses
+          else f"nothing left to train: the adapter in {args.output_dir} is up to date")
+    return 0
+
+
 def cmd_chat(args) -> int:
     from minicpmv.chat import interactive
 
@@ -292,7 +364,8 @@ def cmd_chat(args) -> int:
     return interactive(_llm(args), params, {"enable_thinking": args.think, **_processing(args)})
 
 
-COMMANDS = {"serve": cmd_serve, "run": cmd_run, "chat": cmd_chat, "download": cmd_download, "demo-checkpoint": cmd_demo}
+COMMANDS = {"serve": cmd_serve, "run": cmd_run, "chat": cmd_chat, "finetune": cmd_finetune, "download": cmd_download,
+            "demo-checkpoint": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

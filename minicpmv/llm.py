@@ -23,6 +23,7 @@ from minicpmv.engine.loop import EngineLoop, Sink
 from minicpmv.engine.sampling import SamplingParams
 from minicpmv.engine.sequence import Sequence, VisualInput
 from minicpmv.errors import CheckpointError, InvalidInputError
+from minicpmv.model import lora
 from minicpmv.output.constraints import Constraint, GrammarCompiler
 from minicpmv.output.events import ContentDelta, Event, ReasoningDelta, ToolCall, aggregate
 from minicpmv.output.parser import OutputParser
@@ -43,6 +44,7 @@ class ChatOptions(ProcessingOptions):
     tool_choice: str | dict | None = None  # "auto" (default with tools), "none", "required", or a named function
     parallel_tool_calls: bool = True  # False: the answer ends after its first complete tool call
     normalize_escaped_newlines: bool = False  # the model card's clean-up: literal "\\n" in content -> newline
+    lora: str | None = None  # the name of a loaded LoRA adapter to answer with (None: the base model)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -139,10 +141,18 @@ class LLM:
         engine_config: EngineConfig | None = None,
         progress: bool | None = None,
         quantization: str | None = None,
+        lora_modules: dict[str, str | Path] | None = None,
+        max_loras: int = 8,
+        max_lora_rank: int = 64,
+        merge_lora: str | Path | None = None,
         **default_options: Any,
     ):
         """``quantization`` ("int8" / "int4", CPU) quantizes the language model's weights at load time; a checkpoint
-        written by ``minicpmv.model.quant.save_quantized`` loads quantized by itself."""
+        written by ``minicpmv.model.quant.save_quantized`` loads quantized by itself.
+
+        ``lora_modules`` {name: PEFT adapter directory} loads LoRA adapters a chat picks with ``lora=name`` (up to
+        ``max_loras``, ranks up to ``max_lora_rank``; more load later with ``llm.lora.load``); ``merge_lora`` folds
+        one adapter into the weights instead (full speed, every request)."""
         if engine_config is not None and not isinstance(engine_config, EngineConfig):
             raise InvalidInputError(f"engine_config must be an EngineConfig, got {type(engine_config).__name__}")
         self.default_options = ChatOptions.build(default_options)
@@ -152,7 +162,13 @@ class LLM:
         raw_config = read_json(directory / "config.json")
         if dtype == "auto" and (quantization or "quantization" in raw_config):
             self.dtype = "bfloat16"  # weight-only int8 / int4 run with bf16 activations
-        self.model = load_model(directory, dtype=self.dtype, device=dev, progress=progress, quantization=quantization)
+        if merge_lora is None:
+            self.model = load_model(directory, dtype=self.dtype, device=dev, progress=progress, quantization=quantization)
+        else:
+            self.model = lora.load_merged(directory, merge_lora, self.dtype, dev, progress, quantization)
+        self.lora = lora.registry(self.model, max_loras, max_lora_rank)
+        for name, path in (lora_modules or {}).items():
+            self.lora.load(name, path)
         self.processor = Processor.from_dir(directory)
         self.processor.settings(self.default_options)  # bad defaults fail here, not per chat
         tokenizer = self.processor.tokenizer
@@ -192,7 +208,7 @@ class LLM:
         elif not isinstance(params, SamplingParams):
             raise InvalidInputError(f"sampling_params must be a SamplingParams (or a list of them), got {type(params).__name__}")
         params.validate()  # again: its fields may have been changed since it was made
-        seq = Sequence(out.input_ids.tolist(), params, visuals)
+        seq = Sequence(out.input_ids.tolist(), params, visuals, lora=self.lora.key(options.lora))
         seq.parser = OutputParser(thinking, tools, normalize_newlines=options.normalize_escaped_newlines)
         seq.stop_after_tool_call = not options.parallel_tool_calls and seq.parser.parses_tools
         if prefix:

@@ -302,3 +302,35 @@ def png_bytes(width: int = 40, height: int = 30, seed: int = 0) -> bytes:
     buf = io.BytesIO()
     image(width, height, seed).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def from_patches(patches: torch.Tensor, patch: int = 14) -> torch.Tensor:
+    """Ours [L, 3*p*p] -> reference NaViT packing [1, 3, p, L*p] (the inverse of ``to_patches``)."""
+    length = patches.shape[0]
+    return patches.reshape(length, 3, patch, patch).permute(1, 2, 0, 3).reshape(1, 3, patch, length * patch)
+
+
+LM_TARGETS = r"^model\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|in_proj_qkv|in_proj_z|in_proj_a|in_proj_b|out_proj|gate_proj|up_proj|down_proj)$"
+VISION_TARGETS = r"^model\.(vision_tower|merger)\..*\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2|linear_1|linear_2)$"
+
+
+def peft_adapter(directory: Path, target_modules: str, r: int = 4, alpha: float = 8, seed: int = 0,
+                 use_rslora: bool = False, safe_serialization: bool = True, variant: str = "base", std: float = 0.3,
+                 vocab: Vocab = REAL):
+    """Save a PEFT LoRA adapter made on (a copy of) the tiny reference model, every B non-zero; returns the
+    reference + peft model in eval mode."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    ref, _ = reference_checkpoint(variant, vocab)
+    torch.manual_seed(seed)
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=target_modules, use_rslora=use_rslora,
+                        init_lora_weights=False)
+    model = get_peft_model(copy.deepcopy(ref), config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * std)
+    model.save_pretrained(directory, safe_serialization=safe_serialization)
+    return model.eval()

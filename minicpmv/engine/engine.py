@@ -370,6 +370,8 @@ class Engine:
             if seen[v.kind] < counts[v.kind]:
                 keys.append(v.key)
             seen[v.kind] += v.num_tokens
+        if seq.lora:  # an adapter changes the states
+            keys.append(f"lora:{seq.lora}")
         return prefix_key(prefix, keys)
 
     def _start(self, seq: Sequence) -> None:

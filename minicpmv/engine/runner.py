@@ -7,6 +7,7 @@ cache first; inputs already absorbed by a reused prefix state are never encoded.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 
 import torch
 
@@ -28,19 +29,28 @@ class Runner:
         """The visual's features: pinned on the sequence while it prefills, shared through the vision cache."""
         if visual.key in seq.features:
             return seq.features[visual.key]
-        cached = self.vision_cache.get(visual.key)
+        lora = self._vision_lora(seq)
+        key = visual.key if lora is None else f"{visual.key}|{seq.lora}"  # an adapter on the vision side changes them
+        cached = self.vision_cache.get(key)
         if cached is not None:
             seq.features[visual.key] = cached
             return cached
         start = time.perf_counter()
-        out = self.model.encode_images(visual.pixel_values, visual.target_sizes, visual.downsample_mode)
+        with lora.activate([seq.lora], [visual.pixel_values.shape[0]]) if lora else nullcontext():
+            out = self.model.encode_images(visual.pixel_values, visual.target_sizes, visual.downsample_mode)
         self.encode_seconds += time.perf_counter() - start
         self.encoded += 1
         if out.shape[0] != visual.num_tokens:
             raise RuntimeError(f"encoder returned {out.shape[0]} features for {visual.num_tokens} placeholders")
-        self.vision_cache.put(visual.key, out)
+        self.vision_cache.put(key, out)
         seq.features[visual.key] = out
         return out
+
+    def _vision_lora(self, seq: Sequence):
+        """The model's adapter registry when ``seq`` runs with an adapter that touches the vision side."""
+        registry = getattr(self.model, "lora", None)
+        adapter = registry.get(seq.lora) if registry is not None and seq.lora else None
+        return registry if adapter is not None and adapter.touches_vision else None
 
     def _span_features(self, seq: Sequence, kind: str, ids: torch.Tensor, start: int, n: int):
         """Features for the ``kind`` placeholders among tokens [start, start + n) of ``seq``."""
@@ -76,12 +86,16 @@ class Runner:
                 f = self._span_features(seq, kind, prompt, start, n)
                 if f is not None:
                     out.append(f)
-        return self.model(
-            torch.cat(ids),
-            [seq.state for seq, _ in batch],
-            lengths=[n for _, n in batch],
-            image_features=torch.cat(images) if images else None,
-            video_features=torch.cat(videos) if videos else None,
-            snapshots=snapshots,
-            all_logits=all_logits,
-        )
+        registry = getattr(self.model, "lora", None)
+        loras = [seq.lora for seq, _ in batch]
+        lengths = [n for _, n in batch]
+        with registry.activate(loras, lengths) if registry is not None and any(loras) else nullcontext():
+            return self.model(
+                torch.cat(ids),
+                [seq.state for seq, _ in batch],
+                lengths=lengths,
+                image_features=torch.cat(images) if images else None,
+                video_features=torch.cat(videos) if videos else None,
+                snapshots=snapshots,
+                all_logits=all_logits,
+            )

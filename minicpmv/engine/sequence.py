@@ -58,6 +58,7 @@ class Sequence:
     generator: torch.Generator | None = None
     logprobs: list = field(default_factory=list)
     forced_output_ids: list[int] | None = None  # test hook: emit these tokens instead of sampling
+    lora: str | None = None  # the LoRA adapter's key (model/lora.py Registry.key); None: the base model
     snapshot_at: int = 0  # prompt position whose state is worth keeping for the next turn (0 = none)
     # The output's three incremental readers, fed one token at a time by the engine (made by Engine.add; the parser
     # by whoever knows the request's options, else the text is all content).
@@ -83,7 +84,7 @@ class Sequence:
             list(self.prompt_ids), self.params, self.visuals, output_prefix=self.output_prefix,
             forced_output_ids=self.forced_output_ids, parser=copy.deepcopy(self.parser), events=list(self.events),
             stop_after_tool_call=self.stop_after_tool_call, group=self.request_id,
-            constraint=self.constraint.copy() if self.constraint is not None else None,
+            constraint=self.constraint.copy() if self.constraint is not None else None, lora=self.lora,
         )
 
     @property

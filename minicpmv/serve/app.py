@@ -15,7 +15,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from minicpmv.llm import LLM
-from minicpmv.serve import anthropic, completions, ollama, openai_chat, responses, tokenize
+from minicpmv.serve import anthropic, completions, lora_routes, ollama, openai_chat, responses, tokenize
 from minicpmv.serve.config import ServerConfig
 from minicpmv.serve.errors import HTTPError
 from minicpmv.serve.metrics import Metrics
@@ -119,7 +119,8 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     @app.get("/v1/models")
     async def models():
         created = int(time.time())
-        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": created, "owned_by": "minicpmv"}]}
+        base = {"id": config.model_name, "object": "model", "created": created, "owned_by": "minicpmv"}
+        return {"object": "list", "data": [base, *lora_routes.model_cards(llm, config.model_name, created)]}
 
     web = Path(__file__).with_name("web") / "index.html"
     page = web.read_text() if web.is_file() else None
@@ -136,4 +137,6 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     app.include_router(responses.router(llm, config, metrics))
     app.include_router(ollama.router(llm, config, metrics))
     app.include_router(anthropic.router(llm, config, metrics))
+    if config.enable_lora_loading:
+        lora_routes.install(app, llm)
     return app

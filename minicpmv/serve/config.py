@@ -14,3 +14,4 @@ class ServerConfig:
     max_body_bytes: int = 100 << 20
     media: MediaPolicy = field(default_factory=MediaPolicy)
     enable_test_hooks: bool = False
+    enable_lora_loading: bool = False  # POST /v1/load_lora_adapter, /v1/unload_lora_adapter

@@ -176,14 +176,15 @@ def router(llm: LLM, config: ServerConfig, metrics: Metrics) -> APIRouter:
     @api.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         metrics.requests += 1
-        if body.model != config.model_name:
-            raise HTTPError(404, f"model {body.model!r} does not exist; this server serves {config.model_name!r}", "not_found_error", "model")
+        if body.model != config.model_name and body.model not in llm.lora.names():  # the base or a LoRA adapter
+            served = [config.model_name, *llm.lora.names()]
+            raise HTTPError(404, f"model {body.model!r} does not exist; this server serves {served}", "not_found_error", "model")
         try:
             seq = await prepare(body)
         except MiniCPMVError as exc:
             raise http_error(exc) from None
         if body.stream:
-            stream = stream_chunks(llm, seq, body, config.model_name, metrics)
+            stream = stream_chunks(llm, seq, body, body.model, metrics)
             first = await anext(stream)  # surface refusals (queue full, context) as a status code, not in the stream
             if isinstance(first, HTTPError):
                 raise first
@@ -196,7 +197,7 @@ def router(llm: LLM, config: ServerConfig, metrics: Metrics) -> APIRouter:
         total = choices_usage(results)
         metrics.prompt_tokens += total.prompt_tokens
         metrics.completion_tokens += total.completion_tokens
-        return completion(results, config.model_name, llm, body)
+        return completion(results, body.model, llm, body)
 
     async def prepare(body: ChatCompletionRequest) -> Sequence:
         messages = [await fetch_message_media(m, config.media) for m in body.messages]
@@ -210,6 +211,7 @@ def router(llm: LLM, config: ServerConfig, metrics: Metrics) -> APIRouter:
                 "tool_choice": body.tool_choice,
                 "parallel_tool_calls": body.parallel_tool_calls,
                 "normalize_escaped_newlines": body.normalize_escaped_newlines,
+                "lora": None if body.model == config.model_name else body.model,  # a LoRA adapter's name
             },
         )
         params = body.sampling_params()
