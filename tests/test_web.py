@@ -399,6 +399,7 @@ def test_markdown_code_math_and_xss_probes(page, web_server):
     dialogs: list[str] = []
     page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
     log_in(page)
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     message = ask(page, "Show me some Markdown.", {"test_output": MARKDOWN_ANSWER, "max_tokens": 400})
     answer = message.get_by_test_id("answer")
     expect(answer.locator("h1")).to_have_text("Sums")
@@ -433,6 +434,13 @@ def test_markdown_code_math_and_xss_probes(page, web_server):
     message.get_by_test_id("copy").click()
     assert page.evaluate("navigator.clipboard.readText()") == MARKDOWN_ANSWER
 
+    # the picture in docs/web-chat.png: Markdown, code and math, with the settings open beside the transcript
+    settings(page, True)
+    page.set_viewport_size({"width": 1280, "height": 860})
+    page.screenshot(path=str(SCREENSHOT.with_name("web_chat_markdown.png")))
+    page.set_viewport_size({"width": 1000, "height": 900})
+    settings(page, False)
+
     # XSS probes, streamed token by token: nothing unsafe enters the page at any moment, nothing runs
     page.evaluate("""(unsafe) => {
         window.__unsafe = [];
@@ -458,12 +466,6 @@ def test_markdown_code_math_and_xss_probes(page, web_server):
     assert not dialogs and len(page.context.pages) == 1
     assert page.url == web_server.url + "/"
 
-    # the page shows it for the docs: answers with Markdown, code and math
-    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-    probe.evaluate("m => m.previousElementSibling.remove() || m.remove()")  # (the probes are not for the picture)
-    page.set_viewport_size({"width": 1200, "height": 1000})
-    page.get_by_test_id("transcript").evaluate("t => t.scrollTop = 0")
-    page.screenshot(path=str(SCREENSHOT.with_name("web_chat_markdown.png")))
 
 
 def test_conversations_survive_reload_regenerate_edit_and_the_demo_banner(page, web_server):
@@ -543,6 +545,51 @@ def test_conversations_survive_reload_regenerate_edit_and_the_demo_banner(page, 
     page.reload()
     expect(page.get_by_test_id("demo-banner")).to_be_visible()
     expect(page.get_by_test_id("demo-banner")).to_contain_text("random-weight")
+
+
+def test_json_output_box_is_checked_and_sent(page, web_server):
+    """The page's half of structured output: the schema box is checked before sending and goes as response_format;
+    the answer shows as highlighted JSON. (The answer comes from a route: the server's half of it, constrained
+    decoding, is for the structured-output tests.)"""
+    log_in(page)
+    expect(page.get_by_test_id("json-schema-box")).to_be_hidden()
+    page.get_by_test_id("output-format").select_option("json")
+    expect(page.get_by_test_id("json-schema-box")).to_be_visible()
+    page.get_by_test_id("json-schema").fill('{"type": "object", "properties": {')
+    page.get_by_test_id("prompt").fill("Total?")
+    page.get_by_test_id("prompt").press("Enter")
+    expect(page.get_by_test_id("error")).to_contain_text("The JSON schema is not valid JSON")
+    page.get_by_test_id("json-schema").fill("[1, 2]")
+    page.get_by_test_id("send").click()
+    expect(page.get_by_test_id("error")).to_contain_text("must be a JSON object")
+    expect(page.get_by_test_id("prompt")).to_have_value("Total?")
+    assert page.route_log.bodies == [] and page.get_by_test_id("user-message").count() == 0
+
+    schema = {"type": "object", "properties": {"total": {"type": "integer"}}, "required": ["total"]}
+    page.get_by_test_id("json-schema").fill(json.dumps(schema))
+    sent = []
+    answer = '{"total": 42, "note": "<b>x</b>"}'
+
+    def reply(route, request):
+        sent.append(json.loads(request.post_data))
+        events = [{"choices": [{"index": 0, "delta": {"content": answer[i:i + 5]}, "finish_reason": None}]} for i in range(0, len(answer), 5)]
+        events.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        route.fulfill(status=200, content_type="text/event-stream",
+                      body="".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n")
+
+    page.route("**/v1/chat/completions", reply)
+    message = ask(page, "Total?")
+    assert sent[-1]["response_format"] == {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
+    shown = message.get_by_test_id("answer")
+    assert json.loads(shown.text_content()) == json.loads(answer)  # shown as the JSON it is, not as Markdown
+    expect(shown.locator(".hljs-attr").first).to_have_text('"total"')
+    assert shown.locator("b").count() == 0
+    page.get_by_test_id("json-schema").fill("")
+    ask(page, "Anything?")
+    assert sent[-1]["response_format"] == {"type": "json_object"}
+    page.get_by_test_id("output-format").select_option("text")
+    ask(page, "Free?")
+    assert "response_format" not in sent[-1]
 
 
 def test_json_output_with_a_schema(page, web_server):
