@@ -259,6 +259,12 @@ def test_chat_images_thinking_tools_and_screenshot(page, web_server):
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     assert page.evaluate("[...document.querySelectorAll('.msg')].every(m => m.getBoundingClientRect().right <= window.innerWidth)")
     page.screenshot(path=str(SCREENSHOT.with_name("web_chat_narrow.png")))
+    expect(page.get_by_test_id("sidebar")).not_to_be_in_viewport()  # on a phone the conversations are a drawer
+    page.get_by_test_id("sidebar-toggle").click()
+    expect(page.get_by_test_id("sidebar")).to_be_in_viewport()
+    page.get_by_test_id("conversation-title").click()  # choosing one closes it
+    expect(page.get_by_test_id("sidebar")).not_to_be_in_viewport()
+    page.set_viewport_size({"width": 1000, "height": 900})
 
     # copy the first answer
     first.get_by_test_id("copy").click()
@@ -414,14 +420,11 @@ def test_markdown_code_math_and_xss_probes(page, web_server):
     expect(answer.locator("p", has_text="costs")).to_contain_text("costs $5 and $10.")  # prices are not math
     assert answer.locator("p", has_text="costs").locator(".katex").count() == 0
 
-    # code: highlighted by language, with its own copy button that copies exactly the code
+    # code: highlighted by language, with its own copy button
     block = answer.get_by_test_id("code-block")
     expect(block).to_have_count(1)
     expect(block.locator("pre")).to_have_text("def add(a, b):\n    return a + b", use_inner_text=True)
     assert block.locator(".hljs-keyword").first.text_content() == "def"
-    block.get_by_test_id("code-copy").click()
-    expect(block.get_by_test_id("code-copy")).to_have_attribute("data-label", "Copied")
-    assert page.evaluate("navigator.clipboard.readText()") == "def add(a, b):\n    return a + b"
 
     # math: inline $…$ and \(…\), display $$…$$, typeset by KaTeX (MathML inside) with its shipped fonts
     expect(answer.locator(".katex")).to_have_count(3)
@@ -430,9 +433,6 @@ def test_markdown_code_math_and_xss_probes(page, web_server):
     assert annotations == [r"e^{i\pi}+1=0", "x^2", r"\frac{1}{2}"]
     page.wait_for_function("() => document.fonts.status === 'loaded'")
     assert page.evaluate("[...document.fonts].some(f => f.family.replace(/\"/g, '') === 'KaTeX_Main' && f.status === 'loaded')")
-    # the whole answer copies as the model wrote it
-    message.get_by_test_id("copy").click()
-    assert page.evaluate("navigator.clipboard.readText()") == MARKDOWN_ANSWER
 
     # the picture in docs/web-chat.png: Markdown, code and math, with the settings open beside the transcript
     settings(page, True)
@@ -440,6 +440,13 @@ def test_markdown_code_math_and_xss_probes(page, web_server):
     page.screenshot(path=str(SCREENSHOT.with_name("web_chat_markdown.png")))
     page.set_viewport_size({"width": 1000, "height": 900})
     settings(page, False)
+
+    # each code block copies exactly its code; the whole answer copies as the model wrote it
+    block.get_by_test_id("code-copy").click()
+    expect(block.get_by_test_id("code-copy")).to_have_attribute("data-label", "Copied")
+    assert page.evaluate("navigator.clipboard.readText()") == "def add(a, b):\n    return a + b"
+    message.get_by_test_id("copy").click()
+    assert page.evaluate("navigator.clipboard.readText()") == MARKDOWN_ANSWER
 
     # XSS probes, streamed token by token: nothing unsafe enters the page at any moment, nothing runs
     page.evaluate("""(unsafe) => {
