@@ -599,6 +599,32 @@ def test_json_output_box_is_checked_and_sent(page, web_server):
     assert "response_format" not in sent[-1]
 
 
+def test_full_browser_storage_keeps_the_text_and_says_so(page, web_server):
+    """Pictures make conversations large: when localStorage refuses them, the text is kept, the page says the media
+    are not kept, and after a reload the turn shows that instead of a picture (and is sent as its text)."""
+    page.add_init_script("""(() => {
+        const setItem = Storage.prototype.setItem;
+        Storage.prototype.setItem = function (key, value) {
+            if (String(value).length > 4000) throw new DOMException('quota', 'QuotaExceededError');
+            return setItem.call(this, key, value);
+        };
+    })()""")
+    page.reload()
+    log_in(page)
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 48, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    noise.save(buf, format="PNG")
+    page.get_by_test_id("image-input").set_input_files({"name": "noise.png", "mimeType": "image/png", "buffer": buf.getvalue()})
+    ask(page, "What is this?", {"test_output": "Noise."})
+    expect(page.get_by_test_id("error")).to_contain_text("pictures and videos are kept only until this page is closed")
+    expect(page.get_by_test_id("user-message").locator("img")).to_have_count(1)  # still shown until the page closes
+    page.reload()
+    expect(page.get_by_test_id("media-not-kept")).to_have_text("image not kept (browser storage full)")
+    expect(page.get_by_test_id("answer")).to_have_text("Noise.")
+    ask(page, "And now?", {"test_output": "Still noise."})
+    assert page.route_log.bodies[-1]["messages"][0] == {"role": "user", "content": "What is this?"}
+
+
 def test_json_output_with_a_schema(page, web_server):
     web_server.llm.grammars.tokenizer  # built once per process (~3 s): `minicpmv serve` does it at start
     log_in(page)
