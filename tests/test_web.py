@@ -545,7 +545,7 @@ def test_conversations_survive_reload_regenerate_edit_and_the_demo_banner(page, 
     def demo_models(route, request):
         response = route.fetch()
         body = response.json()
-        body["data"][0]["meta"] = {"demo_random_weights": True}
+        body["data"][0]["demo_random_weights"] = True  # what a server on a demo checkpoint says
         route.fulfill(response=response, json=body)
 
     page.route("**/v1/models", demo_models)
