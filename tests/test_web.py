@@ -460,6 +460,8 @@ def test_markdown_code_math_and_xss_probes(page, web_server):
     }""", UNSAFE_JS)
     probe = ask(page, "Now something hostile.", {"test_output": XSS_PROBES, "max_tokens": 600})
     answer = probe.get_by_test_id("answer")
+    # the transcript followed the growing answer to its end
+    assert page.get_by_test_id("transcript").evaluate("t => t.scrollHeight > t.clientHeight && t.scrollHeight - t.scrollTop - t.clientHeight < 2")
     expect(answer).to_contain_text("<script>window.__pwned=1</script>")  # shown as the text it is
     expect(answer).to_contain_text('<img src=x onerror="window.__pwned=2">')
     assert answer.evaluate(UNSAFE_JS) == []
