@@ -195,7 +195,8 @@ def test_chat_images_thinking_tools_and_screenshot(page, web_server):
     first = ask(page, "What is in this picture?", {"test_output": first_answer})
     expect(first.get_by_test_id("answer")).to_have_text(first_answer)
     lengths = page.evaluate("window.__lengths")
-    assert len({n for n in lengths if 0 < n < len(first_answer)}) >= 3, f"not streamed incrementally: {lengths}"
+    # (two partial states at least: a busy machine's server sends several tokens in one write now and then)
+    assert len({n for n in lengths if 0 < n < len(first_answer)}) >= 2, f"not streamed incrementally: {lengths}"
     expect(page.get_by_test_id("attachment")).to_have_count(0)
     expect(page.get_by_test_id("user-message").first.locator("img")).to_have_count(1)
     expect(first.get_by_test_id("reasoning")).to_be_hidden()
