@@ -1,5 +1,5 @@
-"""The HTTP server: auth, body limit, error mapping, /v1/models, /health, /metrics, the web chat; each protocol's
-routes come from its own module (openai_chat.py: /v1/chat/completions)."""
+"""The HTTP server: auth, body limit, error mapping, /v1/models, /health, /metrics, the web chat (/ and its files
+under /web/); each protocol's routes come from its own module (openai_chat.py: /v1/chat/completions)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.staticfiles import StaticFiles
 
 from minicpmv.llm import LLM
 from minicpmv.serve import anthropic, completions, lora_routes, ollama, openai_chat, responses, tokenize
@@ -122,8 +123,10 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         base = {"id": config.model_name, "object": "model", "created": created, "owned_by": "minicpmv"}
         return {"object": "list", "data": [base, *lora_routes.model_cards(llm, config.model_name, created)]}
 
-    web = Path(__file__).with_name("web") / "index.html"
-    page = web.read_text() if web.is_file() else None
+    web = Path(__file__).with_name("web")
+    page = (web / "index.html").read_text() if (web / "index.html").is_file() else None
+    if web.is_dir():  # the page's own files: favicon, pinned Markdown/KaTeX/highlighting libraries (no CDN)
+        app.mount("/web", StaticFiles(directory=web), name="web")
 
     @app.get("/", response_class=HTMLResponse)
     async def index():
