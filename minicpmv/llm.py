@@ -218,6 +218,14 @@ class LLM:
         seq.constraint = self._constraint(params, options, prefix, thinking)
         return seq
 
+    def prepare_ids(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+        """A raw prompt (no chat template) -> a Sequence; ``params.structured`` constrains it as in ``prepare``."""
+        params.validate()
+        seq = Sequence(list(prompt_ids), params)
+        if params.structured is not None:
+            seq.constraint = self.grammars.constraint(params.structured, after_think=False)
+        return seq
+
     @property
     def grammars(self) -> GrammarCompiler:
         """Compiles and caches the grammars of constrained requests (its tokenizer is built on first use, ~3 s)."""

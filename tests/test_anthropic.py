@@ -3,6 +3,8 @@ image, a tool use and its result, thinking blocks, stop sequences, x-api-key aut
 
 from __future__ import annotations
 
+import json
+
 import base64
 
 import anthropic
@@ -83,8 +85,12 @@ def test_anthropic_errors_and_auth(live_server, client):
     with pytest.raises(anthropic.BadRequestError) as bad:
         client.messages.create(model="tiny", max_tokens=5, messages=user({"type": "document", "source": {}}))
     assert bad.value.body["error"]["type"] == "invalid_request_error" and "document" in bad.value.body["error"]["message"]
-    with pytest.raises(anthropic.BadRequestError, match="structured output"):
+    with pytest.raises(anthropic.BadRequestError, match="output_config.format"):
         client.messages.create(model="tiny", max_tokens=5, messages=user({"type": "text", "text": "hi"}),
-                               output_config={"format": {"type": "json_schema", "schema": {"type": "object"}}})
+                               output_config={"format": {"type": "json_schema", "schema": {"type": "nonsense"}}})
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
+    r = client.messages.create(model="tiny", max_tokens=20, messages=user({"type": "text", "text": "hi"}),
+                               output_config={"format": {"type": "json_schema", "schema": schema}})
+    assert isinstance(json.loads(r.content[0].text)["ok"], bool)
     with pytest.raises(anthropic.BadRequestError, match="max_tokens"):
         client.messages.create(model="tiny", max_tokens=0, messages=user({"type": "text", "text": "hi"}))

@@ -3,8 +3,11 @@ ps, version; Ollama's error bodies; options mapped onto our sampling."""
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import ollama
+import jsonschema
 import pytest
 
 from tests.tiny import KEY, png_bytes, write_clip
@@ -61,12 +64,21 @@ def test_chat_with_tools_and_thinking(client, stream):
     assert follow.done and follow.prompt_eval_count > lines[-1].prompt_eval_count
 
 
-def test_format_schema_is_refused_until_structured_output_lands(client):
-    schema = {"type": "object", "properties": {"colour": {"type": "string"}}, "required": ["colour"]}
-    for fmt in (schema, "json"):
-        with pytest.raises(ollama.ResponseError) as err:
-            client.chat(model="tiny", messages=[{"role": "user", "content": "hi"}], format=fmt)
-        assert err.value.status_code == 400 and "structured output" in err.value.error
+def test_format_schema_and_json_constrain_the_answer(client):
+    schema = {"type": "object", "properties": {"colour": {"type": "string", "maxLength": 8}}, "required": ["colour"],
+              "additionalProperties": False}
+    r = client.chat(model="tiny", messages=[{"role": "user", "content": "hi"}], format=schema,
+                    options={"num_predict": 40, "temperature": 0})
+    jsonschema.validate(json.loads(r.message.content), schema)  # random weights: only the constraint makes it valid
+    streamed = "".join(p.message.content for p in client.chat(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], format=schema, stream=True,
+        options={"num_predict": 40, "temperature": 0}))
+    assert streamed == r.message.content
+    r = client.generate(model="tiny", prompt="hi", format="json", options={"num_predict": 40, "temperature": 0})
+    assert isinstance(json.loads(r.response), dict)
+    with pytest.raises(ollama.ResponseError) as err:
+        client.chat(model="tiny", messages=[{"role": "user", "content": "hi"}], format={"type": "nonsense"})
+    assert err.value.status_code == 400 and "format" in err.value.error
 
 
 def test_generate_and_stop_option(client):

@@ -96,11 +96,23 @@ def test_function_call_then_its_output_via_previous_response_id(live_server, cli
 def test_errors_are_typed(client):
     with pytest.raises(openai.NotFoundError, match="previous_response_id|no stored"):
         client.responses.create(model="tiny", input="hi", previous_response_id="resp_missing")
-    with pytest.raises(openai.BadRequestError, match="structured output"):
-        client.responses.create(model="tiny", input="hi", text={"format": {"type": "json_object"}})
+    with pytest.raises(openai.BadRequestError, match="text.format"):
+        client.responses.create(model="tiny", input="hi", text={"format": {"type": "json_schema", "name": "x",
+                                                                         "schema": {"type": "nonsense"}}})
     with pytest.raises(openai.BadRequestError, match="function tools"):
         client.responses.create(model="tiny", input="hi", tools=[{"type": "web_search"}])
     with pytest.raises(openai.BadRequestError, match="input_file|unsupported"):
         client.responses.create(model="tiny", input=[{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}])
     with pytest.raises(openai.BadRequestError, match="effort"):
         client.responses.create(model="tiny", input="hi", reasoning={"effort": "huge"})
+
+
+def test_text_format_json_schema_constrains_the_answer(client):
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}}, "required": ["n"],
+              "additionalProperties": False}
+    r = client.responses.create(model="tiny", input="A number, please.", max_output_tokens=30, temperature=0,
+                                text={"format": {"type": "json_schema", "name": "number", "schema": schema}})
+    assert 0 <= json.loads(r.output_text)["n"] <= 99
+    r = client.responses.create(model="tiny", input="hi", max_output_tokens=30, temperature=0,
+                                text={"format": {"type": "json_object"}})
+    assert isinstance(json.loads(r.output_text), dict)

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from minicpmv.engine.sampling import SamplingParams
+from minicpmv.engine.sampling import SamplingParams, StructuredOutputs
 from minicpmv.engine.sequence import Sequence
 from minicpmv.errors import InvalidInputError, MiniCPMVError
 from minicpmv.llm import LLM
@@ -70,10 +70,11 @@ class MessagesRequest(BaseModel):
             raise ValueError(f"unknown output_config field(s) {sorted(unknown)}")
         return value  # effort: a hint for how hard to think; thinking itself is the thinking field
 
-    def check_format(self) -> None:
+    def output_format(self) -> StructuredOutputs | None:
         fmt = (self.output_config or {}).get("format")
-        if fmt is not None:  # {"type": "json_schema", "schema": {...}}
-            json_output("output_config.format", fmt.get("schema") if isinstance(fmt, dict) else None)
+        if fmt is None:  # {"type": "json_schema", "schema": {...}}
+            return None
+        return json_output("output_config.format", fmt.get("schema") if isinstance(fmt, dict) else None)
 
     def thinking_on(self) -> bool:
         t = self.thinking
@@ -121,7 +122,7 @@ class MessagesRequest(BaseModel):
     def sampling_params(self) -> SamplingParams:
         given = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "max_tokens": self.max_tokens,
                  "stop": self.stop_sequences}
-        return SamplingParams(**{k: v for k, v in given.items() if v is not None})
+        return SamplingParams(**{k: v for k, v in given.items() if v is not None}, structured=self.output_format())
 
 
 def _image(block: dict, where: str) -> dict:
@@ -257,7 +258,6 @@ def router(llm: LLM, config: ServerConfig, metrics: Metrics) -> APIRouter:
         if body.model != config.model_name:
             raise HTTPError(404, f"model: {body.model!r} does not exist; this server serves {config.model_name!r}", "not_found_error")
         try:
-            body.check_format()
             choice, parallel = body.chat_tool_choice()
             options = {"enable_thinking": body.thinking_on(), "tools": body.chat_tools(), "tool_choice": choice,
                        "parallel_tool_calls": parallel}

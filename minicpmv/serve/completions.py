@@ -146,7 +146,7 @@ def router(llm: LLM, config: ServerConfig, metrics: Metrics) -> APIRouter:
         params = body.sampling_params()
         seqs = []
         for ids in body.prompts(llm):
-            seq = Sequence(ids, params)
+            seq = llm.prepare_ids(ids, params)
             if body.test_output is not None:
                 if not config.enable_test_hooks:
                     raise InvalidInputError("test_output is only accepted by a server started with --enable-test-hooks")

@@ -21,7 +21,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
-from minicpmv.engine.sampling import SamplingParams
+from minicpmv.engine.sampling import SamplingParams, StructuredOutputs
 from minicpmv.engine.sequence import Sequence
 from minicpmv.errors import InvalidInputError, MiniCPMVError
 from minicpmv.llm import LLM
@@ -193,9 +193,10 @@ def thinking(think) -> bool:
     raise InvalidInputError(f"think must be true, false, 'low', 'medium' or 'high', got {think!r}", param="think")
 
 
-def check_format(fmt) -> None:
+def output_format(fmt) -> StructuredOutputs | None:
+    """Ollama's ``format``: "json" (any JSON object) or a JSON schema."""
     if fmt in (None, ""):
-        return
+        return None
     if fmt == "json":
         return json_output("format")
     if isinstance(fmt, dict):
@@ -245,11 +246,11 @@ def router(llm: LLM, config: ServerConfig, metrics: Metrics) -> APIRouter:
             "capabilities": ["completion", "vision", "tools", "thinking"],
         }
 
-    def params_for(options: dict | None) -> tuple[SamplingParams, dict, int | None]:
+    def params_for(options: dict | None, fmt) -> tuple[SamplingParams, dict, int | None]:
         sampling, processing, num_predict, num_ctx = split_options(options)
         if num_predict is not None:
             sampling["max_tokens"] = num_predict
-        return SamplingParams(**sampling), processing, num_ctx
+        return SamplingParams(**sampling, structured=output_format(fmt)), processing, num_ctx
 
     def fit_context(seq: Sequence, num_ctx: int | None) -> None:
         """num_ctx: the prompt and the answer must fit this many tokens (Ollama's per-request window)."""
@@ -327,8 +328,7 @@ def router(llm: LLM, config: ServerConfig, metrics: Metrics) -> APIRouter:
             return {"model": config.model_name, "created_at": _now(), "message": {"role": "assistant", "content": ""},
                     "done": True, "done_reason": "load"}
         try:
-            check_format(body.format)
-            params, processing, num_ctx = params_for(body.options)
+            params, processing, num_ctx = params_for(body.options, body.format)
             seq = await prepare_chat(llm, config, to_messages(body.messages, config), params,
                                      {"enable_thinking": thinking(body.think), "tools": body.tools}, processing,
                                      body.hook(), where="options")
@@ -356,17 +356,16 @@ def router(llm: LLM, config: ServerConfig, metrics: Metrics) -> APIRouter:
         metrics.requests += 1
         check_model(body.model)
         try:
-            check_format(body.format)
             for name in ("suffix", "template", "context"):
                 if getattr(body, name):
                     raise InvalidInputError(f"{name} is not supported", param=name)
-            params, processing, num_ctx = params_for(body.options)
+            params, processing, num_ctx = params_for(body.options, body.format)
             if body.prompt is None or body.prompt == "":
                 return {"model": config.model_name, "created_at": _now(), "response": "", "done": True, "done_reason": "load"}
             if body.raw:
                 if body.images or body.videos or body.system or processing:
                     raise InvalidInputError("raw prompts take no images, videos, system or processing options", param="raw")
-                seq = Sequence(llm.processor.tokenizer.encode(body.prompt), params)
+                seq = llm.prepare_ids(llm.processor.tokenizer.encode(body.prompt), params)
                 if body.hook() is not None:
                     if not config.enable_test_hooks:
                         raise InvalidInputError("test_output is only accepted by a server started with --enable-test-hooks")

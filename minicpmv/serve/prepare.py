@@ -7,7 +7,7 @@ import asyncio
 import dataclasses
 from typing import Any
 
-from minicpmv.engine.sampling import SamplingParams
+from minicpmv.engine.sampling import SamplingParams, StructuredOutputs
 from minicpmv.engine.sequence import Sequence
 from minicpmv.errors import InvalidInputError
 from minicpmv.llm import LLM, ChatOptions
@@ -16,10 +16,12 @@ from minicpmv.serve.config import ServerConfig
 from minicpmv.serve.media import fetch_message_media
 
 
-def json_output(param: str, schema: dict | None = None) -> None:
-    """A protocol's JSON output format (``schema`` None: any JSON object). Structured output has not landed on this
-    branch, so it is refused by name; once SamplingParams has its constraint, this is where it is made."""
-    raise InvalidInputError(f"{param}: structured output (JSON formats) is not available yet on this server", param=param)
+def json_output(param: str, schema: dict | None = None) -> StructuredOutputs:
+    """A protocol's JSON output format as the answer's constraint (``schema`` None: any JSON object); ``param`` names
+    the field in errors (a schema that does not compile, say)."""
+    if schema is None:
+        return StructuredOutputs(json_object=True, param=param)
+    return StructuredOutputs(json=schema, param=param)
 
 
 async def prepare_chat(

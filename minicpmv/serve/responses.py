@@ -19,7 +19,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from minicpmv.engine.sampling import SamplingParams
+from minicpmv.engine.sampling import SamplingParams, StructuredOutputs
 from minicpmv.engine.sequence import Sequence
 from minicpmv.errors import InvalidInputError, MiniCPMVError
 from minicpmv.llm import LLM
@@ -97,20 +97,22 @@ class ResponsesRequest(BaseModel):
             raise InvalidInputError(f"reasoning.effort must be one of {sorted(EFFORTS)}, got {effort!r}", param="reasoning.effort")
         return EFFORTS[effort]
 
-    def check_text(self) -> None:
+    def output_format(self) -> StructuredOutputs | None:
+        """``text.format``: text (free), json_object, or json_schema with its schema."""
         if self.text is None:
-            return
+            return None
         unknown = set(self.text) - {"format", "verbosity"}
         if unknown:
             raise InvalidInputError(f"unknown text field(s) {sorted(unknown)}", param="text")
         fmt = (self.text.get("format") or {"type": "text"})
         kind = fmt.get("type") if isinstance(fmt, dict) else None
         if kind == "json_schema":
-            json_output("text.format", fmt.get("schema") if isinstance(fmt.get("schema"), dict) else {})
+            return json_output("text.format", fmt.get("schema") if isinstance(fmt.get("schema"), dict) else {})
         if kind == "json_object":
-            json_output("text.format")
+            return json_output("text.format")
         if kind != "text":
             raise InvalidInputError(f"text.format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}", param="text.format")
+        return None
 
     def chat_tools(self) -> list[dict] | None:
         if self.tools is None:
@@ -134,7 +136,7 @@ class ResponsesRequest(BaseModel):
     def sampling_params(self) -> SamplingParams:
         given = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "seed": self.seed,
                  "max_tokens": self.max_output_tokens}
-        return SamplingParams(**{k: v for k, v in given.items() if v is not None})
+        return SamplingParams(**{k: v for k, v in given.items() if v is not None}, structured=self.output_format())
 
 
 # -- input items -> chat messages --------------------------------------------------------------------------------
@@ -309,7 +311,6 @@ def router(llm: LLM, config: ServerConfig, metrics: Metrics) -> APIRouter:
             store.popitem(last=False)
 
     async def prepare(body: ResponsesRequest) -> tuple[Sequence, list[dict]]:
-        body.check_text()
         items = [{"role": "user", "content": body.input}] if isinstance(body.input, str) else list(body.input)
         if body.previous_response_id is not None:
             previous = store.get(body.previous_response_id)
