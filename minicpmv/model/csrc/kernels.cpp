@@ -1,4 +1,4 @@
-// Small-batch matmul over pre-packed weights for x86 CPUs with AVX-512 BF16: y[M, N] = x[M, K] @ W^T.
+// Small-batch matmul over pre-packed weights: y[M, N] = x[M, K] @ W^T, for each instruction set of simd.h.
 //
 // Decode multiplies one (or a few) activation rows by every weight matrix once per token, so the work is bound by
 // how fast the weights stream from memory. The packed layouts make each 64-column block one linear stream:
@@ -6,9 +6,11 @@
 //   int8: [N/64][K/2][64][2] int8        the bf16 layout, converted to bf16 in registers; + a float scale per column
 //   int4: [N/64][K/G][G/4][4][16][2] u8  per group of G, 16 columns x 2 k per 32 bytes; low nibbles hold the group's
 //                                        first G/2 k, high nibbles the rest; + a bf16 scale per column and group
-// Each activation row's k-pair (or k) is broadcast and multiplied into 16-column accumulators, so a weight load is
-// reused by every row of the batch and no horizontal sums are needed. Blocks are split over OpenMP threads, which
-// share the runtime that PyTorch already loaded (same libgomp soname).
+// Each activation row's k-pair (or k) is broadcast and multiplied into column accumulators, so a weight load is
+// reused by every row of the batch and no horizontal sums are needed. With AVX-512 BF16 a k-pair of 16 columns is
+// one vdpbf16ps; elsewhere (AVX2, NEON) the pair's even and odd k are widened to float32 in registers (a shift and
+// a mask: bf16 is the top half of a float32) and fed to two FMAs, so the weights stay bf16 in memory.
+// Blocks are split over OpenMP threads, which share the runtime that PyTorch already loaded (same libgomp soname).
 //
 // int4 nibbles u = q + 8 are turned into bf16 by OR-ing the exponent of 128 (0x4300 | u == 128 + u exactly), so
 // the group sum is sum((136 + q) x) and 136 * sum(x) over the group is subtracted before scaling.
@@ -19,7 +21,6 @@
 // Below the matmul: the rest of the language model's hot path (RMSNorm, a Gated DeltaNet layer from its projections
 // to out_proj, one-token gated attention), attention within the vision tower's units, and a whole decode step.
 
-#include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -27,6 +28,10 @@
 #include <algorithm>
 #include <type_traits>
 #include <vector>
+
+#include "simd.h"
+
+using namespace simd;
 
 namespace {
 
@@ -38,66 +43,6 @@ constexpr int MT = 4;      // activation rows per register tile
 #ifndef PREFETCH_Q
 #define PREFETCH_Q 4096  // the same for int8 / int4 (fewer bytes per k: measured best 4 KiB)
 #endif
-#ifndef HINT
-#define HINT _MM_HINT_NTA
-#endif
-
-inline __m512bh bcast_pair(const uint16_t* x) {
-  uint32_t v;
-  memcpy(&v, x, 4);
-  return (__m512bh)_mm512_set1_epi32((int)v);
-}
-
-inline float bf16_to_f32(uint16_t v) {
-  uint32_t u = (uint32_t)v << 16;
-  float f;
-  memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint16_t f32_to_bf16(float f) {  // round to nearest even, NaN kept quiet
-  uint32_t u;
-  memcpy(&u, &f, 4);
-  if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 0x40);
-  return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
-}
-
-// exp(x) for 16 floats: 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2 (Cephes' polynomial, ~1 ulp).
-inline __m512 exp512(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-88.0f)), _mm512_set1_ps(88.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
-
-inline __m512 silu512(__m512 x) {
-  return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), x))));
-}
-
-// gelu(x) with the tanh approximation: x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3).
-inline __m512 gelu_tanh512(__m512 x) {
-  const __m512 u = _mm512_mul_ps(_mm512_set1_ps(-1.5957691216f),  // -2 sqrt(2/pi)
-                                 _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), x), _mm512_mul_ps(x, x), x));
-  return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(u)));
-}
-
-// Lanes [0, min(left, 16)) of a 16-float vector.
-inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1); }
-
-inline void store16(void* out, int64_t j, __m512 v, int fp32, __mmask16 mask) {
-  if (fp32)
-    _mm512_mask_storeu_ps((float*)out + j, mask, v);
-  else
-    _mm256_mask_storeu_epi16((uint16_t*)out + j, mask, (__m256i)_mm512_cvtneps_pbh(v));
-}
 
 struct Epilogue {
   const float* bias;  // [N] or null
@@ -108,28 +53,38 @@ struct Epilogue {
   // acc: [rows][64] float32 for packed block b.
   void operator()(const float* acc, int rows, int64_t m0, int64_t b) const {
     const int64_t col0 = act == 1 ? b * (BLOCK / 2) : b * BLOCK;
-    const int chunks = act == 1 ? 2 : 4;
+    const int width = act == 1 ? BLOCK / 2 : BLOCK;
     for (int m = 0; m < rows; ++m) {
       const float* a = acc + m * BLOCK;
       char* o = (char*)out + ((m0 + m) * ldo) * (fp32 ? 4 : 2);
-      for (int c = 0; c < chunks; ++c) {
-        const int64_t j = col0 + 16 * c;
+      for (int c = 0; c < width; c += VL) {
+        const int64_t j = col0 + c;
         if (j >= n_out) break;
-        const __mmask16 mask = tail_mask(n_out - j);
-        __m512 v = _mm512_loadu_ps(a + 16 * c);
+        const int64_t left = n_out - j;
+        vf v = vld(a + c);
         if (act == 1) {
-          v = _mm512_mul_ps(silu512(v), _mm512_loadu_ps(a + BLOCK / 2 + 16 * c));
+          v = vmul(vsilu(v), vld(a + BLOCK / 2 + c));
         } else {
-          if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias + j));
-          if (act == 2) v = gelu_tanh512(v);
+          if (bias) v = vadd(v, vldn(bias + j, left));
+          if (act == 2) v = vgelu_tanh(v);
         }
-        store16(o, j, v, fp32, mask);
+        if (fp32)
+          vstn((float*)o + j, v, left);
+        else
+          vst_bf16n((uint16_t*)o + j, v, left);
       }
     }
   }
 };
 
-// ---- bf16 and int8 ------------------------------------------------------------------------------------------------
+#if defined(MINICPMV_DPBF16)
+// ---- AVX-512 BF16 tiles: a k-pair of 16 columns per vdpbf16ps --------------------------------------------------
+inline __m512bh bcast_pair(const uint16_t* x) {
+  uint32_t v;
+  memcpy(&v, x, 4);
+  return (__m512bh)_mm512_set1_epi32((int)v);
+}
+
 // 32 int8 weights (16 columns x a k-pair, the bf16 layout) -> bf16, exactly.
 inline __m512bh int8_pairs(const int8_t* p) {
   const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
@@ -150,10 +105,10 @@ void matmul_tile(const uint16_t* x, int64_t ldx, int64_t k2, const W* w, float* 
     __m512bh wv[4];
     for (int c = 0; c < 4; ++c) {
       if constexpr (int8) {
-        if (c < 2) _mm_prefetch((const char*)wp + PREFETCH_Q + 64 * c, HINT);
+        if (c < 2) prefetch_stream((const char*)wp + PREFETCH_Q + 64 * c);
         wv[c] = int8_pairs(wp + 32 * c);
       } else {
-        _mm_prefetch((const char*)wp + PREFETCH + 64 * c, HINT);
+        prefetch_stream((const char*)wp + PREFETCH + 64 * c);
         wv[c] = (__m512bh)_mm512_loadu_si512(wp + 32 * c);
       }
     }
@@ -166,7 +121,6 @@ void matmul_tile(const uint16_t* x, int64_t ldx, int64_t k2, const W* w, float* 
     for (int c = 0; c < 4; ++c) _mm512_storeu_ps(acc_out + m * BLOCK + 16 * c, acc[m][c]);
 }
 
-// ---- int4 ---------------------------------------------------------------------------------------------------------
 // One group of g k-values for R rows: acc_out[m][64] += scale * (sum((136 + q) x) - 136 * gsum[m]).
 template <int R>
 void group_int4(const uint16_t* x, int64_t ldx, int64_t g, const uint8_t* w, const uint16_t* scale,
@@ -181,8 +135,8 @@ void group_int4(const uint16_t* x, int64_t ldx, int64_t g, const uint8_t* w, con
   const int64_t rows = g / 4;  // k-pairs in the low nibbles; the same number in the high ones
   for (int64_t r = 0; r < rows; ++r) {
     const uint8_t* wp = w + r * 4 * 32;
-    _mm_prefetch((const char*)wp + PREFETCH_Q, HINT);
-    _mm_prefetch((const char*)wp + PREFETCH_Q + 64, HINT);
+    prefetch_stream(wp + PREFETCH_Q);
+    prefetch_stream(wp + PREFETCH_Q + 64);
     __m512bh lo[4], hi[4];
     for (int c = 0; c < 4; ++c) {
       __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(wp + 32 * c)));
@@ -204,9 +158,7 @@ void group_int4(const uint16_t* x, int64_t ldx, int64_t g, const uint8_t* w, con
     for (int m = 0; m < R; ++m)
       for (int c = 0; c < 4; ++c) acc[m][c] = _mm512_add_ps(acc[m][c], acc2[m][c]);
   __m512 s[4];
-  for (int c = 0; c < 4; ++c)
-    s[c] = _mm512_castsi512_ps(
-        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(scale + 16 * c))), 16));
+  for (int c = 0; c < 4; ++c) s[c] = vld_bf16(scale + 16 * c);
   for (int m = 0; m < R; ++m) {
     __m512 off = _mm512_set1_ps(136.0f * gsum[m * ldg]);
     for (int c = 0; c < 4; ++c) {
@@ -215,6 +167,108 @@ void group_int4(const uint16_t* x, int64_t ldx, int64_t g, const uint8_t* w, con
     }
   }
 }
+
+inline void int8_to_bf16(const int8_t* w, int64_t n, uint16_t* out) {  // n a multiple of 32
+  for (int64_t i = 0; i < n; i += 32) _mm512_storeu_si512(out + i, (__m512i)int8_pairs(w + i));
+}
+
+#else
+// ---- portable tiles (AVX2, NEON, plain C++): each k-pair widened to float32, two FMAs per column vector --------
+// Column vectors per register tile of R rows: as many accumulators as the register file holds beside the weights
+// (AVX2: 16 ymm, 8 for accumulators; NEON: 32 q registers, 16), a power of two dividing the block.
+#if defined(MINICPMV_NEON) || !defined(MINICPMV_AVX2)
+constexpr int ACC_REGS = 16;
+#else
+constexpr int ACC_REGS = 8;
+#endif
+constexpr int NVEC = BLOCK / VL;  // column vectors per block
+constexpr int cols_for(int R) {
+  int c = NVEC;
+  while (c > 1 && c * R > ACC_REGS) c /= 2;
+  return c;
+}
+
+inline Pair load_pair(const uint16_t* p) { return pair_bf16(p); }
+inline Pair load_pair(const int8_t* p) { return pair_int8(p); }
+
+// acc_out[R][64] columns [c0, c0 + CV VL) = x[R, 2 k2] . those columns of the block's k2 k-pairs.
+template <int R, int CV, class W>
+void matmul_cols(const uint16_t* x, int64_t ldx, int64_t k2, const W* w, float* acc_out, int c0) {
+  constexpr int ahead = std::is_same_v<W, int8_t> ? PREFETCH_Q : PREFETCH;
+  constexpr int bytes = CV * VL * 2 * (int)sizeof(W);  // of each k-pair row read here
+  vf acc[R][CV];
+  for (int m = 0; m < R; ++m)
+    for (int v = 0; v < CV; ++v) acc[m][v] = vzero();
+  for (int64_t p = 0; p < k2; ++p) {
+    const W* wp = w + p * 2 * BLOCK + 2 * c0;
+    for (int b = 0; b < bytes; b += 64) prefetch_stream((const char*)wp + ahead + b);
+    vf x0[R], x1[R];
+    for (int m = 0; m < R; ++m)
+      x0[m] = vset(bf16_to_f32(x[m * ldx + 2 * p])), x1[m] = vset(bf16_to_f32(x[m * ldx + 2 * p + 1]));
+    for (int v = 0; v < CV; ++v) {
+      const Pair pw = load_pair(wp + 2 * VL * v);
+      for (int m = 0; m < R; ++m) acc[m][v] = vfma(pw.odd, x1[m], vfma(pw.even, x0[m], acc[m][v]));
+    }
+  }
+  for (int m = 0; m < R; ++m)
+    for (int v = 0; v < CV; ++v) vst(acc_out + m * BLOCK + c0 + VL * v, acc[m][v]);
+}
+
+template <int R, class W>
+void matmul_tile(const uint16_t* x, int64_t ldx, int64_t k2, const W* w, float* acc_out) {
+  constexpr int CV = cols_for(R);
+  for (int c0 = 0; c0 < BLOCK; c0 += CV * VL) matmul_cols<R, CV>(x, ldx, k2, w, acc_out, c0);
+}
+
+// One int4 group for R rows over columns [c0, c0 + CV VL): acc_out[m][.] += scale (sum((136 + q) x) - 136 gsum[m]).
+template <int R, int CV>
+void group_int4_cols(const uint16_t* x, int64_t ldx, int64_t g, const uint8_t* w, const uint16_t* scale,
+                     const float* gsum, int64_t ldg, float* acc_out, int c0) {
+  vf acc[R][CV];
+  for (int m = 0; m < R; ++m)
+    for (int v = 0; v < CV; ++v) acc[m][v] = vzero();
+  const int64_t rows = g / 4;
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* wp = w + r * 4 * 32;
+    if (c0 == 0) prefetch_stream(wp + PREFETCH_Q), prefetch_stream(wp + PREFETCH_Q + 64);
+    vf xl0[R], xl1[R], xh0[R], xh1[R];
+    for (int m = 0; m < R; ++m) {
+      const uint16_t* xm = x + m * ldx;
+      xl0[m] = vset(bf16_to_f32(xm[2 * r])), xl1[m] = vset(bf16_to_f32(xm[2 * r + 1]));
+      xh0[m] = vset(bf16_to_f32(xm[2 * (r + rows)])), xh1[m] = vset(bf16_to_f32(xm[2 * (r + rows) + 1]));
+    }
+    for (int v = 0; v < CV; ++v) {
+      const int col = c0 + VL * v;  // bytes of column col: chunk col / 16, then 2 per column
+      Pair lo, hi;
+      pair_int4(wp + (col / 16) * 32 + (col % 16) * 2, lo, hi);
+      for (int m = 0; m < R; ++m) {
+        vf a = vfma(lo.even, xl0[m], acc[m][v]);
+        a = vfma(lo.odd, xl1[m], a);
+        a = vfma(hi.even, xh0[m], a);
+        acc[m][v] = vfma(hi.odd, xh1[m], a);
+      }
+    }
+  }
+  for (int m = 0; m < R; ++m) {
+    const vf off = vset(136.0f * gsum[m * ldg]);
+    for (int v = 0; v < CV; ++v) {
+      float* o = acc_out + m * BLOCK + c0 + VL * v;
+      vst(o, vfma(vsub(acc[m][v], off), vld_bf16(scale + c0 + VL * v), vld(o)));
+    }
+  }
+}
+
+template <int R>
+void group_int4(const uint16_t* x, int64_t ldx, int64_t g, const uint8_t* w, const uint16_t* scale,
+                const float* gsum, int64_t ldg, float* acc_out) {
+  constexpr int CV = cols_for(R);
+  for (int c0 = 0; c0 < BLOCK; c0 += CV * VL) group_int4_cols<R, CV>(x, ldx, g, w, scale, gsum, ldg, acc_out, c0);
+}
+
+inline void int8_to_bf16(const int8_t* w, int64_t n, uint16_t* out) {  // exact: |q| <= 127
+  for (int64_t i = 0; i < n; ++i) out[i] = f32_to_bf16((float)w[i]);
+}
+#endif
 
 template <int R>
 void tile_int4(const uint16_t* x, int64_t ldx, int64_t k, int64_t g, const uint8_t* w, const uint16_t* scale,
@@ -288,7 +342,7 @@ void linear_panel(const Linear& L, const uint16_t* x, int64_t M, int64_t ldx, vo
         thread_local std::vector<uint16_t> block;
         if (m0 == 0) {
           block.resize(K * BLOCK);
-          for (int64_t i = 0; i < K * BLOCK; i += 32) _mm512_storeu_si512(block.data() + i, (__m512i)int8_pairs(wb + i));
+          int8_to_bf16(wb, K * BLOCK, block.data());
         }
 #define CALL(R) matmul_tile<R>(x + m0 * ldx, ldx, k2, block.data(), acc)
         DISPATCH_ROWS(rows, CALL)
@@ -341,62 +395,60 @@ void mm(const Linear* L, const uint16_t* x, int64_t M, int64_t ldx, void* out, i
 // ---- decode-step helpers (one token per sequence; float32 maths, bf16 in and out) --------------------------------
 namespace {
 
-inline __m512 bf16x16(const uint16_t* p, __mmask16 mask) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
-}
+// For columns [j0, j0 + W) of a [dk, dv] state: pred[j] = sum_i S[i][j] k[i] and sq[j] = sum_i S[i][j] q[i].
+// In passes of SUB columns: two accumulators per column vector must fit the registers.
+constexpr int SUB = VL == 16 ? 64 : 32;
 
-// For columns [j0, j0 + 16 NV) of a [dk, dv] state: pred[j] = sum_i S[i][j] k[i] and sq[j] = sum_i S[i][j] q[i].
-template <int NV>
+template <int W>
 void state_dots(const float* S, int64_t dk, int64_t dv, int64_t j0, const float* k, const float* q, float* pred,
                 float* sq) {
-  __m512 p[NV], o[NV];
-  for (int c = 0; c < NV; ++c) p[c] = _mm512_setzero_ps(), o[c] = _mm512_setzero_ps();
-  for (int64_t i = 0; i < dk; ++i) {
-    const float* row = S + i * dv + j0;
-    // In decode the state comes from memory (the weights streamed since have evicted it): ask for the rows 16
-    // ahead now (measured 10-20% faster per layer; a prefetch past the end is harmless).
-    for (int c = 0; c < NV; ++c) _mm_prefetch((const char*)(row + 16 * dv + 16 * c), _MM_HINT_T0);
-    const __m512 ki = _mm512_set1_ps(k[i]), qi = _mm512_set1_ps(q[i]);
-    for (int c = 0; c < NV; ++c) {
-      const __m512 s = _mm512_loadu_ps(row + 16 * c);
-      p[c] = _mm512_fmadd_ps(s, ki, p[c]);
-      o[c] = _mm512_fmadd_ps(s, qi, o[c]);
+  constexpr int P = W < SUB ? W : SUB, NV = P / VL;
+  for (int64_t s0 = j0; s0 < j0 + W; s0 += P) {
+    vf p[NV], o[NV];
+    for (int c = 0; c < NV; ++c) p[c] = vzero(), o[c] = vzero();
+    for (int64_t i = 0; i < dk; ++i) {
+      const float* row = S + i * dv + s0;
+      // In decode the state comes from memory (the weights streamed since have evicted it): ask for the rows 16
+      // ahead now (measured 10-20% faster per layer; a prefetch past the end is harmless).
+      for (int c = 0; c < P; c += 16) prefetch_l1(row + 16 * dv + c);
+      const vf ki = vset(k[i]), qi = vset(q[i]);
+      for (int c = 0; c < NV; ++c) {
+        const vf s = vld(row + VL * c);
+        p[c] = vfma(s, ki, p[c]);
+        o[c] = vfma(s, qi, o[c]);
+      }
     }
+    for (int c = 0; c < NV; ++c) vst(pred + s0 + VL * c, p[c]), vst(sq + s0 + VL * c, o[c]);
   }
-  for (int c = 0; c < NV; ++c) _mm512_storeu_ps(pred + j0 + 16 * c, p[c]), _mm512_storeu_ps(sq + j0 + 16 * c, o[c]);
 }
 
-// S[i][j] = decay S[i][j] + k[i] delta[j] for columns [j0, j0 + 16 NV).
-template <int NV>
+// S[i][j] = decay S[i][j] + k[i] delta[j] for columns [j0, j0 + W).
+template <int W>
 void state_update(float* S, int64_t dk, int64_t dv, int64_t j0, float decay, const float* k, const float* delta) {
-  __m512 d[NV];
-  const __m512 g = _mm512_set1_ps(decay);
-  for (int c = 0; c < NV; ++c) d[c] = _mm512_loadu_ps(delta + j0 + 16 * c);
-  for (int64_t i = 0; i < dk; ++i) {
-    float* row = S + i * dv + j0;
-    const __m512 ki = _mm512_set1_ps(k[i]);
-    for (int c = 0; c < NV; ++c)
-      _mm512_storeu_ps(row + 16 * c, _mm512_fmadd_ps(ki, d[c], _mm512_mul_ps(g, _mm512_loadu_ps(row + 16 * c))));
+  constexpr int P = W < SUB ? W : SUB, NV = P / VL;
+  const vf g = vset(decay);
+  for (int64_t s0 = j0; s0 < j0 + W; s0 += P) {
+    vf d[NV];
+    for (int c = 0; c < NV; ++c) d[c] = vld(delta + s0 + VL * c);
+    for (int64_t i = 0; i < dk; ++i) {
+      float* row = S + i * dv + s0;
+      const vf ki = vset(k[i]);
+      for (int c = 0; c < NV; ++c) vst(row + VL * c, vfma(ki, d[c], vmul(g, vld(row + VL * c))));
+    }
   }
 }
 
 // sum_i q[i] * k[i] for float32 q and bf16 k.
 inline float dot_bf16(const float* q, const uint16_t* k, int64_t d) {
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t i = 0; i < d; i += 16) {
-    const __mmask16 mask = tail_mask(d - i);
-    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, q + i), bf16x16(k + i, mask), acc);
-  }
-  return _mm512_reduce_add_ps(acc);
+  vf acc = vzero();
+  for (int64_t i = 0; i < d; i += VL) acc = vfma(vldn(q + i, d - i), vld_bf16n(k + i, d - i), acc);
+  return vsum(acc);
 }
 
 // acc[i] += a * v[i] for bf16 v.
 inline void axpy_bf16(float a, const uint16_t* v, float* acc, int64_t d) {
-  const __m512 av = _mm512_set1_ps(a);
-  for (int64_t i = 0; i < d; i += 16) {
-    const __mmask16 mask = tail_mask(d - i);
-    _mm512_mask_storeu_ps(acc + i, mask, _mm512_fmadd_ps(av, bf16x16(v + i, mask), _mm512_maskz_loadu_ps(mask, acc + i)));
-  }
+  const vf av = vset(a);
+  for (int64_t i = 0; i < d; i += VL) vstn(acc + i, vfma(av, vld_bf16n(v + i, d - i), vldn(acc + i, d - i)), d - i);
 }
 
 inline void rms_scale(float* x, int64_t n, const uint16_t* w, float offset, float eps) {
@@ -459,16 +511,16 @@ void deltanet_team(int64_t B, const int64_t* starts, const int64_t* lens, int64_
     int64_t b = 0;
     while (t >= starts[b] + lens[b]) ++b;
     const int64_t local = t - starts[b];
-    for (int64_t c = 0; c < conv_dim; c += 16) {
-      const __mmask16 mask = tail_mask(conv_dim - c);
-      __m512 acc = _mm512_setzero_ps();
+    for (int64_t c = 0; c < conv_dim; c += VL) {
+      const int64_t left = conv_dim - c;
+      vf acc = vzero();
       for (int64_t j = 0; j <= taps; ++j) {  // input t - taps + j: from this sequence's rows, else its conv state
         const int64_t u = local - taps + j;
-        const __m512 x = u >= 0 ? bf16x16(mixed + (starts[b] + u) * ld_mixed + c, mask)
-                                : _mm512_maskz_loadu_ps(mask, hist + (b * taps + taps + u) * conv_dim + c);
-        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, conv_wt + j * conv_dim + c), x, acc);
+        const vf x = u >= 0 ? vld_bf16n(mixed + (starts[b] + u) * ld_mixed + c, left)
+                            : vldn(hist + (b * taps + taps + u) * conv_dim + c, left);
+        acc = vfma(vldn(conv_wt + j * conv_dim + c, left), x, acc);
       }
-      _mm512_mask_storeu_ps(scratch + t * conv_dim + c, mask, silu512(acc));
+      vstn(scratch + t * conv_dim + c, vsilu(acc), left);
     }
   }
 #pragma omp for schedule(static)
@@ -525,18 +577,18 @@ void deltanet_team(int64_t B, const int64_t* starts, const int64_t* lens, int64_
       const float kq = params[(t * hv + h) * 3 + 2];
       alignas(64) float pred[512], sq[512], delta[512];
       if (width == 64)
-        state_dots<4>(S, dk, ld, j0, k, q, pred, sq);
+        state_dots<64>(S, dk, ld, j0, k, q, pred, sq);
       else
-        state_dots<1>(S, dk, ld, j0, k, q, pred, sq);
+        state_dots<16>(S, dk, ld, j0, k, q, pred, sq);
       float* o = core + t * hv * dv + h * dv + col - j0;
       for (int64_t j = j0; j < j0 + width; ++j) {
         delta[j] = (v[col - j0 + j] - decay * pred[j]) * beta;
         o[j] = decay * sq[j] + delta[j] * kq;  // S'^T q with S' the updated state
       }
       if (width == 64)
-        state_update<4>(S, dk, ld, j0, decay, k, delta);
+        state_update<64>(S, dk, ld, j0, decay, k, delta);
       else
-        state_update<1>(S, dk, ld, j0, decay, k, delta);
+        state_update<16>(S, dk, ld, j0, decay, k, delta);
     }
     if (copy)
       for (int64_t i = 0; i < dk; ++i) memcpy(state + i * dv + col, &local[i * width], width * 4);
@@ -547,11 +599,11 @@ void deltanet_team(int64_t B, const int64_t* starts, const int64_t* lens, int64_
     const float* c = core + th * dv;
     float ss = 0.0f;
     for (int64_t j = 0; j < dv; ++j) ss += c[j] * c[j];
-    const __m512 r = _mm512_set1_ps(1.0f / sqrtf(ss / dv + eps));
+    const vf r = vset(1.0f / sqrtf(ss / dv + eps));
     const uint16_t* zr = z + t * ld_z + h * dv;
-    for (int64_t j = 0; j < dv; j += 16) {
-      const __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(c + j), r), bf16x16(norm_w + j, 0xffff));
-      store16(out + th * dv, j, _mm512_mul_ps(y, silu512(bf16x16(zr + j, 0xffff))), 0, 0xffff);
+    for (int64_t j = 0; j < dv; j += VL) {
+      const vf y = vmul(vmul(vld(c + j), r), vld_bf16(norm_w + j));
+      vst_bf16(out + th * dv + j, vmul(y, vsilu(vld_bf16(zr + j))));
     }
   }
 }
@@ -600,11 +652,9 @@ void attention_team(int64_t B, int64_t h, int64_t hkv, int64_t d, int64_t rot, c
     for (int64_t j = 0; j < n; ++j) p[j] = expf(p[j] - top), total += p[j];
     for (int64_t j = 0; j < n; ++j) axpy_bf16(p[j] / total, vals + j * d, acc, d);
     uint16_t* o = out + b * h * d + hh * d;
-    for (int64_t i = 0; i < d; i += 16) {  // acc * sigmoid(gate)
-      const __mmask16 mask = tail_mask(d - i);
-      const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), bf16x16(qr + d + i, mask)));
-      const __m512 v = _mm512_div_ps(_mm512_maskz_loadu_ps(mask, acc + i), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
-      store16(o, i, v, 0, mask);
+    for (int64_t i = 0; i < d; i += VL) {  // acc * sigmoid(gate)
+      const vf e = vexp(vsub(vzero(), vld_bf16n(qr + d + i, d - i)));
+      vst_bf16n(o + i, vdiv(vldn(acc + i, d - i), vadd(vset(1.0f), e)), d - i);
     }
   }
 }
@@ -634,6 +684,7 @@ void deltanet_forward(int64_t B, const int64_t* starts, const int64_t* lens, int
 // ---- block attention (the vision tower: bidirectional within each unit) ------------------------------------------
 namespace {
 
+#if defined(MINICPMV_DPBF16)
 // acc[r][c] (16 output dims per chunk c < NC) += sum over key pairs of P[r] . V, V packed [pairs][16][2] per chunk.
 template <int R, int NC>
 void tile_pv(const uint16_t* p, int64_t ldp, int64_t pairs, const uint16_t* v, int64_t ldv_chunk, float* acc_out,
@@ -670,6 +721,42 @@ void pv_chunks(const uint16_t* p, int64_t ldp, int64_t pairs, const uint16_t* v,
     }
   }
 }
+#else
+// The same with widened pairs, CV vectors of VL dims from dim d0 (a multiple of VL) at a time.
+template <int R, int CV>
+void tile_pv(const uint16_t* p, int64_t ldp, int64_t pairs, const uint16_t* v, int64_t ldv_chunk, float* acc_out,
+             int64_t ld_acc, int64_t d0) {
+  vf acc[R][CV];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < CV; ++c) acc[r][c] = vzero();
+  const uint16_t* base[CV];
+  for (int c = 0; c < CV; ++c) {
+    const int64_t dim = d0 + VL * c;
+    base[c] = v + (dim / 16) * ldv_chunk + (dim % 16) * 2;
+  }
+  for (int64_t j = 0; j < pairs; ++j) {
+    vf p0[R], p1[R];
+    for (int r = 0; r < R; ++r)
+      p0[r] = vset(bf16_to_f32(p[r * ldp + 2 * j])), p1[r] = vset(bf16_to_f32(p[r * ldp + 2 * j + 1]));
+    for (int c = 0; c < CV; ++c) {
+      const Pair w = pair_bf16(base[c] + j * 32);
+      for (int r = 0; r < R; ++r) acc[r][c] = vfma(w.odd, p1[r], vfma(w.even, p0[r], acc[r][c]));
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < CV; ++c) vst(acc_out + r * ld_acc + d0 + VL * c, acc[r][c]);
+}
+
+template <int R>
+void pv_chunks(const uint16_t* p, int64_t ldp, int64_t pairs, const uint16_t* v, int64_t ldv_chunk, int64_t nc,
+               float* acc_out, int64_t ld_acc) {
+  constexpr int CV = cols_for(R);
+  const int64_t nv = nc * 16 / VL;
+  int64_t c = 0;
+  for (; c + CV <= nv; c += CV) tile_pv<R, CV>(p, ldp, pairs, v, ldv_chunk, acc_out, ld_acc, c * VL);
+  for (; c < nv; ++c) tile_pv<R, 1>(p, ldp, pairs, v, ldv_chunk, acc_out, ld_acc, c * VL);
+}
+#endif
 
 }  // namespace
 
@@ -698,59 +785,52 @@ void attention_blocks(int64_t nblk, const int64_t* starts, const int64_t* lens, 
       uint16_t* kb = kp.data() + (j / BLOCK) * d2 * 2 * BLOCK + (j % BLOCK) * 2;
       for (int64_t p = 0; p < d2; ++p) memcpy(kb + p * 2 * BLOCK, kr + 2 * p, 4);
     }
-    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
-                                                22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    for (int64_t j = 0; j < n; j += 2) {  // values j and j + 1, 16 dims at a time, interleaved into pairs
-      const uint16_t* v0 = v + (s0 + j) * ld + hh * d;
-      for (int64_t c = 0; c < nc; ++c) {
-        const __mmask16 mask = tail_mask(d - 16 * c);
-        const __m256i a = _mm256_maskz_loadu_epi16(mask, v0 + 16 * c);
-        const __m256i b = j + 1 < n ? _mm256_maskz_loadu_epi16(mask, v0 + ld + 16 * c) : _mm256_setzero_si256();
-        const __m512i ab = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
-        _mm512_storeu_si512(vp.data() + c * pairs * 32 + (j / 2) * 32, _mm512_permutexvar_epi16(interleave, ab));
+    for (int64_t j = 0; j < n; j += 2)  // values j and j + 1 interleaved into pairs, 16 dims a chunk
+      for (int64_t i = 0; i < nc * 16; ++i) {
+        const uint16_t* v0 = v + (s0 + j) * ld + hh * d + i;
+        uint16_t* dst = vp.data() + (i / 16) * pairs * 32 + (j / 2) * 32 + (i % 16) * 2;
+        dst[0] = i < d ? v0[0] : 0;
+        dst[1] = i < d && j + 1 < n ? v0[ld] : 0;
       }
-    }
     for (int64_t m0 = 0; m0 < n; m0 += MT) {
       const int rows = (int)std::min<int64_t>(MT, n - m0);
       const uint16_t* qm = q + (s0 + m0) * ld + hh * d;
       alignas(64) float tile[MT * BLOCK];
-      __m512 top[MT];
-      for (int r = 0; r < MT; ++r) top[r] = _mm512_set1_ps(-INFINITY);
       for (int64_t kb = 0; kb < n64 / BLOCK; ++kb) {
         const uint16_t* kblock = kp.data() + kb * d2 * 2 * BLOCK;
 #define CALL(R) matmul_tile<R>(qm, ld, d2, kblock, tile)
         DISPATCH_ROWS(rows, CALL)
 #undef CALL
-        for (int r = 0; r < rows; ++r)
-          for (int64_t j = kb * BLOCK; j < std::min(n, (kb + 1) * BLOCK); j += 16) {
-            const __m512 v = _mm512_loadu_ps(tile + r * BLOCK + j - kb * BLOCK);
-            _mm512_storeu_ps(&scores[r * n64 + j], v);
-            top[r] = _mm512_mask_max_ps(top[r], tail_mask(n - j), top[r], v);
-          }
+        for (int r = 0; r < rows; ++r) memcpy(&scores[r * n64 + kb * BLOCK], tile + r * BLOCK, BLOCK * 4);
       }
       // exp(s - max) into P unnormalised; the output is divided by the row's sum at the end (one pass fewer).
       float inv[MT];
       for (int r = 0; r < rows; ++r) {
         const float* s = &scores[r * n64];
-        const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(top[r])), sc = _mm512_set1_ps(scale);
-        __m512 sum = _mm512_setzero_ps();
-        for (int64_t j = 0; j < n; j += 16) {
-          const __mmask16 mask = tail_mask(n - j);
-          const __m512 e = exp512(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(s + j), shift), sc));
-          sum = _mm512_mask_add_ps(sum, mask, sum, e);
-          store16(&pb[r * pairs * 2], j, e, 0, mask);
+        float top = -INFINITY;
+        for (int64_t j = 0; j < n; ++j) top = std::max(top, s[j]);
+        const vf shift = vset(top), sc = vset(scale);
+        vf sum = vzero();
+        float tail = 0.0f;
+        for (int64_t j = 0; j < n; j += VL) {
+          const vf e = vexp(vmul(vsub(vld(s + j), shift), sc));
+          vst_bf16n(&pb[r * pairs * 2 + j], e, n - j);
+          if (n - j >= VL) {
+            sum = vadd(sum, e);
+          } else {
+            float t[VL];
+            vst(t, e);
+            for (int64_t i = 0; i < n - j; ++i) tail += t[i];
+          }
         }
-        inv[r] = 1.0f / _mm512_reduce_add_ps(sum);
+        inv[r] = 1.0f / (vsum(sum) + tail);
       }
 #define CALL(R) pv_chunks<R>(pb.data(), pairs * 2, pairs, vp.data(), pairs * 32, nc, acc.data(), nc * 16)
       DISPATCH_ROWS(rows, CALL)
 #undef CALL
       for (int r = 0; r < rows; ++r) {
         uint16_t* o = out + (s0 + m0 + r) * h * d + hh * d;
-        for (int64_t i = 0; i < d; i += 16) {
-          const __mmask16 mask = tail_mask(d - i);
-          store16(o, i, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, &acc[r * nc * 16 + i]), _mm512_set1_ps(inv[r])), 0, mask);
-        }
+        for (int64_t i = 0; i < d; i += VL) vst_bf16n(o + i, vmul(vldn(&acc[r * nc * 16 + i], d - i), vset(inv[r])), d - i);
       }
     }
   }
@@ -838,3 +918,5 @@ void decode_step(int64_t n_layers, const Layer* layers, int64_t B, int64_t d, ui
 }
 
 }  // extern "C"
+
+extern "C" const char* kernels_isa() { return simd::NAME; }
