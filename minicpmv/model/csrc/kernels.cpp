@@ -77,6 +77,10 @@ struct Epilogue {
   }
 };
 
+// Activations: bf16, or float32 (linear_panel widens them once per call: the tiles then broadcast from memory).
+inline float xval(const uint16_t* p) { return bf16_to_f32(*p); }
+inline float xval(const float* p) { return *p; }
+
 #if defined(MINICPMV_DPBF16)
 // ---- AVX-512 BF16 tiles: a k-pair of 16 columns per vdpbf16ps --------------------------------------------------
 inline __m512bh bcast_pair(const uint16_t* x) {
@@ -176,15 +180,15 @@ inline void int8_to_bf16(const int8_t* w, int64_t n, uint16_t* out) {  // n a mu
 // ---- portable tiles (AVX2, NEON, plain C++): each k-pair widened to float32, two FMAs per column vector --------
 // Column vectors per register tile of R rows: as many accumulators as the register file holds beside the weights
 // (AVX2: 16 ymm, 8 for accumulators; NEON: 32 q registers, 16), a power of two dividing the block.
-#if defined(MINICPMV_NEON) || !defined(MINICPMV_AVX2)
-constexpr int ACC_REGS = 16;
+#if defined(MINICPMV_AVX2)
+constexpr int NREG = 16, ACC_REGS = 8;
 #else
-constexpr int ACC_REGS = 8;
+constexpr int NREG = 32, ACC_REGS = 16;
 #endif
 constexpr int NVEC = BLOCK / VL;  // column vectors per block
-constexpr int cols_for(int R) {
+constexpr int cols_for(int R, int acc_regs = ACC_REGS) {
   int c = NVEC;
-  while (c > 1 && c * R > ACC_REGS) c /= 2;
+  while (c > 1 && c * R > acc_regs) c /= 2;
   return c;
 }
 
@@ -192,8 +196,8 @@ inline Pair load_pair(const uint16_t* p) { return pair_bf16(p); }
 inline Pair load_pair(const int8_t* p) { return pair_int8(p); }
 
 // acc_out[R][64] columns [c0, c0 + CV VL) = x[R, 2 k2] . those columns of the block's k2 k-pairs.
-template <int R, int CV, class W>
-void matmul_cols(const uint16_t* x, int64_t ldx, int64_t k2, const W* w, float* acc_out, int c0) {
+template <int R, int CV, class W, class X>
+void matmul_cols(const X* x, int64_t ldx, int64_t k2, const W* w, float* acc_out, int c0) {
   constexpr int ahead = std::is_same_v<W, int8_t> ? PREFETCH_Q : PREFETCH;
   constexpr int bytes = CV * VL * 2 * (int)sizeof(W);  // of each k-pair row read here
   vf acc[R][CV];
@@ -202,27 +206,38 @@ void matmul_cols(const uint16_t* x, int64_t ldx, int64_t k2, const W* w, float* 
   for (int64_t p = 0; p < k2; ++p) {
     const W* wp = w + p * 2 * BLOCK + 2 * c0;
     for (int b = 0; b < bytes; b += 64) prefetch_stream((const char*)wp + ahead + b);
-    vf x0[R], x1[R];
-    for (int m = 0; m < R; ++m)
-      x0[m] = vset(bf16_to_f32(x[m * ldx + 2 * p])), x1[m] = vset(bf16_to_f32(x[m * ldx + 2 * p + 1]));
-    for (int v = 0; v < CV; ++v) {
-      const Pair pw = load_pair(wp + 2 * VL * v);
-      for (int m = 0; m < R; ++m) acc[m][v] = vfma(pw.odd, x1[m], vfma(pw.even, x0[m], acc[m][v]));
+    // Registers: either every widened weight pair stays live while each row's pair is broadcast, or every row's
+    // broadcasts stay live while the weight pairs come one at a time, whichever fits beside the accumulators.
+    if constexpr (2 * CV + R * CV + 3 <= NREG) {
+      Pair pw[CV];
+      for (int v = 0; v < CV; ++v) pw[v] = load_pair(wp + 2 * VL * v);
+      for (int m = 0; m < R; ++m) {
+        const vf x0 = vset(xval(x + m * ldx + 2 * p)), x1 = vset(xval(x + m * ldx + 2 * p + 1));
+        for (int v = 0; v < CV; ++v) acc[m][v] = vfma(pw[v].odd, x1, vfma(pw[v].even, x0, acc[m][v]));
+      }
+    } else {
+      vf x0[R], x1[R];
+      for (int m = 0; m < R; ++m)
+        x0[m] = vset(xval(x + m * ldx + 2 * p)), x1[m] = vset(xval(x + m * ldx + 2 * p + 1));
+      for (int v = 0; v < CV; ++v) {
+        const Pair pw = load_pair(wp + 2 * VL * v);
+        for (int m = 0; m < R; ++m) acc[m][v] = vfma(pw.odd, x1[m], vfma(pw.even, x0[m], acc[m][v]));
+      }
     }
   }
   for (int m = 0; m < R; ++m)
     for (int v = 0; v < CV; ++v) vst(acc_out + m * BLOCK + c0 + VL * v, acc[m][v]);
 }
 
-template <int R, class W>
-void matmul_tile(const uint16_t* x, int64_t ldx, int64_t k2, const W* w, float* acc_out) {
+template <int R, class W, class X>
+void matmul_tile(const X* x, int64_t ldx, int64_t k2, const W* w, float* acc_out) {
   constexpr int CV = cols_for(R);
   for (int c0 = 0; c0 < BLOCK; c0 += CV * VL) matmul_cols<R, CV>(x, ldx, k2, w, acc_out, c0);
 }
 
 // One int4 group for R rows over columns [c0, c0 + CV VL): acc_out[m][.] += scale (sum((136 + q) x) - 136 gsum[m]).
-template <int R, int CV>
-void group_int4_cols(const uint16_t* x, int64_t ldx, int64_t g, const uint8_t* w, const uint16_t* scale,
+template <int R, int CV, class X>
+void group_int4_cols(const X* x, int64_t ldx, int64_t g, const uint8_t* w, const uint16_t* scale,
                      const float* gsum, int64_t ldg, float* acc_out, int c0) {
   vf acc[R][CV];
   for (int m = 0; m < R; ++m)
@@ -231,21 +246,20 @@ void group_int4_cols(const uint16_t* x, int64_t ldx, int64_t g, const uint8_t* w
   for (int64_t r = 0; r < rows; ++r) {
     const uint8_t* wp = w + r * 4 * 32;
     if (c0 == 0) prefetch_stream(wp + PREFETCH_Q), prefetch_stream(wp + PREFETCH_Q + 64);
-    vf xl0[R], xl1[R], xh0[R], xh1[R];
-    for (int m = 0; m < R; ++m) {
-      const uint16_t* xm = x + m * ldx;
-      xl0[m] = vset(bf16_to_f32(xm[2 * r])), xl1[m] = vset(bf16_to_f32(xm[2 * r + 1]));
-      xh0[m] = vset(bf16_to_f32(xm[2 * (r + rows)])), xh1[m] = vset(bf16_to_f32(xm[2 * (r + rows) + 1]));
-    }
+    Pair lo[CV], hi[CV];
     for (int v = 0; v < CV; ++v) {
       const int col = c0 + VL * v;  // bytes of column col: chunk col / 16, then 2 per column
-      Pair lo, hi;
-      pair_int4(wp + (col / 16) * 32 + (col % 16) * 2, lo, hi);
-      for (int m = 0; m < R; ++m) {
-        vf a = vfma(lo.even, xl0[m], acc[m][v]);
-        a = vfma(lo.odd, xl1[m], a);
-        a = vfma(hi.even, xh0[m], a);
-        acc[m][v] = vfma(hi.odd, xh1[m], a);
+      pair_int4(wp + (col / 16) * 32 + (col % 16) * 2, lo[v], hi[v]);
+    }
+    for (int m = 0; m < R; ++m) {
+      const X* xm = x + m * ldx;
+      const vf xl0 = vset(xval(xm + 2 * r)), xl1 = vset(xval(xm + 2 * r + 1));
+      const vf xh0 = vset(xval(xm + 2 * (r + rows))), xh1 = vset(xval(xm + 2 * (r + rows) + 1));
+      for (int v = 0; v < CV; ++v) {
+        vf a = vfma(lo[v].even, xl0, acc[m][v]);
+        a = vfma(lo[v].odd, xl1, a);
+        a = vfma(hi[v].even, xh0, a);
+        acc[m][v] = vfma(hi[v].odd, xh1, a);
       }
     }
   }
@@ -258,10 +272,10 @@ void group_int4_cols(const uint16_t* x, int64_t ldx, int64_t g, const uint8_t* w
   }
 }
 
-template <int R>
-void group_int4(const uint16_t* x, int64_t ldx, int64_t g, const uint8_t* w, const uint16_t* scale,
+template <int R, class X>
+void group_int4(const X* x, int64_t ldx, int64_t g, const uint8_t* w, const uint16_t* scale,
                 const float* gsum, int64_t ldg, float* acc_out) {
-  constexpr int CV = cols_for(R);
+  constexpr int CV = cols_for(R, NREG == 16 ? 4 : 8);  // 4 weight vectors per column vector stay live
   for (int c0 = 0; c0 < BLOCK; c0 += CV * VL) group_int4_cols<R, CV>(x, ldx, g, w, scale, gsum, ldg, acc_out, c0);
 }
 
@@ -270,8 +284,8 @@ inline void int8_to_bf16(const int8_t* w, int64_t n, uint16_t* out) {  // exact:
 }
 #endif
 
-template <int R>
-void tile_int4(const uint16_t* x, int64_t ldx, int64_t k, int64_t g, const uint8_t* w, const uint16_t* scale,
+template <int R, class X>
+void tile_int4(const X* x, int64_t ldx, int64_t k, int64_t g, const uint8_t* w, const uint16_t* scale,
                const float* gsum, int64_t ldg, float* acc_out) {
   memset(acc_out, 0, sizeof(float) * R * BLOCK);
   for (int64_t i = 0; i < k / g; ++i)
@@ -317,9 +331,10 @@ struct Linear {
 
 namespace {
 
-// y = x W^T for rows that fit one panel (below).
-void linear_panel(const Linear& L, const uint16_t* x, int64_t M, int64_t ldx, void* out, int64_t ldo, int fp32,
-                  float* gsum) {
+// y = x W^T for rows that fit one panel (below); x bf16 or (the portable tiles) float32.
+template <class X>
+void linear_blocks(const Linear& L, const X* x, int64_t M, int64_t ldx, void* out, int64_t ldo, int fp32,
+                   float* gsum) {
   const Epilogue ep{L.bias, out, ldo, L.n_out, fp32, L.act};
   const int64_t K = L.k, k2 = K / 2;
   if (L.quant == 0) {
@@ -357,7 +372,7 @@ void linear_panel(const Linear& L, const uint16_t* x, int64_t M, int64_t ldx, vo
 #pragma omp single
     for (int64_t m = 0; m < M; ++m) {  // per row and group: sum of x, for the nibble offset
       for (int64_t i = 0; i < ng; ++i) gsum[m * ng + i] = 0.0f;
-      for (int64_t i = 0; i < K; ++i) gsum[m * ng + i / g] += bf16_to_f32(x[m * ldx + i]);
+      for (int64_t i = 0; i < K; ++i) gsum[m * ng + i / g] += xval(x + m * ldx + i);
     }
     const uint8_t* w = (const uint8_t*)L.w;
     const uint16_t* scale = (const uint16_t*)L.scale;
@@ -369,15 +384,34 @@ void linear_panel(const Linear& L, const uint16_t* x, int64_t M, int64_t ldx, vo
   }
 }
 
-// y = x W^T for the threads of the enclosing parallel region. gsum: [M, K/group] float32 workspace (int4).
+// xf: [M, K] float32 workspace for the portable tiles (their activations widened once, not per column pass).
+void linear_panel(const Linear& L, const uint16_t* x, int64_t M, int64_t ldx, void* out, int64_t ldo, int fp32,
+                  float* gsum, float* xf) {
+#if defined(MINICPMV_DPBF16)
+  (void)xf;
+  linear_blocks(L, x, M, ldx, out, ldo, fp32, gsum);
+#else
+  const int64_t K = L.k;
+#pragma omp for schedule(static)
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t i = 0; i < K; ++i) xf[m * K + i] = bf16_to_f32(x[m * ldx + i]);
+  linear_blocks(L, (const float*)xf, M, K, out, ldo, fp32, gsum);
+#endif
+}
+
+// y = x W^T for the threads of the enclosing parallel region. gsum: [M, K/group] float32 workspace (int4); xf:
+// [min(M, panel_rows(K)), K] float32 workspace (portable tiles).
 // Many rows (prefill, the vision tower) go in panels of about 2 MB of activations, which stay in cache while every
 // weight block passes over them: measured 1.4x faster on the vision tower's 10240 x 1152 @ 1152 x 4304.
+inline int64_t panel_rows(int64_t K) { return std::max<int64_t>(16 * MT, (int64_t{1} << 21) / (2 * K) / MT * MT); }
+
 void linear(const Linear& L, const uint16_t* x, int64_t M, int64_t ldx, void* out, int64_t ldo, int fp32,
-            float* gsum) {
-  const int64_t panel = std::max<int64_t>(16 * MT, (int64_t{1} << 21) / (2 * L.k) / MT * MT);
+            float* gsum, float* xf) {
+  const int64_t panel = panel_rows(L.k);
   const int64_t out_row = ldo * (fp32 ? 4 : 2), ng = L.quant == 2 ? L.k / L.group : 0;
   for (int64_t m0 = 0; m0 < M; m0 += panel)
-    linear_panel(L, x + m0 * ldx, std::min(panel, M - m0), ldx, (char*)out + m0 * out_row, ldo, fp32, gsum + m0 * ng);
+    linear_panel(L, x + m0 * ldx, std::min(panel, M - m0), ldx, (char*)out + m0 * out_row, ldo, fp32, gsum + m0 * ng,
+                 xf);
 }
 
 }  // namespace
@@ -385,9 +419,9 @@ void linear(const Linear& L, const uint16_t* x, int64_t M, int64_t ldx, void* ou
 extern "C" {
 
 void mm(const Linear* L, const uint16_t* x, int64_t M, int64_t ldx, void* out, int64_t ldo, int fp32) {
-  std::vector<float> gsum(L->quant == 2 ? M * (L->k / L->group) : 0);
+  std::vector<float> gsum(L->quant == 2 ? M * (L->k / L->group) : 0), xf(std::min(M, panel_rows(L->k)) * L->k);
 #pragma omp parallel
-  linear(*L, x, M, ldx, out, ldo, fp32, gsum.data());
+  linear(*L, x, M, ldx, out, ldo, fp32, gsum.data(), xf.data());
 }
 
 }  // extern "C"
@@ -876,6 +910,11 @@ void decode_step(int64_t n_layers, const Layer* layers, int64_t B, int64_t d, ui
                  float* gsum) {
   std::vector<int64_t> starts(B), lens(B, 1);
   for (int64_t b = 0; b < B; ++b) starts[b] = b;
+  int64_t widest = 0;
+  for (int64_t l = 0; l < n_layers; ++l)
+    for (const Linear* lin : {&layers[l].proj, &layers[l].out, &layers[l].gate_up, &layers[l].down})
+      widest = std::max(widest, std::min(B, panel_rows(lin->k)) * lin->k);
+  std::vector<float> xf(widest);
 #pragma omp parallel
   {
     int64_t delta = 0, attn = 0;  // layers of each kind so far: where their states are
@@ -883,7 +922,7 @@ void decode_step(int64_t n_layers, const Layer* layers, int64_t B, int64_t d, ui
       const Layer& L = layers[l];
 #pragma omp single
       rmsnorm_rows(hidden, d, 0, B, d, L.in_norm, 1.0f, L.eps, x, d);
-      linear(L.proj, x, B, d, proj, L.proj.n_out, 0, gsum);
+      linear(L.proj, x, B, d, proj, L.proj.n_out, 0, gsum, xf.data());
       const int64_t ld = L.proj.n_out;
       int64_t width;  // of the mixer's output
       if (L.kind == 0) {
@@ -901,14 +940,14 @@ void decode_step(int64_t n_layers, const Layer* layers, int64_t B, int64_t d, ui
                        L.mixer_eps, cos, sin, rot, kcache + attn * B, vcache + attn * B, cap + attn * B, pos, core);
         ++attn;
       }
-      linear(L.out, core, B, width, tmp, d, 0, gsum);
+      linear(L.out, core, B, width, tmp, d, 0, gsum, xf.data());
 #pragma omp single
       {
         add_rows(hidden, tmp, B * d);
         rmsnorm_rows(hidden, d, 0, B, d, L.post_norm, 1.0f, L.eps, x, d);
       }
-      linear(L.gate_up, x, B, d, gu, L.gate_up.n_out, 0, gsum);
-      linear(L.down, gu, B, L.gate_up.n_out, tmp, d, 0, gsum);
+      linear(L.gate_up, x, B, d, gu, L.gate_up.n_out, 0, gsum, xf.data());
+      linear(L.down, gu, B, L.gate_up.n_out, tmp, d, 0, gsum, xf.data());
 #pragma omp single
       add_rows(hidden, tmp, B * d);
     }
