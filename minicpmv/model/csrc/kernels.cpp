@@ -27,6 +27,7 @@
 
 #include <algorithm>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "simd.h"
@@ -36,7 +37,7 @@ using namespace simd;
 namespace {
 
 constexpr int BLOCK = 64;  // output columns per packed block
-constexpr int MT = 4;      // activation rows per register tile
+constexpr int MT = 4;      // activation rows per register tile, many rows (prefill, the vision tower)
 #ifndef PREFETCH
 #define PREFETCH 8192  // bytes to prefetch ahead in a bf16 weight stream (measured best: 8 KiB)
 #endif
@@ -96,20 +97,22 @@ inline __m512bh int8_pairs(const int8_t* p) {
   return _mm512_cvtne2ps_pbh(hi, lo);
 }
 
-// acc_out[R][64] = x[R, 2 k2] . the block's k2 k-pairs of 64 columns; W = uint16_t (bf16) or int8_t (converted to bf16
-// in registers as it streams by; the column scales come later).
-template <int R, class W>
-void matmul_tile(const uint16_t* x, int64_t ldx, int64_t k2, const W* w, float* acc_out) {
+// acc_out[R][64] columns of chunks [c0, c0 + C) (16 columns each) = x[R, 2 k2] . those columns of the block's k2
+// k-pairs; W = uint16_t (bf16) or int8_t (converted to bf16 in registers as it streams by; the column scales come
+// later). R x C accumulators: up to 4 rows take the whole block in one pass, 16 rows (a batch of decode streams)
+// one chunk at a time, so each weight vector loaded serves every row.
+template <int R, int C, class W>
+void matmul_cols(const uint16_t* x, int64_t ldx, int64_t k2, const W* w, float* acc_out, int c0) {
   constexpr bool int8 = std::is_same_v<W, int8_t>;
-  __m512 acc[R][4];
+  __m512 acc[R][C];
   for (int m = 0; m < R; ++m)
-    for (int c = 0; c < 4; ++c) acc[m][c] = _mm512_setzero_ps();
+    for (int c = 0; c < C; ++c) acc[m][c] = _mm512_setzero_ps();
   for (int64_t p = 0; p < k2; ++p) {
-    const W* wp = w + p * 2 * BLOCK;
-    __m512bh wv[4];
-    for (int c = 0; c < 4; ++c) {
+    const W* wp = w + p * 2 * BLOCK + 32 * c0;
+    __m512bh wv[C];
+    for (int c = 0; c < C; ++c) {
       if constexpr (int8) {
-        if (c < 2) prefetch_stream((const char*)wp + PREFETCH_Q + 64 * c);
+        if (c % 2 == 0) prefetch_stream((const char*)wp + PREFETCH_Q + 32 * c);
         wv[c] = int8_pairs(wp + 32 * c);
       } else {
         prefetch_stream((const char*)wp + PREFETCH + 64 * c);
@@ -118,38 +121,46 @@ void matmul_tile(const uint16_t* x, int64_t ldx, int64_t k2, const W* w, float* 
     }
     for (int m = 0; m < R; ++m) {
       const __m512bh xv = bcast_pair(x + m * ldx + 2 * p);
-      for (int c = 0; c < 4; ++c) acc[m][c] = _mm512_dpbf16_ps(acc[m][c], wv[c], xv);
+      for (int c = 0; c < C; ++c) acc[m][c] = _mm512_dpbf16_ps(acc[m][c], wv[c], xv);
     }
   }
   for (int m = 0; m < R; ++m)
-    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(acc_out + m * BLOCK + 16 * c, acc[m][c]);
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(acc_out + m * BLOCK + 16 * (c0 + c), acc[m][c]);
 }
 
-// One group of g k-values for R rows: acc_out[m][64] += scale * (sum((136 + q) x) - 136 * gsum[m]).
-template <int R>
-void group_int4(const uint16_t* x, int64_t ldx, int64_t g, const uint8_t* w, const uint16_t* scale,
-                const float* gsum, int64_t ldg, float* acc_out) {
+constexpr int chunks_for(int R) { return R <= 4 ? 4 : R <= 8 ? 2 : 1; }
+
+template <int R, class W>
+void matmul_tile(const uint16_t* x, int64_t ldx, int64_t k2, const W* w, float* acc_out) {
+  constexpr int C = chunks_for(R);
+  for (int c0 = 0; c0 < 4; c0 += C) matmul_cols<R, C>(x, ldx, k2, w, acc_out, c0);
+}
+
+// One group of g k-values for R rows over chunks [c0, c0 + C): acc_out[m][.] += scale * (sum((136 + q) x) - 136 *
+// gsum[m]).
+template <int R, int C>
+void group_int4_cols(const uint16_t* x, int64_t ldx, int64_t g, const uint8_t* w, const uint16_t* scale,
+                     const float* gsum, int64_t ldg, float* acc_out, int c0) {
   const __m512i lo_mask = _mm512_set1_epi16(0x000f), bias = _mm512_set1_epi16(0x4300);
   // Low and high nibbles into separate accumulators where registers allow: two dependency chains per column
   // vector instead of one (a single row is latency bound otherwise).
   constexpr int A = R <= 2 ? 2 : 1;
-  __m512 acc[R][4], acc2[R][4];
+  __m512 acc[R][C], acc2[R][C];
   for (int m = 0; m < R; ++m)
-    for (int c = 0; c < 4; ++c) acc[m][c] = _mm512_setzero_ps(), acc2[m][c] = _mm512_setzero_ps();
+    for (int c = 0; c < C; ++c) acc[m][c] = _mm512_setzero_ps(), acc2[m][c] = _mm512_setzero_ps();
   const int64_t rows = g / 4;  // k-pairs in the low nibbles; the same number in the high ones
   for (int64_t r = 0; r < rows; ++r) {
     const uint8_t* wp = w + r * 4 * 32;
-    prefetch_stream(wp + PREFETCH_Q);
-    prefetch_stream(wp + PREFETCH_Q + 64);
-    __m512bh lo[4], hi[4];
-    for (int c = 0; c < 4; ++c) {
-      __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(wp + 32 * c)));
+    if (c0 == 0) prefetch_stream(wp + PREFETCH_Q), prefetch_stream(wp + PREFETCH_Q + 64);
+    __m512bh lo[C], hi[C];
+    for (int c = 0; c < C; ++c) {
+      __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(wp + 32 * (c0 + c))));
       lo[c] = (__m512bh)_mm512_ternarylogic_epi32(v, lo_mask, bias, 0xEA);  // (v & 0xf) | 0x4300
       hi[c] = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(v, 4), bias);
     }
     for (int m = 0; m < R; ++m) {
       __m512bh xl = bcast_pair(x + m * ldx + 2 * r), xh = bcast_pair(x + m * ldx + 2 * (r + rows));
-      for (int c = 0; c < 4; ++c) {
+      for (int c = 0; c < C; ++c) {
         acc[m][c] = _mm512_dpbf16_ps(acc[m][c], lo[c], xl);
         if (A == 2)
           acc2[m][c] = _mm512_dpbf16_ps(acc2[m][c], hi[c], xh);
@@ -160,16 +171,23 @@ void group_int4(const uint16_t* x, int64_t ldx, int64_t g, const uint8_t* w, con
   }
   if (A == 2)
     for (int m = 0; m < R; ++m)
-      for (int c = 0; c < 4; ++c) acc[m][c] = _mm512_add_ps(acc[m][c], acc2[m][c]);
-  __m512 s[4];
-  for (int c = 0; c < 4; ++c) s[c] = vld_bf16(scale + 16 * c);
+      for (int c = 0; c < C; ++c) acc[m][c] = _mm512_add_ps(acc[m][c], acc2[m][c]);
+  __m512 s[C];
+  for (int c = 0; c < C; ++c) s[c] = vld_bf16(scale + 16 * (c0 + c));
   for (int m = 0; m < R; ++m) {
     __m512 off = _mm512_set1_ps(136.0f * gsum[m * ldg]);
-    for (int c = 0; c < 4; ++c) {
-      float* o = acc_out + m * BLOCK + 16 * c;
+    for (int c = 0; c < C; ++c) {
+      float* o = acc_out + m * BLOCK + 16 * (c0 + c);
       _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_sub_ps(acc[m][c], off), s[c], _mm512_loadu_ps(o)));
     }
   }
+}
+
+template <int R>
+void group_int4(const uint16_t* x, int64_t ldx, int64_t g, const uint8_t* w, const uint16_t* scale,
+                const float* gsum, int64_t ldg, float* acc_out) {
+  constexpr int C = chunks_for(R);
+  for (int c0 = 0; c0 < 4; c0 += C) group_int4_cols<R, C>(x, ldx, g, w, scale, gsum, ldg, acc_out, c0);
 }
 
 inline void int8_to_bf16(const int8_t* w, int64_t n, uint16_t* out) {  // n a multiple of 32
@@ -292,15 +310,35 @@ void tile_int4(const X* x, int64_t ldx, int64_t k, int64_t g, const uint8_t* w, 
     group_int4<R>(x + i * g, ldx, g, w + i * g * 32, scale + i * BLOCK, gsum + i, ldg, acc_out);
 }
 
-// Calls tile(rows, m0, acc) for row groups of at most MT, then the epilogue, for every block, shared among the
-// threads of the enclosing parallel region (the callers open one).
+// Rows per register tile for a batch of decode streams: all of them where the registers allow, so each block's
+// weights stream from memory once per step for every row.
+#if defined(MINICPMV_AVX2) || !(defined(MINICPMV_DPBF16) || defined(MINICPMV_NEON))
+constexpr int MAXR = 8;
+#else
+constexpr int MAXR = 16;
+#endif
+
+// f(std::integral_constant<int, rows>) for rows in [1, MAXR].
+template <int R = 1, class F>
+inline void with_rows(int rows, F&& f) {
+  if constexpr (R < MAXR) {
+    if (rows > R) return with_rows<R + 1>(rows, f);
+  }
+  f(std::integral_constant<int, R>{});
+}
+
+// Calls tile(b, rows, m0, acc) for the row groups of every block, then the epilogue, shared among the threads of the
+// enclosing parallel region (the callers open one). Up to 2 MAXR rows (decode) go in as few, even groups as fit
+// the registers; more (prefill) in groups of MT, which leave registers for whole-block passes.
 template <class Tile>
 void run_blocks(int64_t M, int64_t nblocks, const Epilogue& ep, Tile tile) {
+  const int64_t groups = M <= 2 * MAXR ? (M + MAXR - 1) / MAXR : (M + MT - 1) / MT;
+  const int64_t step = (M + groups - 1) / groups;
 #pragma omp for schedule(dynamic, 1)  // dynamic: a thread slowed by another process does less
   for (int64_t b = 0; b < nblocks; ++b) {
-    alignas(64) float acc[MT * BLOCK];
-    for (int64_t m0 = 0; m0 < M; m0 += MT) {
-      int rows = (int)std::min<int64_t>(MT, M - m0);
+    alignas(64) float acc[MAXR * BLOCK];
+    for (int64_t m0 = 0; m0 < M; m0 += step) {
+      int rows = (int)std::min<int64_t>(step, M - m0);
       tile(b, rows, m0, acc);
       ep(acc, rows, m0, b);
     }
@@ -340,28 +378,22 @@ void linear_blocks(const Linear& L, const X* x, int64_t M, int64_t ldx, void* ou
   if (L.quant == 0) {
     const uint16_t* w = (const uint16_t*)L.w;
     run_blocks(M, L.nblocks, ep, [&](int64_t b, int rows, int64_t m0, float* acc) {
-#define CALL(R) matmul_tile<R>(x + m0 * ldx, ldx, k2, w + b * k2 * 2 * BLOCK, acc)
-      DISPATCH_ROWS(rows, CALL)
-#undef CALL
+      with_rows(rows, [&](auto R) { matmul_tile<R()>(x + m0 * ldx, ldx, k2, w + b * k2 * 2 * BLOCK, acc); });
     });
   } else if (L.quant == 1) {
     const int8_t* w = (const int8_t*)L.w;
     const float* scale = (const float*)L.scale;
     run_blocks(M, L.nblocks, ep, [&](int64_t b, int rows, int64_t m0, float* acc) {
       const int8_t* wb = w + b * K * BLOCK;
-      if (M <= MT) {  // decode: convert in registers as the weights stream by
-#define CALL(R) matmul_tile<R>(x + m0 * ldx, ldx, k2, wb, acc)
-        DISPATCH_ROWS(rows, CALL)
-#undef CALL
+      if (rows == M) {  // decode: convert in registers as the weights stream by
+        with_rows(rows, [&](auto R) { matmul_tile<R()>(x + m0 * ldx, ldx, k2, wb, acc); });
       } else {  // several row groups: convert the block to bf16 once, then run the bf16 tiles on it
         thread_local std::vector<uint16_t> block;
         if (m0 == 0) {
           block.resize(K * BLOCK);
           int8_to_bf16(wb, K * BLOCK, block.data());
         }
-#define CALL(R) matmul_tile<R>(x + m0 * ldx, ldx, k2, block.data(), acc)
-        DISPATCH_ROWS(rows, CALL)
-#undef CALL
+        with_rows(rows, [&](auto R) { matmul_tile<R()>(x + m0 * ldx, ldx, k2, block.data(), acc); });
       }
       const float* s = scale + b * BLOCK;
       for (int m = 0; m < rows; ++m)
@@ -377,9 +409,9 @@ void linear_blocks(const Linear& L, const X* x, int64_t M, int64_t ldx, void* ou
     const uint8_t* w = (const uint8_t*)L.w;
     const uint16_t* scale = (const uint16_t*)L.scale;
     run_blocks(M, L.nblocks, ep, [&](int64_t b, int rows, int64_t m0, float* acc) {
-#define CALL(R) tile_int4<R>(x + m0 * ldx, ldx, K, g, w + b * K * BLOCK / 2, scale + b * ng * BLOCK, gsum + m0 * ng, ng, acc)
-      DISPATCH_ROWS(rows, CALL)
-#undef CALL
+      with_rows(rows, [&](auto R) {
+        tile_int4<R()>(x + m0 * ldx, ldx, K, g, w + b * K * BLOCK / 2, scale + b * ng * BLOCK, gsum + m0 * ng, ng, acc);
+      });
     });
   }
 }
@@ -920,8 +952,8 @@ void decode_step(int64_t n_layers, const Layer* layers, int64_t B, int64_t d, ui
     int64_t delta = 0, attn = 0;  // layers of each kind so far: where their states are
     for (int64_t l = 0; l < n_layers; ++l) {
       const Layer& L = layers[l];
-#pragma omp single
-      rmsnorm_rows(hidden, d, 0, B, d, L.in_norm, 1.0f, L.eps, x, d);
+#pragma omp for schedule(static)  // (rows across threads: a batch of streams has many)
+      for (int64_t b = 0; b < B; ++b) rmsnorm_rows(hidden, d, b, b + 1, d, L.in_norm, 1.0f, L.eps, x, d);
       linear(L.proj, x, B, d, proj, L.proj.n_out, 0, gsum, xf.data());
       const int64_t ld = L.proj.n_out;
       int64_t width;  // of the mixer's output
@@ -941,18 +973,18 @@ void decode_step(int64_t n_layers, const Layer* layers, int64_t B, int64_t d, ui
         ++attn;
       }
       linear(L.out, core, B, width, tmp, d, 0, gsum, xf.data());
-#pragma omp single
-      {
-        add_rows(hidden, tmp, B * d);
-        rmsnorm_rows(hidden, d, 0, B, d, L.post_norm, 1.0f, L.eps, x, d);
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < B; ++b) {
+        add_rows(hidden + b * d, tmp + b * d, d);
+        rmsnorm_rows(hidden, d, b, b + 1, d, L.post_norm, 1.0f, L.eps, x, d);
       }
       linear(L.gate_up, x, B, d, gu, L.gate_up.n_out, 0, gsum, xf.data());
       linear(L.down, gu, B, L.gate_up.n_out, tmp, d, 0, gsum, xf.data());
-#pragma omp single
-      add_rows(hidden, tmp, B * d);
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < B; ++b) add_rows(hidden + b * d, tmp + b * d, d);
     }
-#pragma omp single
-    rmsnorm_rows(hidden, d, 0, B, d, final_norm, 1.0f, final_eps, hidden, d);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; ++b) rmsnorm_rows(hidden, d, b, b + 1, d, final_norm, 1.0f, final_eps, hidden, d);
   }
 }
 
