@@ -13,7 +13,11 @@
 // Blocks are split over OpenMP threads, which share the runtime that PyTorch already loaded (same libgomp soname).
 //
 // int4 nibbles u = q + 8 are turned into bf16 by OR-ing the exponent of 128 (0x4300 | u == 128 + u exactly), so
-// the group sum is sum((136 + q) x) and 136 * sum(x) over the group is subtracted before scaling.
+// the group sum is sum((136 + q) x) and 136 * sum(x) over the group is subtracted before scaling. On AVX2 they are
+// multiplied as integers instead, with the activations as int16 (group_int4_i16).
+//
+// A batch of decode streams (up to 16 rows, 8 on AVX2) shares one register tile: each weight vector is loaded once
+// per step for all rows, the block's columns taken in as many passes as the accumulators need (run_blocks).
 //
 // The epilogue adds a bias and applies gelu (act = 2, tanh form), or (act = 1) computes silu(gate) * up where each
 // 64-column block holds 32 gate and the matching 32 up columns; it writes bf16 (round to nearest even) or float32.
