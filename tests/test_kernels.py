@@ -286,3 +286,21 @@ def test_a_batch_of_streams_decodes_exactly_as_each_stream_alone(variant):
     batched = model(tokens, states, lengths=[1] * len(states))
     for i, s in enumerate(alone):
         assert torch.equal(batched[i], model(tokens[i : i + 1], [s])[0]), i
+
+
+def test_minicpmv_isa_forces_a_variant_and_a_bad_one_is_named(monkeypatch):
+    monkeypatch.delenv("MINICPMV_NO_KERNELS", raising=False)
+    monkeypatch.setenv("MINICPMV_ISA", "none")
+    assert kernels.requested_isa() is None
+    monkeypatch.setenv("MINICPMV_ISA", "avx3")
+    with pytest.raises(ValueError, match="MINICPMV_ISA must be one of .*avx512bf16.*avx2.*neon.*none"):
+        kernels.requested_isa()
+    for name, isa in ISAS.items():
+        monkeypatch.setenv("MINICPMV_ISA", name.upper())
+        if isa.supported():
+            assert kernels.requested_isa() == name
+        else:
+            with pytest.raises(ValueError, match="this CPU does not support it"):
+                kernels.requested_isa()
+    monkeypatch.delenv("MINICPMV_ISA")
+    assert kernels.requested_isa() == (NATIVE[0] if NATIVE else None)  # the best this CPU has
