@@ -86,6 +86,13 @@ struct Epilogue {
 inline float xval(const uint16_t* p) { return bf16_to_f32(*p); }
 inline float xval(const float* p) { return *p; }
 
+// Weights ahead of a column pass: streamed past the caches when one pass reads the whole block, kept in L2 when the
+// block is read in several passes (their cache lines may be shared: a pass of 16 int8 columns reads half a line).
+template <bool SPLIT>
+inline void prefetch_w(const void* p) {
+  if constexpr (SPLIT) prefetch_l2(p); else prefetch_stream(p);
+}
+
 #if defined(MINICPMV_DPBF16)
 // ---- AVX-512 BF16 tiles: a k-pair of 16 columns per vdpbf16ps --------------------------------------------------
 inline __m512bh bcast_pair(const uint16_t* x) {
@@ -116,10 +123,10 @@ void matmul_cols(const uint16_t* x, int64_t ldx, int64_t k2, const W* w, float* 
     __m512bh wv[C];
     for (int c = 0; c < C; ++c) {
       if constexpr (int8) {
-        if (c % 2 == 0) prefetch_stream((const char*)wp + PREFETCH_Q + 32 * c);
+        if (c % 2 == 0) prefetch_w<(C < 4)>((const char*)wp + PREFETCH_Q + 32 * c);
         wv[c] = int8_pairs(wp + 32 * c);
       } else {
-        prefetch_stream((const char*)wp + PREFETCH + 64 * c);
+        prefetch_w<(C < 4)>((const char*)wp + PREFETCH + 64 * c);
         wv[c] = (__m512bh)_mm512_loadu_si512(wp + 32 * c);
       }
     }
@@ -155,7 +162,7 @@ void group_int4_cols(const uint16_t* x, int64_t ldx, int64_t g, const uint8_t* w
   const int64_t rows = g / 4;  // k-pairs in the low nibbles; the same number in the high ones
   for (int64_t r = 0; r < rows; ++r) {
     const uint8_t* wp = w + r * 4 * 32;
-    if (c0 == 0) prefetch_stream(wp + PREFETCH_Q), prefetch_stream(wp + PREFETCH_Q + 64);
+    if (c0 == 0) prefetch_w<(C < 4)>(wp + PREFETCH_Q), prefetch_w<(C < 4)>(wp + PREFETCH_Q + 64);
     __m512bh lo[C], hi[C];
     for (int c = 0; c < C; ++c) {
       __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(wp + 32 * (c0 + c))));
@@ -227,7 +234,7 @@ void matmul_cols(const X* x, int64_t ldx, int64_t k2, const W* w, float* acc_out
     for (int v = 0; v < CV; ++v) acc[m][v] = vzero();
   for (int64_t p = 0; p < k2; ++p) {
     const W* wp = w + p * 2 * BLOCK + 2 * c0;
-    for (int b = 0; b < bytes; b += 64) prefetch_stream((const char*)wp + ahead + b);
+    for (int b = 0; b < bytes; b += 64) prefetch_w<(CV < NVEC)>((const char*)wp + ahead + b);
     // Registers: either every widened weight pair stays live while each row's pair is broadcast, or every row's
     // broadcasts stay live while the weight pairs come one at a time, whichever fits beside the accumulators.
     if constexpr (2 * CV + R * CV + 3 <= NREG) {
@@ -267,7 +274,7 @@ void group_int4_cols(const X* x, int64_t ldx, int64_t g, const uint8_t* w, const
   const int64_t rows = g / 4;
   for (int64_t r = 0; r < rows; ++r) {
     const uint8_t* wp = w + r * 4 * 32;
-    if (c0 == 0) prefetch_stream(wp + PREFETCH_Q), prefetch_stream(wp + PREFETCH_Q + 64);
+    if (c0 == 0) prefetch_w<(CV < NVEC)>(wp + PREFETCH_Q), prefetch_w<(CV < NVEC)>(wp + PREFETCH_Q + 64);
     Pair lo[CV], hi[CV];
     for (int v = 0; v < CV; ++v) {
       const int col = c0 + VL * v;  // bytes of column col: chunk col / 16, then 2 per column
@@ -322,7 +329,7 @@ void group_int4_i16(const int16_t* xq, int64_t ldx, int64_t g, const uint8_t* w,
   const int64_t rows = g / 4;
   for (int64_t r = 0; r < rows; ++r) {
     const uint8_t* wp = w + r * 4 * 32;
-    if (c0 == 0) prefetch_stream(wp + PREFETCH_Q), prefetch_stream(wp + PREFETCH_Q + 64);
+    if (c0 == 0) prefetch_w<(CV < 8)>(wp + PREFETCH_Q), prefetch_w<(CV < 8)>(wp + PREFETCH_Q + 64);
     __m256i lo[CV], hi[CV];
     for (int v = 0; v < CV; ++v) {
       const int col = c0 + 8 * v;
@@ -361,17 +368,61 @@ void tile_int4_i16(const int16_t* xq, int64_t ldx, int64_t k, int64_t g, const u
       group_int4_i16<R, CV>(xq + i * g, ldx, g, w + i * g * 32, scale + i * BLOCK, gs + i, ldg, ng, acc_out, c0);
 }
 
-// Row m of x [M, K] bf16 -> xq int16 and, per group, the sum of xq and the scale (gs rows of 2 ng floats).
+// int8 the same way: per group of 64 k (32 pairs) the int32 sums of weight pairs times activation pairs (vpmaddwd)
+// go into the float32 accumulators acc_out with the group's activation scale; the column scales come later.
+// xs: the groups' activation scales (row stride ldg).
+template <int R, int CV>
+void matmul_int8_i16(const int16_t* xq, int64_t ldx, int64_t k2, const int8_t* w, const float* xs, int64_t ldg,
+                     float* acc_out, int c0) {
+  constexpr int bytes = CV * 16;  // of each k-pair row read here
+  for (int m = 0; m < R; ++m)
+    for (int v = 0; v < CV; ++v) vst(acc_out + m * BLOCK + c0 + 8 * v, vzero());
+  for (int64_t p0 = 0; p0 < k2; p0 += 32) {
+    __m256i acc[R][CV];
+    for (int m = 0; m < R; ++m)
+      for (int v = 0; v < CV; ++v) acc[m][v] = _mm256_setzero_si256();
+    const int64_t p1 = std::min<int64_t>(k2, p0 + 32);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int8_t* wp = w + p * 2 * BLOCK + 2 * c0;
+      for (int b = 0; b < bytes; b += 64) prefetch_w<(CV < 8)>((const char*)wp + PREFETCH_Q + b);
+      __m256i wv[CV];
+      for (int v = 0; v < CV; ++v) wv[v] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(wp + 16 * v)));
+      for (int m = 0; m < R; ++m) {
+        int32_t pair;
+        memcpy(&pair, xq + m * ldx + 2 * p, 4);
+        const __m256i xp = _mm256_set1_epi32(pair);
+        for (int v = 0; v < CV; ++v) acc[m][v] = _mm256_add_epi32(acc[m][v], _mm256_madd_epi16(wv[v], xp));
+      }
+    }
+    for (int m = 0; m < R; ++m) {
+      const vf s = vset(xs[m * ldg + p0 / 32]);
+      for (int v = 0; v < CV; ++v) {
+        float* o = acc_out + m * BLOCK + c0 + 8 * v;
+        vst(o, vfma(_mm256_cvtepi32_ps(acc[m][v]), s, vld(o)));
+      }
+    }
+  }
+}
+
+template <int R>
+void tile_int8_i16(const int16_t* xq, int64_t ldx, int64_t k2, const int8_t* w, const float* xs, int64_t ldg,
+                   float* acc_out) {
+  constexpr int CV = R == 1 ? 8 : R == 2 ? 4 : R <= 4 ? 2 : 1;  // one row: the whole block in one linear pass
+  for (int c0 = 0; c0 < BLOCK; c0 += 8 * CV) matmul_int8_i16<R, CV>(xq, ldx, k2, w, xs, ldg, acc_out, c0);
+}
+
+// Row m of x [M, K] bf16 -> xq int16 and, per group of g, the sum of xq and the scale (gs: 2 ng floats).
 inline void quantize_int16_row(const uint16_t* x, int64_t K, int64_t g, int16_t* xq, float* gs) {
-  const int64_t ng = K / g;
+  const int64_t ng = (K + g - 1) / g;  // the last group may be partial
   for (int64_t i = 0; i < ng; ++i) {
+    const int64_t end = std::min(K, (i + 1) * g);
     float top = 0.0f;
-    for (int64_t j = i * g; j < (i + 1) * g; ++j) top = std::max(top, fabsf(bf16_to_f32(x[j])));
+    for (int64_t j = i * g; j < end; ++j) top = std::max(top, fabsf(bf16_to_f32(x[j])));
     int e = 0;
     if (top > 0.0f) frexpf(top, &e);  // top = f 2^e, f in [0.5, 1): top / 2^(e - 15) < 2^15
     const float inv = ldexpf(1.0f, 15 - e);
     int32_t sum = 0;
-    for (int64_t j = i * g; j < (i + 1) * g; ++j) {
+    for (int64_t j = i * g; j < end; ++j) {
       xq[j] = (int16_t)std::min(32767.0f, std::max(-32767.0f, nearbyintf(bf16_to_f32(x[j]) * inv)));
       sum += xq[j];
     }
@@ -519,6 +570,24 @@ void linear_panel(const Linear& L, const uint16_t* x, int64_t M, int64_t ldx, vo
     });
     return;
   }
+  if (L.quant == 1) {
+    const int64_t ng = (K + 63) / 64;
+    int16_t* xq = (int16_t*)xf;
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; ++m) quantize_int16_row(x + m * ldx, K, 64, xq + m * K, gsum + m * 2 * ng);
+    const Epilogue ep{L.bias, out, ldo, L.n_out, fp32, L.act};
+    const int8_t* w = (const int8_t*)L.w;
+    const float* scale = (const float*)L.scale;
+    run_blocks(M, L.nblocks, ep, [&](int64_t b, int rows, int64_t m0, float* acc) {
+      with_rows(rows, [&](auto R) {
+        tile_int8_i16<R()>(xq + m0 * K, K, K / 2, w + b * K * BLOCK, gsum + m0 * 2 * ng + ng, 2 * ng, acc);
+      });
+      const float* s = scale + b * BLOCK;
+      for (int m = 0; m < rows; ++m)
+        for (int j = 0; j < BLOCK; ++j) acc[m * BLOCK + j] *= s[j];
+    });
+    return;
+  }
 #endif
 #pragma omp for schedule(static)
   for (int64_t m = 0; m < M; ++m)
@@ -536,7 +605,7 @@ inline int64_t panel_rows(int64_t K) { return std::max<int64_t>(16 * MT, (int64_
 void linear(const Linear& L, const uint16_t* x, int64_t M, int64_t ldx, void* out, int64_t ldo, int fp32,
             float* gsum, float* xf) {
   const int64_t panel = panel_rows(L.k);
-  const int64_t out_row = ldo * (fp32 ? 4 : 2), ng = L.quant == 2 ? L.k / L.group : 0;
+  const int64_t out_row = ldo * (fp32 ? 4 : 2), ng = L.quant == 2 ? L.k / L.group : (L.k + 63) / 64;
   for (int64_t m0 = 0; m0 < M; m0 += panel)
     linear_panel(L, x + m0 * ldx, std::min(panel, M - m0), ldx, (char*)out + m0 * out_row, ldo, fp32, gsum + m0 * 2 * ng,
                  xf);
@@ -547,7 +616,7 @@ void linear(const Linear& L, const uint16_t* x, int64_t M, int64_t ldx, void* ou
 extern "C" {
 
 void mm(const Linear* L, const uint16_t* x, int64_t M, int64_t ldx, void* out, int64_t ldo, int fp32) {
-  std::vector<float> gsum(L->quant == 2 ? 2 * M * (L->k / L->group) : 0), xf(std::min(M, panel_rows(L->k)) * L->k);
+  std::vector<float> gsum(2 * M * (L->quant == 2 ? L->k / L->group : (L->k + 63) / 64)), xf(std::min(M, panel_rows(L->k)) * L->k);
 #pragma omp parallel
   linear(*L, x, M, ldx, out, ldo, fp32, gsum.data(), xf.data());
 }

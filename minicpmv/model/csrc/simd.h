@@ -4,6 +4,7 @@
 //   MINICPMV_AVX2        AVX2 + FMA + F16C: 8 lanes; bf16 widened to float32 in registers, FMA
 //   MINICPMV_NEON        AArch64 Advanced SIMD: 4 lanes; the same widening, vfmaq
 //   (none of them)       plain C++ over 4-lane arrays: a portable reference build (the kernel test driver)
+// prefetch_stream: data read once (kept out of the outer caches); prefetch_l2: data a later column pass reads again.
 // The packed weight layouts (kernels.cpp) do not depend on the instruction set: a bf16 k-pair of VL columns is
 // 2 VL consecutive uint16, so every variant reads the same bytes.
 
@@ -65,6 +66,7 @@ inline vf vround(vf a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_IN
 inline vf vpow2_mul(vf p, vf n) { return _mm512_scalef_ps(p, n); }  // p 2^n, n integral
 inline void prefetch_stream(const void* p) { _mm_prefetch((const char*)p, _MM_HINT_NTA); }
 inline void prefetch_l1(const void* p) { _mm_prefetch((const char*)p, _MM_HINT_T0); }
+inline void prefetch_l2(const void* p) { _mm_prefetch((const char*)p, _MM_HINT_T1); }
 #define MINICPMV_DPBF16 1
 
 #elif defined(MINICPMV_AVX2)
@@ -131,6 +133,7 @@ inline vf vpow2_mul(vf p, vf n) {  // n in [-126, 127]
 }
 inline void prefetch_stream(const void* p) { _mm_prefetch((const char*)p, _MM_HINT_NTA); }
 inline void prefetch_l1(const void* p) { _mm_prefetch((const char*)p, _MM_HINT_T0); }
+inline void prefetch_l2(const void* p) { _mm_prefetch((const char*)p, _MM_HINT_T1); }
 
 // A bf16 k-pair of 8 columns (16 uint16: column-major pairs) as the even-k and odd-k float vectors.
 struct Pair { vf even, odd; };
@@ -207,6 +210,7 @@ inline vf vpow2_mul(vf p, vf n) {
 }
 inline void prefetch_stream(const void* p) { __builtin_prefetch(p, 0, 0); }
 inline void prefetch_l1(const void* p) { __builtin_prefetch(p, 0, 3); }
+inline void prefetch_l2(const void* p) { __builtin_prefetch(p, 0, 2); }
 
 struct Pair { vf even, odd; };
 inline Pair pair_bits(uint32x4_t v) {
@@ -259,6 +263,7 @@ inline vf vbits(uint32_t b0, uint32_t b1, uint32_t b2, uint32_t b3) {
 #undef MINICPMV_LANES
 inline void prefetch_stream(const void* p) { __builtin_prefetch(p, 0, 0); }
 inline void prefetch_l1(const void* p) { __builtin_prefetch(p, 0, 3); }
+inline void prefetch_l2(const void* p) { __builtin_prefetch(p, 0, 2); }
 
 struct Pair { vf even, odd; };
 inline Pair pair_bf16(const uint16_t* p) {
