@@ -364,25 +364,35 @@ def run_variants(args) -> None:
         command = [sys.executable, __file__, "--engines", engines, "--decode-tokens", str(args.decode_tokens),
                    "--repeats", str(args.repeats), "--rounds", str(args.rounds), "--streams", str(args.streams), "--json"]
         print(f"[{group}] {' '.join(f'{k}={v}' for k, v in env.items())} {engines}", flush=True)
-        child = subprocess.run(command, env={**os.environ, **env}, stdout=subprocess.PIPE, text=True)
-        lines = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
-        if child.returncode or not lines:
-            print(f"[{group}] failed (exit {child.returncode}):\n{child.stdout[-3000:]}")
-            continue
-        figures = json.loads(lines[-1].removeprefix("RESULT "))
-        for name, r in figures.items():
+        # The child reports its figures after every engine: what it measured counts even if it fails later.
+        child = subprocess.Popen(command, env={**os.environ, **env}, stdout=subprocess.PIPE, text=True)
+        last = None
+        for line in child.stdout:
+            if line.startswith("RESULT "):
+                last = line
+            elif line.startswith("{") or line.startswith("decode round"):
+                print(f"[{group}] {line.rstrip()}", flush=True)
+        child.wait()
+        if child.returncode or last is None:
+            print(f"[{group}] exited with {child.returncode}", flush=True)
+        for name, r in (json.loads(last.removeprefix("RESULT ")) if last else {}).items():
             label = f"{name} ({group})" if name.startswith("ours") and name != "ours fp32" else name
             results.setdefault(group, {})[label] = r
-    for group, rows in results.items():
-        peer = next(p for g, _, _, p in variant_groups([group]) if g == group)
-        print(f"\n== {group}: kernels {group}; transformers and our float32 fallback with PyTorch "
-              f"{'held to AVX2' if group == 'avx2' else 'as installed'}")
-        report(rows, bandwidth, peer)
-        fallback, bf16 = rows.get("ours fp32", {}), rows.get(f"ours bf16 ({group})", {})
-        for key in ("TTFT 448 s", "TTFT 1344 s", "prefill 512 s", "decode tok/s"):
-            if key in fallback and key in bf16:
-                ratio = bf16[key] / fallback[key] if "tok/s" in key else fallback[key] / bf16[key]
-                print(f"  ours bf16 ({group}) vs our float32 fallback, {key}: {ratio:.2f}x")
+        if "ours fp32" in results.get(group, {}):  # the group's last process: its table
+            group_report(group, results[group], bandwidth)
+
+
+def group_report(group: str, rows: dict[str, dict], bandwidth: float) -> None:
+    peer = next(p for g, _, _, p in variant_groups([group]) if g == group)
+    print(f"\n== {group}: kernels {group}; transformers and our float32 fallback with PyTorch "
+          f"{'held to AVX2' if group == 'avx2' else 'as installed'}")
+    report(rows, bandwidth, peer)
+    fallback, bf16 = rows.get("ours fp32", {}), rows.get(f"ours bf16 ({group})", {})
+    for key in ("TTFT 448 s", "TTFT 1344 s", "prefill 512 s", "decode tok/s"):
+        if key in fallback and key in bf16:
+            ratio = bf16[key] / fallback[key] if "tok/s" in key else fallback[key] / bf16[key]
+            print(f"  ours bf16 ({group}) vs our float32 fallback, {key}: {ratio:.2f}x")
+    print(flush=True)
 
 
 def main() -> None:
@@ -423,7 +433,10 @@ def main() -> None:
             engines["transformers fp32"] = measure_transformers(ckpt, args, baseline, torch.float32)
         else:
             raise SystemExit(f"unknown engine {engine!r}")
-        print(json.dumps({k: round(v, 3) for k, v in engines[list(engines)[-1]][0].items()}), flush=True)
+        print(json.dumps({"engine": list(engines)[-1], **{k: round(v, 3) for k, v in engines[list(engines)[-1]][0].items()}}),
+              flush=True)
+        if args.json:
+            print("RESULT " + json.dumps({name: figures for name, (figures, _) in engines.items()}), flush=True)
     if os.environ.get("LLAMA_CPP_DIR") and os.environ.get("MINICPMV_ISA") != "none":
         engines.update(measure_llama_cpp(ckpt, Path(os.environ["LLAMA_CPP_DIR"]), threads))
     # The machine's speed drifts over minutes (other tenants): decode is measured again in rounds that visit every
