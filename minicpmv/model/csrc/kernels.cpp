@@ -501,7 +501,7 @@ namespace {
 // y = x W^T for rows that fit one panel (below); x bf16 or (the portable tiles) float32.
 template <class X>
 void linear_blocks(const Linear& L, const X* x, int64_t M, int64_t ldx, void* out, int64_t ldo, int fp32,
-                   float* gsum) {
+                   float* gsum, bool own = false) {  // own: gsum is this thread's (each computes it)
   const Epilogue ep{L.bias, out, ldo, L.n_out, fp32, L.act};
   const int64_t K = L.k, k2 = K / 2;
   if (L.quant == 0) {
@@ -530,11 +530,17 @@ void linear_blocks(const Linear& L, const X* x, int64_t M, int64_t ldx, void* ou
     });
   } else {
     const int64_t g = L.group, ng = K / g;
+    auto sums = [&] {  // per row and group: sum of x, for the nibble offset
+      for (int64_t m = 0; m < M; ++m) {
+        for (int64_t i = 0; i < ng; ++i) gsum[m * ng + i] = 0.0f;
+        for (int64_t i = 0; i < K; ++i) gsum[m * ng + i / g] += xval(x + m * ldx + i);
+      }
+    };
+    if (own)
+      sums();
+    else
 #pragma omp single
-    for (int64_t m = 0; m < M; ++m) {  // per row and group: sum of x, for the nibble offset
-      for (int64_t i = 0; i < ng; ++i) gsum[m * ng + i] = 0.0f;
-      for (int64_t i = 0; i < K; ++i) gsum[m * ng + i / g] += xval(x + m * ldx + i);
-    }
+      sums();
     const uint8_t* w = (const uint8_t*)L.w;
     const uint16_t* scale = (const uint16_t*)L.scale;
     run_blocks(M, L.nblocks, ep, [&](int64_t b, int rows, int64_t m0, float* acc) {
@@ -553,12 +559,22 @@ void linear_panel(const Linear& L, const uint16_t* x, int64_t M, int64_t ldx, vo
   linear_blocks(L, x, M, ldx, out, ldo, fp32, gsum);
 #else
   const int64_t K = L.k;
+  // A few rows (decode) each thread prepares for itself, in buffers of its own: no barrier before the tiles.
+  const bool own = M <= 2 * MAXR;
+  thread_local std::vector<float> own_x, own_g;
+  if (own) {
+    own_x.resize(M * K), own_g.resize(M * 2 * ((K + 31) / 32));
+    xf = own_x.data(), gsum = own_g.data();
+  }
 #if defined(MINICPMV_AVX2)
   if (L.quant == 2) {
     const int64_t g = L.group, ng = K / g;
     int16_t* xq = (int16_t*)xf;
+    if (own)
+      for (int64_t m = 0; m < M; ++m) quantize_int16_row(x + m * ldx, K, g, xq + m * K, gsum + m * 2 * ng);
+    else
 #pragma omp for schedule(static)
-    for (int64_t m = 0; m < M; ++m) quantize_int16_row(x + m * ldx, K, g, xq + m * K, gsum + m * 2 * ng);
+      for (int64_t m = 0; m < M; ++m) quantize_int16_row(x + m * ldx, K, g, xq + m * K, gsum + m * 2 * ng);
     const Epilogue ep{L.bias, out, ldo, L.n_out, fp32, L.act};
     const uint8_t* w = (const uint8_t*)L.w;
     const uint16_t* scale = (const uint16_t*)L.scale;
@@ -573,8 +589,11 @@ void linear_panel(const Linear& L, const uint16_t* x, int64_t M, int64_t ldx, vo
   if (L.quant == 1) {
     const int64_t ng = (K + 63) / 64;
     int16_t* xq = (int16_t*)xf;
+    if (own)
+      for (int64_t m = 0; m < M; ++m) quantize_int16_row(x + m * ldx, K, 64, xq + m * K, gsum + m * 2 * ng);
+    else
 #pragma omp for schedule(static)
-    for (int64_t m = 0; m < M; ++m) quantize_int16_row(x + m * ldx, K, 64, xq + m * K, gsum + m * 2 * ng);
+      for (int64_t m = 0; m < M; ++m) quantize_int16_row(x + m * ldx, K, 64, xq + m * K, gsum + m * 2 * ng);
     const Epilogue ep{L.bias, out, ldo, L.n_out, fp32, L.act};
     const int8_t* w = (const int8_t*)L.w;
     const float* scale = (const float*)L.scale;
@@ -589,10 +608,14 @@ void linear_panel(const Linear& L, const uint16_t* x, int64_t M, int64_t ldx, vo
     return;
   }
 #endif
+  if (own)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t i = 0; i < K; ++i) xf[m * K + i] = bf16_to_f32(x[m * ldx + i]);
+  else
 #pragma omp for schedule(static)
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t i = 0; i < K; ++i) xf[m * K + i] = bf16_to_f32(x[m * ldx + i]);
-  linear_blocks(L, (const float*)xf, M, K, out, ldo, fp32, gsum);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t i = 0; i < K; ++i) xf[m * K + i] = bf16_to_f32(x[m * ldx + i]);
+  linear_blocks(L, (const float*)xf, M, K, out, ldo, fp32, gsum, own);
 #endif
 }
 
