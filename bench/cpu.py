@@ -11,8 +11,14 @@ Engines stay loaded after their turn (about 12 GB together): decode is measured 
 a slow spell of this shared machine does not fall on one engine only. Peak memory is reported per engine, as a
 process holding only that engine would see it.
 
+With ``--isa avx512bf16,avx2`` (or ``all``: every kernel variant this CPU runs) each variant is measured in a
+process of its own (``MINICPMV_ISA``): ours bf16 / int8 / int4 with a 16-stream aggregate decode rate, beside
+transformers and our float32 fallback (``MINICPMV_ISA=none``). The AVX2 rows run as on an AVX2 machine: PyTorch
+and oneDNN are held to AVX2 too (``ATEN_CPU_CAPABILITY``, ``ONEDNN_MAX_CPU_ISA``), and transformers runs in float32
+(its bf16 matmuls have no hardware support there: what its users get).
+
 Usage: python bench/cpu.py [--decode-tokens 64] [--repeats 2] [--rounds 3]
-                           [--engines ours-bf16,ours-int8,ours-int4,transformers]
+                           [--engines ours-bf16,ours-int8,ours-int4,transformers] [--isa all] [--streams 16]
 """
 
 from __future__ import annotations
@@ -112,7 +118,8 @@ def weight_bytes(model) -> int:
     return total
 
 
-def measure_ours(ckpt: Path, method: str | None, args, baseline: int) -> tuple[dict, Callable[[], float]]:
+def measure_ours(ckpt: Path, method: str | None, args, baseline: int, dtype: str = "bfloat16"
+                 ) -> tuple[dict, Callable[[], float]]:
     """The figures, and a function that measures decode tok/s once more (the model stays loaded for it)."""
     from minicpmv import LLM, SamplingParams
     from minicpmv.engine.sequence import Sequence
@@ -123,7 +130,7 @@ def measure_ours(ckpt: Path, method: str | None, args, baseline: int) -> tuple[d
     out = {}
     with PeakRSS(baseline) as rss:
         start = time.perf_counter()
-        llm = LLM(ckpt, dtype="bfloat16", device="cpu", progress=False)
+        llm = LLM(ckpt, dtype=dtype, device="cpu", progress=False)
         out["load s"] = time.perf_counter() - start
         out["weight GB/token"] = weight_bytes(llm.model) / 1e9
         engine = llm.engine
@@ -150,8 +157,24 @@ def measure_ours(ckpt: Path, method: str | None, args, baseline: int) -> tuple[d
             stamps = run(prepared(user("Write a short story about a cat."), args.decode_tokens + 1))
             return args.decode_tokens / (stamps[-1] - stamps[0])
 
+        def streams(n: int) -> float:
+            """Aggregate decode tok/s of n streams decoding together (from the step where all have started)."""
+            engine.vision_cache.clear()
+            engine.prefix_cache.clear()
+            seqs = [prepared(user(f"Write a short story about cat number {i}."), args.decode_tokens + 1) for i in range(n)]
+            for seq in seqs:
+                engine.add(seq)
+            while any(not seq.output_ids for seq in seqs):
+                engine.step()
+            start, before = time.perf_counter(), sum(len(seq.output_ids) for seq in seqs)
+            while any(seq.finish_reason is None for seq in seqs):
+                engine.step()
+            return (sum(len(seq.output_ids) for seq in seqs) - before) / (time.perf_counter() - start)
+
         run(prepared(user("warm up"), 4))
         out["decode tok/s"] = max(decode() for _ in range(args.repeats))
+        if args.streams > 1 and dtype == "bfloat16":
+            out[f"{args.streams} streams tok/s"] = max(streams(args.streams) for _ in range(args.repeats))
         ids = torch.randint(0, 150000, (PREFILL_TOKENS,), generator=torch.Generator().manual_seed(0)).tolist()
         out["prefill 512 s"] = min(run(Sequence(list(ids), greedy(1), []))[0] for _ in range(args.repeats))
         for name, size, seed in IMAGES:
@@ -162,7 +185,8 @@ def measure_ours(ckpt: Path, method: str | None, args, baseline: int) -> tuple[d
 
 
 # -- transformers --------------------------------------------------------------------------------------------------
-def measure_transformers(ckpt: Path, args, baseline: int) -> tuple[dict, Callable[[], float]]:
+def measure_transformers(ckpt: Path, args, baseline: int, dtype: torch.dtype = torch.bfloat16
+                         ) -> tuple[dict, Callable[[], float]]:
     from transformers import MiniCPMV4_6ForConditionalGeneration
 
     from minicpmv.processing.prompt import Processor
@@ -171,7 +195,7 @@ def measure_transformers(ckpt: Path, args, baseline: int) -> tuple[dict, Callabl
     out = {}
     with PeakRSS(baseline) as rss:
         start = time.perf_counter()
-        model = MiniCPMV4_6ForConditionalGeneration.from_pretrained(ckpt, dtype=torch.bfloat16).eval()
+        model = MiniCPMV4_6ForConditionalGeneration.from_pretrained(ckpt, dtype=dtype).eval()
         out["load s"] = time.perf_counter() - start
         lm = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ("language_model" in n or n == "lm_head")]
         out["weight GB/token"] = sum(m.weight.numel() * m.weight.element_size() for m in lm) / 1e9
@@ -276,22 +300,27 @@ def measure_llama_cpp(ckpt: Path, root: Path, threads: int) -> dict[str, tuple[d
 
 # -- report --------------------------------------------------------------------------------------------------------
 METRICS = ["decode tok/s", "roofline %", "prefill 512 s", "TTFT 448 s", "TTFT 1344 s", "peak RSS GB", "load s"]
+STREAMS = "16 streams tok/s"
 
 
-def report(results: dict[str, dict], bandwidth: float) -> None:
+def report(results: dict[str, dict], bandwidth: float, peer_name: str = "transformers bf16") -> None:
     for r in results.values():
         if "decode tok/s" in r and "weight GB/token" in r:
             r["roofline %"] = 100 * r["decode tok/s"] * r["weight GB/token"] / bandwidth
-    rows = [[name, *(r.get(k, "-") for k in ["weight GB/token", *METRICS])] for name, r in results.items()]
-    print(table(rows, ["engine", "weights GB/tok", *METRICS]))
-    peer = results.get("transformers bf16")
+        if STREAMS in r and "decode tok/s" in r:
+            r["streams / one"] = r[STREAMS] / r["decode tok/s"]
+    metrics = [*METRICS[:2], *([STREAMS, "streams / one"] if any(STREAMS in r for r in results.values()) else []),
+               *METRICS[2:]]
+    rows = [[name, *(r.get(k, "-") for k in ["weight GB/token", *metrics])] for name, r in results.items()]
+    print(table(rows, ["engine", "weights GB/tok", *metrics]))
+    peer = results.get(peer_name)
     if not peer:
         return
-    print("\nspeed-up over transformers bf16 (higher is better)")
+    print(f"\nspeed-up over {peer_name} (higher is better)")
     keys = ["decode tok/s", "prefill 512 s", "TTFT 448 s", "TTFT 1344 s"]
     rows = []
     for name, r in results.items():
-        if name == "transformers bf16":
+        if name == peer_name:
             continue
         cells = []
         for k in keys:
@@ -303,13 +332,81 @@ def report(results: dict[str, dict], bandwidth: float) -> None:
     print(table(rows, ["engine", "decode", "prefill 512", "TTFT 448", "TTFT 1344"]))
 
 
+# -- one process per kernel variant ------------------------------------------------------------------------------
+AVX2_TORCH = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}  # PyTorch as on an AVX2-only CPU
+
+
+def variant_groups(isas: list[str]) -> list[tuple[str, str, dict, str]]:
+    """(group, child's --engines, environment, peer name) per process: each variant's engines with its peer, then
+    the float32 fallback under the same PyTorch limits."""
+    groups = []
+    for isa in isas:
+        torch_env = AVX2_TORCH if isa == "avx2" else {}
+        peer = "transformers fp32" if isa == "avx2" else "transformers bf16"
+        groups.append((isa, f"ours-bf16,ours-int8,ours-int4,{peer.replace(' ', '-')}", {"MINICPMV_ISA": isa, **torch_env}, peer))
+        groups.append((isa, "ours-fp32", {"MINICPMV_ISA": "none", **torch_env}, peer))
+    return groups
+
+
+def run_variants(args) -> None:
+    from minicpmv.model import fast, kernels
+
+    supported = [name for name, isa in kernels.ISAS.items() if isa.supported()]
+    isas = supported if args.isa == "all" else args.isa.split(",")
+    for isa in isas:
+        if isa not in supported:
+            raise SystemExit(f"--isa {isa}: this CPU cannot run it (supported: {', '.join(supported)})")
+    threads = fast.set_threads()
+    bandwidth = bandwidth_probe()
+    print(f"memory bandwidth (best of 5 reads of 2 GB, {threads} threads): {bandwidth:.1f} GB/s", flush=True)
+    results: dict[str, dict[str, dict]] = {}
+    for group, engines, env, _ in variant_groups(isas):
+        command = [sys.executable, __file__, "--engines", engines, "--decode-tokens", str(args.decode_tokens),
+                   "--repeats", str(args.repeats), "--rounds", str(args.rounds), "--streams", str(args.streams), "--json"]
+        print(f"[{group}] {' '.join(f'{k}={v}' for k, v in env.items())} {engines}", flush=True)
+        # The child reports its figures after every engine: what it measured counts even if it fails later.
+        child = subprocess.Popen(command, env={**os.environ, **env}, stdout=subprocess.PIPE, text=True)
+        last = None
+        for line in child.stdout:
+            if line.startswith("RESULT "):
+                last = line
+            elif line.startswith("{") or line.startswith("decode round"):
+                print(f"[{group}] {line.rstrip()}", flush=True)
+        child.wait()
+        if child.returncode or last is None:
+            print(f"[{group}] exited with {child.returncode}", flush=True)
+        for name, r in (json.loads(last.removeprefix("RESULT ")) if last else {}).items():
+            label = f"{name} ({group})" if name.startswith("ours") and name != "ours fp32" else name
+            results.setdefault(group, {})[label] = r
+        if "ours fp32" in results.get(group, {}):  # the group's last process: its table
+            group_report(group, results[group], bandwidth)
+
+
+def group_report(group: str, rows: dict[str, dict], bandwidth: float) -> None:
+    peer = next(p for g, _, _, p in variant_groups([group]) if g == group)
+    print(f"\n== {group}: kernels {group}; transformers and our float32 fallback with PyTorch "
+          f"{'held to AVX2' if group == 'avx2' else 'as installed'}")
+    report(rows, bandwidth, peer)
+    fallback, bf16 = rows.get("ours fp32", {}), rows.get(f"ours bf16 ({group})", {})
+    for key in ("TTFT 448 s", "TTFT 1344 s", "prefill 512 s", "decode tok/s"):
+        if key in fallback and key in bf16:
+            ratio = bf16[key] / fallback[key] if "tok/s" in key else fallback[key] / bf16[key]
+            print(f"  ours bf16 ({group}) vs our float32 fallback, {key}: {ratio:.2f}x")
+    print(flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2, help="take the best of this many runs of each measurement")
     parser.add_argument("--rounds", type=int, default=3, help="decode rounds over all engines after the first pass")
     parser.add_argument("--engines", default="ours-bf16,ours-int8,ours-int4,transformers")
+    parser.add_argument("--isa", help="kernel variants to measure, each in a process of its own: a list or 'all'")
+    parser.add_argument("--streams", type=int, default=16, help="streams decoding together for the aggregate rate")
+    parser.add_argument("--json", action="store_true", help="(internal) end with a RESULT line of JSON")
     args = parser.parse_args()
+    if args.isa:
+        return run_variants(args)
     from minicpmv.model import fast, kernels
 
     threads = fast.set_threads()
@@ -317,7 +414,7 @@ def main() -> None:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     print(f"{cpu}, {threads} threads, torch {torch.__version__}, kernels: "
-          f"{'AVX-512 BF16' if kernels.available() else 'unavailable (plain PyTorch)'}; checkpoint {ckpt}")
+          f"{kernels.active_isa() or 'unavailable (plain PyTorch)'}; checkpoint {ckpt}")
     bandwidth = bandwidth_probe()
     print(f"memory bandwidth (best of 5 reads of 2 GB, {threads} threads): {bandwidth:.1f} GB/s", flush=True)
     baseline = proc_status("VmRSS")
@@ -326,13 +423,21 @@ def main() -> None:
         print(f"measuring {engine} ...", flush=True)
         if engine.startswith("ours-"):
             method = engine.removeprefix("ours-")
-            engines[f"ours {method}"] = measure_ours(ckpt, None if method == "bf16" else method, args, baseline)
-        elif engine == "transformers":
+            if method == "fp32":
+                engines["ours fp32"] = measure_ours(ckpt, None, args, baseline, dtype="float32")
+            else:
+                engines[f"ours {method}"] = measure_ours(ckpt, None if method == "bf16" else method, args, baseline)
+        elif engine in ("transformers", "transformers-bf16"):
             engines["transformers bf16"] = measure_transformers(ckpt, args, baseline)
+        elif engine == "transformers-fp32":
+            engines["transformers fp32"] = measure_transformers(ckpt, args, baseline, torch.float32)
         else:
             raise SystemExit(f"unknown engine {engine!r}")
-        print(json.dumps({k: round(v, 3) for k, v in engines[list(engines)[-1]][0].items()}), flush=True)
-    if os.environ.get("LLAMA_CPP_DIR"):
+        print(json.dumps({"engine": list(engines)[-1], **{k: round(v, 3) for k, v in engines[list(engines)[-1]][0].items()}}),
+              flush=True)
+        if args.json:
+            print("RESULT " + json.dumps({name: figures for name, (figures, _) in engines.items()}), flush=True)
+    if os.environ.get("LLAMA_CPP_DIR") and os.environ.get("MINICPMV_ISA") != "none":
         engines.update(measure_llama_cpp(ckpt, Path(os.environ["LLAMA_CPP_DIR"]), threads))
     # The machine's speed drifts over minutes (other tenants): decode is measured again in rounds that visit every
     # engine in turn, and each keeps its best, so no engine is judged only in a slow spell.
@@ -344,7 +449,12 @@ def main() -> None:
             print(f" {name} {rate:.1f}", end=",", flush=True)
         print()
     print()
-    report({name: figures for name, (figures, _) in engines.items()}, bandwidth)
+    figures = {name: figures for name, (figures, _) in engines.items()}
+    if args.json:
+        print("RESULT " + json.dumps(figures), flush=True)
+    else:
+        report(figures, bandwidth)
+
 
 if __name__ == "__main__":
     main()

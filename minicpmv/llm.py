@@ -125,11 +125,9 @@ def _device(name: str) -> torch.device:
 def _auto_dtype(device: torch.device) -> str:
     if device.type == "cuda":
         return "bfloat16"
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "float32"
-    return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
+    from minicpmv.model import kernels  # bf16 is fast on the CPU where our kernels run (AVX-512 BF16, AVX2, NEON)
+
+    return "bfloat16" if kernels.available() else "float32"
 
 
 class LLM:

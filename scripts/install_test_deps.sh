@@ -1,8 +1,15 @@
 #!/bin/sh
-# System dependencies of the test suite: headless Chromium for tests/test_web.py (driven by the Python
-# `playwright` package against /usr/bin/chromium; no browser is downloaded at runtime). Idempotent.
+# System dependencies of the test suite (Debian), each installed only when missing (idempotent):
+# - headless Chromium for tests/test_web.py (driven by the Python `playwright` package against /usr/bin/chromium;
+#   no browser is downloaded at runtime), fonts-liberation for readable text in screenshots;
+# - g++-aarch64-linux-gnu and qemu-user for tests/test_kernels.py: the ARM NEON kernels are cross-compiled and
+#   their checks run under qemu-aarch64.
 set -eu
-if command -v chromium >/dev/null 2>&1; then
+PACKAGES=""
+command -v chromium >/dev/null 2>&1 || PACKAGES="$PACKAGES chromium fonts-liberation"
+command -v aarch64-linux-gnu-g++ >/dev/null 2>&1 || PACKAGES="$PACKAGES g++-aarch64-linux-gnu"
+command -v qemu-aarch64 >/dev/null 2>&1 || PACKAGES="$PACKAGES qemu-user"
+if [ -z "$PACKAGES" ]; then
     exit 0
 fi
 SUDO=""
@@ -11,6 +18,8 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update
-# fonts-liberation: readable text in screenshots
-$SUDO apt-get install -y --no-install-recommends chromium fonts-liberation
+# shellcheck disable=SC2086
+$SUDO apt-get install -y --no-install-recommends $PACKAGES
 command -v chromium >/dev/null
+command -v aarch64-linux-gnu-g++ >/dev/null
+command -v qemu-aarch64 >/dev/null

@@ -182,7 +182,7 @@ class FastDecoder:
             "core": max(max(d.hv * d.dv, d.heads * d.head_dim) for d in descs),
             "gu": max(d.gate_up.n_out for d in descs),
             "scratch": max((2 * d.hk * d.dk + d.hv * d.dv) * d.kernel + d.hv * (d.dv + 3) for d in descs),
-            "gsum": max(lin.k for d in descs for lin in (d.proj, d.out, d.gate_up, d.down)),  # >= K / group
+            "gsum": max(lin.k for d in descs for lin in (d.proj, d.out, d.gate_up, d.down)),  # >= 2 K / group
         }
         self.attn_slots = lm.cfg.layer_types.count("full_attention")
         self.kv_shape = (lm.cfg.num_key_value_heads, 1, lm.cfg.head_dim)

@@ -1,8 +1,10 @@
-"""Fast small-batch matmul for CPUs with AVX-512 BF16: weights packed once at load time, streamed linearly.
+"""Fast small-batch matmul on the CPU: weights packed once at load time, streamed linearly.
 
 ``PackedLinear`` replaces an ``nn.Linear`` (or several fused into one) in bf16, int8 (per-column scales) or int4
-(group-wise scales). The C++ kernel (``csrc/kernels.cpp``) is compiled with the system compiler at first use and
-cached under ``~/.cache/minicpmv/kernels``; when it cannot be built (no compiler, no AVX-512 BF16) every call falls
+(group-wise scales). The C++ kernels (``csrc/kernels.cpp`` over the vector layer ``csrc/simd.h``) are compiled with
+the system compiler at first use, for the best instruction set this CPU has (``ISAS``: AVX-512 BF16, AVX2 + FMA +
+F16C, or ARM NEON; ``MINICPMV_ISA`` forces one, ``none`` or ``MINICPMV_NO_KERNELS`` none), and cached under
+``~/.cache/minicpmv/kernels``. Every variant reads the same packed layouts. When none can be built, every call falls
 back to ``F.linear`` on the unpacked (dequantized) weight, which gives the same results, slowly for quantized ones.
 """
 
@@ -14,9 +16,11 @@ import itertools
 import logging
 import mmap
 import os
+import platform
 import subprocess
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,23 +30,71 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 BLOCK = 64  # output columns per packed block (csrc/kernels.cpp)
-SOURCE = Path(__file__).with_name("csrc") / "kernels.cpp"
-FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"]
+CSRC = Path(__file__).with_name("csrc")
+SOURCE = CSRC / "kernels.cpp"
+HEADERS = [CSRC / "simd.h"]
+FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp"]
 ACTS = {None: 0, "silu_mul": 1, "gelu_tanh": 2}
 QUANTS = ("bf16", "int8", "int4")
 _OUT_DTYPES = (torch.bfloat16, torch.float32)
 
+
+@dataclass(frozen=True)
+class Isa:
+    """A kernel variant: the /proc/cpuinfo flags it needs (x86) or the machine it runs on, and its compiler flags."""
+
+    name: str
+    cpu_flags: tuple[str, ...]
+    machines: tuple[str, ...]
+    flags: tuple[str, ...]
+    define: str
+
+    def supported(self) -> bool:
+        if platform.machine().lower() not in self.machines:
+            return False
+        if not self.cpu_flags:
+            return True
+        try:
+            words = set(Path("/proc/cpuinfo").read_text().split())
+        except OSError:
+            return False
+        return all(f in words for f in self.cpu_flags)
+
+
+X86 = ("x86_64", "amd64")
+ISAS = {  # best first
+    "avx512bf16": Isa("avx512bf16", ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "fma"), X86,
+                      ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"), "MINICPMV_AVX512BF16"),
+    "avx2": Isa("avx2", ("avx2", "fma", "f16c"), X86, ("-mavx2", "-mfma", "-mf16c"), "MINICPMV_AVX2"),
+    "neon": Isa("neon", (), ("aarch64", "arm64"), ("-march=armv8-a",), "MINICPMV_NEON"),  # NEON is part of AArch64
+}
+
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
+_isa: str | None = None
+
+
+def requested_isa() -> str | None:
+    """The variant to use: ``MINICPMV_ISA`` if set (``none``: no kernels), else the best this CPU supports; None
+    where there is none (or ``MINICPMV_NO_KERNELS`` is set). A forced variant the CPU lacks is an error."""
+    if os.environ.get("MINICPMV_NO_KERNELS"):
+        return None
+    forced = os.environ.get("MINICPMV_ISA", "").strip().lower()
+    if forced:
+        if forced == "none":
+            return None
+        if forced not in ISAS:
+            raise ValueError(f"MINICPMV_ISA must be one of {[*ISAS, 'none']}, got {forced!r}")
+        if not ISAS[forced].supported():
+            raise ValueError(f"MINICPMV_ISA={forced}: this CPU does not support it")
+        return forced
+    return next((name for name, isa in ISAS.items() if isa.supported()), None)
 
 
 def cpu_supported() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512_bf16"))
+    """Whether this CPU has an instruction set the kernels are written for."""
+    return any(isa.supported() for isa in ISAS.values())
 
 
 def _cache_dir() -> Path:
@@ -50,50 +102,80 @@ def _cache_dir() -> Path:
     return Path(base) / "minicpmv" / "kernels"
 
 
-def _build() -> Path:
+def compile_command(isa: str, compiler: str = "g++") -> list[str]:
+    """The compiler's arguments for ``isa``'s build of the kernels (output path last, to be appended)."""
+    return [compiler, *FLAGS, *ISAS[isa].flags, f"-D{ISAS[isa].define}", f"-I{CSRC}", str(SOURCE), "-o"]
+
+
+def _build(isa: str) -> Path:
     compiler = os.environ.get("CXX", "g++")
-    source = SOURCE.read_bytes()
+    source = SOURCE.read_bytes() + b"".join(h.read_bytes() for h in HEADERS)
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256(source + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
-    target = _cache_dir() / f"minicpmv_kernels_{key}.so"
+    command = compile_command(isa, compiler)
+    key = hashlib.sha256(source + " ".join(command).encode() + version.encode()).hexdigest()[:16]
+    target = _cache_dir() / f"minicpmv_kernels_{isa}_{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(out)], capture_output=True, text=True)
+        result = subprocess.run([*command, str(out)], capture_output=True, text=True)
         if result.returncode:
             raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
         os.replace(out, target)  # atomic: concurrent builders each produce the same file
     return target
 
 
+def _bind(lib: ctypes.CDLL) -> None:
+    i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.mm.argtypes = [ptr, ptr, i64, i64, ptr, i64, i32]
+    lib.rmsnorm_bf16.argtypes = [ptr, i64, i64, i64, ptr, ctypes.c_float, ctypes.c_float, ptr, i64]
+    lib.deltanet_forward.argtypes = [i64, ptr, ptr] + [i64] * 5 + [ptr, i64] * 4 + [ptr] * 6 + [ctypes.c_float, ptr, ptr]
+    lib.attention_blocks.argtypes = [i64, ptr, ptr, i64, i64, ptr, ptr, ptr, i64, ptr]
+    lib.decode_step.argtypes = [i64, ptr, i64, i64, ptr, ptr, ctypes.c_float] + [ptr] * 8 + [i64] + [ptr] * 7
+    lib.kernels_isa.restype = ctypes.c_char_p
+
+
+def load_variant(isa: str) -> ctypes.CDLL:
+    """``isa``'s build of the kernels, compiled if needed (tests compare variants through this)."""
+    lib = ctypes.CDLL(str(_build(isa)))
+    _bind(lib)
+    return lib
+
+
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None (logged once) when they cannot be used here."""
-    global _lib, _tried
+    global _lib, _tried, _isa
     if _tried:
         return _lib
     with _lock:
         if _tried:
             return _lib
-        if os.environ.get("MINICPMV_NO_KERNELS"):
-            log.info("minicpmv CPU kernels disabled by MINICPMV_NO_KERNELS")
-        elif not cpu_supported():
-            log.warning("this CPU lacks AVX-512 BF16: using the plain PyTorch matmul (slower)")
+        try:
+            isa = requested_isa()
+        except ValueError as exc:
+            log.warning("%s: using the plain PyTorch matmul", exc)
+            isa = None
+        if isa is None:
+            if os.environ.get("MINICPMV_NO_KERNELS") or os.environ.get("MINICPMV_ISA", "").strip().lower() == "none":
+                log.info("minicpmv CPU kernels disabled by the environment")
+            elif not cpu_supported():
+                log.warning("this CPU has none of the kernels' instruction sets (%s): using the plain PyTorch "
+                            "matmul (slower)", ", ".join(ISAS))
         else:
             try:
-                lib = ctypes.CDLL(str(_build()))
-                i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-                lib.mm.argtypes = [ptr, ptr, i64, i64, ptr, i64, i32]
-                lib.rmsnorm_bf16.argtypes = [ptr, i64, i64, i64, ptr, ctypes.c_float, ctypes.c_float, ptr, i64]
-                lib.deltanet_forward.argtypes = [i64, ptr, ptr] + [i64] * 5 + [ptr, i64] * 4 + [ptr] * 6 + [ctypes.c_float, ptr, ptr]
-                lib.attention_blocks.argtypes = [i64, ptr, ptr, i64, i64, ptr, ptr, ptr, i64, ptr]
-                lib.decode_step.argtypes = [i64, ptr, i64, i64, ptr, ptr, ctypes.c_float] + [ptr] * 8 + [i64] + [ptr] * 7
-                _lib = lib
+                _lib, _isa = load_variant(isa), isa
+                log.info("minicpmv CPU kernels: %s", isa)
             except Exception as exc:  # no compiler, a failed build: the fallback still works
                 log.warning("could not build the minicpmv CPU kernels (%s): using the plain PyTorch matmul", exc)
         _tried = True
         return _lib
+
+
+def active_isa() -> str | None:
+    """The variant in use ("avx512bf16", "avx2", "neon"), or None (plain PyTorch)."""
+    library()
+    return _isa if _lib is not None else None
 
 
 def available() -> bool:

@@ -1,4 +1,4 @@
-// Small-batch matmul over pre-packed weights for x86 CPUs with AVX-512 BF16: y[M, N] = x[M, K] @ W^T.
+// Small-batch matmul over pre-packed weights: y[M, N] = x[M, K] @ W^T, for each instruction set of simd.h.
 //
 // Decode multiplies one (or a few) activation rows by every weight matrix once per token, so the work is bound by
 // how fast the weights stream from memory. The packed layouts make each 64-column block one linear stream:
@@ -6,12 +6,18 @@
 //   int8: [N/64][K/2][64][2] int8        the bf16 layout, converted to bf16 in registers; + a float scale per column
 //   int4: [N/64][K/G][G/4][4][16][2] u8  per group of G, 16 columns x 2 k per 32 bytes; low nibbles hold the group's
 //                                        first G/2 k, high nibbles the rest; + a bf16 scale per column and group
-// Each activation row's k-pair (or k) is broadcast and multiplied into 16-column accumulators, so a weight load is
-// reused by every row of the batch and no horizontal sums are needed. Blocks are split over OpenMP threads, which
-// share the runtime that PyTorch already loaded (same libgomp soname).
+// Each activation row's k-pair (or k) is broadcast and multiplied into column accumulators, so a weight load is
+// reused by every row of the batch and no horizontal sums are needed. With AVX-512 BF16 a k-pair of 16 columns is
+// one vdpbf16ps; elsewhere (AVX2, NEON) the pair's even and odd k are widened to float32 in registers (a shift and
+// a mask: bf16 is the top half of a float32) and fed to two FMAs, so the weights stay bf16 in memory.
+// Blocks are split over OpenMP threads, which share the runtime that PyTorch already loaded (same libgomp soname).
 //
 // int4 nibbles u = q + 8 are turned into bf16 by OR-ing the exponent of 128 (0x4300 | u == 128 + u exactly), so
-// the group sum is sum((136 + q) x) and 136 * sum(x) over the group is subtracted before scaling.
+// the group sum is sum((136 + q) x) and 136 * sum(x) over the group is subtracted before scaling. On AVX2 they are
+// multiplied as integers instead, with the activations as int16 (group_int4_i16).
+//
+// A batch of decode streams (up to 16 rows, 8 on AVX2) shares one register tile: each weight vector is loaded once
+// per step for all rows, the block's columns taken in as many passes as the accumulators need (run_blocks).
 //
 // The epilogue adds a bias and applies gelu (act = 2, tanh form), or (act = 1) computes silu(gate) * up where each
 // 64-column block holds 32 gate and the matching 32 up columns; it writes bf16 (round to nearest even) or float32.
@@ -19,85 +25,29 @@
 // Below the matmul: the rest of the language model's hot path (RMSNorm, a Gated DeltaNet layer from its projections
 // to out_proj, one-token gated attention), attention within the vision tower's units, and a whole decode step.
 
-#include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
 #include <algorithm>
 #include <type_traits>
+#include <utility>
 #include <vector>
+
+#include "simd.h"
+
+using namespace simd;
 
 namespace {
 
 constexpr int BLOCK = 64;  // output columns per packed block
-constexpr int MT = 4;      // activation rows per register tile
+constexpr int MT = 4;      // activation rows per register tile, many rows (prefill, the vision tower)
 #ifndef PREFETCH
 #define PREFETCH 8192  // bytes to prefetch ahead in a bf16 weight stream (measured best: 8 KiB)
 #endif
 #ifndef PREFETCH_Q
 #define PREFETCH_Q 4096  // the same for int8 / int4 (fewer bytes per k: measured best 4 KiB)
 #endif
-#ifndef HINT
-#define HINT _MM_HINT_NTA
-#endif
-
-inline __m512bh bcast_pair(const uint16_t* x) {
-  uint32_t v;
-  memcpy(&v, x, 4);
-  return (__m512bh)_mm512_set1_epi32((int)v);
-}
-
-inline float bf16_to_f32(uint16_t v) {
-  uint32_t u = (uint32_t)v << 16;
-  float f;
-  memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint16_t f32_to_bf16(float f) {  // round to nearest even, NaN kept quiet
-  uint32_t u;
-  memcpy(&u, &f, 4);
-  if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 0x40);
-  return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
-}
-
-// exp(x) for 16 floats: 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2 (Cephes' polynomial, ~1 ulp).
-inline __m512 exp512(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-88.0f)), _mm512_set1_ps(88.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
-
-inline __m512 silu512(__m512 x) {
-  return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), x))));
-}
-
-// gelu(x) with the tanh approximation: x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3).
-inline __m512 gelu_tanh512(__m512 x) {
-  const __m512 u = _mm512_mul_ps(_mm512_set1_ps(-1.5957691216f),  // -2 sqrt(2/pi)
-                                 _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), x), _mm512_mul_ps(x, x), x));
-  return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(u)));
-}
-
-// Lanes [0, min(left, 16)) of a 16-float vector.
-inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1); }
-
-inline void store16(void* out, int64_t j, __m512 v, int fp32, __mmask16 mask) {
-  if (fp32)
-    _mm512_mask_storeu_ps((float*)out + j, mask, v);
-  else
-    _mm256_mask_storeu_epi16((uint16_t*)out + j, mask, (__m256i)_mm512_cvtneps_pbh(v));
-}
 
 struct Epilogue {
   const float* bias;  // [N] or null
@@ -108,28 +58,49 @@ struct Epilogue {
   // acc: [rows][64] float32 for packed block b.
   void operator()(const float* acc, int rows, int64_t m0, int64_t b) const {
     const int64_t col0 = act == 1 ? b * (BLOCK / 2) : b * BLOCK;
-    const int chunks = act == 1 ? 2 : 4;
+    const int width = act == 1 ? BLOCK / 2 : BLOCK;
     for (int m = 0; m < rows; ++m) {
       const float* a = acc + m * BLOCK;
       char* o = (char*)out + ((m0 + m) * ldo) * (fp32 ? 4 : 2);
-      for (int c = 0; c < chunks; ++c) {
-        const int64_t j = col0 + 16 * c;
+      for (int c = 0; c < width; c += VL) {
+        const int64_t j = col0 + c;
         if (j >= n_out) break;
-        const __mmask16 mask = tail_mask(n_out - j);
-        __m512 v = _mm512_loadu_ps(a + 16 * c);
+        const int64_t left = n_out - j;
+        vf v = vld(a + c);
         if (act == 1) {
-          v = _mm512_mul_ps(silu512(v), _mm512_loadu_ps(a + BLOCK / 2 + 16 * c));
+          v = vmul(vsilu(v), vld(a + BLOCK / 2 + c));
         } else {
-          if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias + j));
-          if (act == 2) v = gelu_tanh512(v);
+          if (bias) v = vadd(v, vldn(bias + j, left));
+          if (act == 2) v = vgelu_tanh(v);
         }
-        store16(o, j, v, fp32, mask);
+        if (fp32)
+          vstn((float*)o + j, v, left);
+        else
+          vst_bf16n((uint16_t*)o + j, v, left);
       }
     }
   }
 };
 
-// ---- bf16 and int8 ------------------------------------------------------------------------------------------------
+// Activations: bf16, or float32 (linear_panel widens them once per call: the tiles then broadcast from memory).
+inline float xval(const uint16_t* p) { return bf16_to_f32(*p); }
+inline float xval(const float* p) { return *p; }
+
+// Weights ahead of a column pass: streamed past the caches when one pass reads the whole block, kept in L2 when the
+// block is read in several passes (their cache lines may be shared: a pass of 16 int8 columns reads half a line).
+template <bool SPLIT>
+inline void prefetch_w(const void* p) {
+  if constexpr (SPLIT) prefetch_l2(p); else prefetch_stream(p);
+}
+
+#if defined(MINICPMV_DPBF16)
+// ---- AVX-512 BF16 tiles: a k-pair of 16 columns per vdpbf16ps --------------------------------------------------
+inline __m512bh bcast_pair(const uint16_t* x) {
+  uint32_t v;
+  memcpy(&v, x, 4);
+  return (__m512bh)_mm512_set1_epi32((int)v);
+}
+
 // 32 int8 weights (16 columns x a k-pair, the bf16 layout) -> bf16, exactly.
 inline __m512bh int8_pairs(const int8_t* p) {
   const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
@@ -137,61 +108,70 @@ inline __m512bh int8_pairs(const int8_t* p) {
   return _mm512_cvtne2ps_pbh(hi, lo);
 }
 
-// acc_out[R][64] = x[R, 2 k2] . the block's k2 k-pairs of 64 columns; W = uint16_t (bf16) or int8_t (converted to bf16
-// in registers as it streams by; the column scales come later).
-template <int R, class W>
-void matmul_tile(const uint16_t* x, int64_t ldx, int64_t k2, const W* w, float* acc_out) {
+// acc_out[R][64] columns of chunks [c0, c0 + C) (16 columns each) = x[R, 2 k2] . those columns of the block's k2
+// k-pairs; W = uint16_t (bf16) or int8_t (converted to bf16 in registers as it streams by; the column scales come
+// later). R x C accumulators: up to 4 rows take the whole block in one pass, 16 rows (a batch of decode streams)
+// one chunk at a time, so each weight vector loaded serves every row.
+template <int R, int C, class W>
+void matmul_cols(const uint16_t* x, int64_t ldx, int64_t k2, const W* w, float* acc_out, int c0) {
   constexpr bool int8 = std::is_same_v<W, int8_t>;
-  __m512 acc[R][4];
+  __m512 acc[R][C];
   for (int m = 0; m < R; ++m)
-    for (int c = 0; c < 4; ++c) acc[m][c] = _mm512_setzero_ps();
+    for (int c = 0; c < C; ++c) acc[m][c] = _mm512_setzero_ps();
   for (int64_t p = 0; p < k2; ++p) {
-    const W* wp = w + p * 2 * BLOCK;
-    __m512bh wv[4];
-    for (int c = 0; c < 4; ++c) {
+    const W* wp = w + p * 2 * BLOCK + 32 * c0;
+    __m512bh wv[C];
+    for (int c = 0; c < C; ++c) {
       if constexpr (int8) {
-        if (c < 2) _mm_prefetch((const char*)wp + PREFETCH_Q + 64 * c, HINT);
+        if (c % 2 == 0) prefetch_w<(C < 4)>((const char*)wp + PREFETCH_Q + 32 * c);
         wv[c] = int8_pairs(wp + 32 * c);
       } else {
-        _mm_prefetch((const char*)wp + PREFETCH + 64 * c, HINT);
+        prefetch_w<(C < 4)>((const char*)wp + PREFETCH + 64 * c);
         wv[c] = (__m512bh)_mm512_loadu_si512(wp + 32 * c);
       }
     }
     for (int m = 0; m < R; ++m) {
       const __m512bh xv = bcast_pair(x + m * ldx + 2 * p);
-      for (int c = 0; c < 4; ++c) acc[m][c] = _mm512_dpbf16_ps(acc[m][c], wv[c], xv);
+      for (int c = 0; c < C; ++c) acc[m][c] = _mm512_dpbf16_ps(acc[m][c], wv[c], xv);
     }
   }
   for (int m = 0; m < R; ++m)
-    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(acc_out + m * BLOCK + 16 * c, acc[m][c]);
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(acc_out + m * BLOCK + 16 * (c0 + c), acc[m][c]);
 }
 
-// ---- int4 ---------------------------------------------------------------------------------------------------------
-// One group of g k-values for R rows: acc_out[m][64] += scale * (sum((136 + q) x) - 136 * gsum[m]).
-template <int R>
-void group_int4(const uint16_t* x, int64_t ldx, int64_t g, const uint8_t* w, const uint16_t* scale,
-                const float* gsum, int64_t ldg, float* acc_out) {
+constexpr int chunks_for(int R) { return R <= 4 ? 4 : R <= 8 ? 2 : 1; }
+
+template <int R, class W>
+void matmul_tile(const uint16_t* x, int64_t ldx, int64_t k2, const W* w, float* acc_out) {
+  constexpr int C = chunks_for(R);
+  for (int c0 = 0; c0 < 4; c0 += C) matmul_cols<R, C>(x, ldx, k2, w, acc_out, c0);
+}
+
+// One group of g k-values for R rows over chunks [c0, c0 + C): acc_out[m][.] += scale * (sum((136 + q) x) - 136 *
+// gsum[m]).
+template <int R, int C>
+void group_int4_cols(const uint16_t* x, int64_t ldx, int64_t g, const uint8_t* w, const uint16_t* scale,
+                     const float* gsum, int64_t ldg, float* acc_out, int c0) {
   const __m512i lo_mask = _mm512_set1_epi16(0x000f), bias = _mm512_set1_epi16(0x4300);
   // Low and high nibbles into separate accumulators where registers allow: two dependency chains per column
   // vector instead of one (a single row is latency bound otherwise).
   constexpr int A = R <= 2 ? 2 : 1;
-  __m512 acc[R][4], acc2[R][4];
+  __m512 acc[R][C], acc2[R][C];
   for (int m = 0; m < R; ++m)
-    for (int c = 0; c < 4; ++c) acc[m][c] = _mm512_setzero_ps(), acc2[m][c] = _mm512_setzero_ps();
+    for (int c = 0; c < C; ++c) acc[m][c] = _mm512_setzero_ps(), acc2[m][c] = _mm512_setzero_ps();
   const int64_t rows = g / 4;  // k-pairs in the low nibbles; the same number in the high ones
   for (int64_t r = 0; r < rows; ++r) {
     const uint8_t* wp = w + r * 4 * 32;
-    _mm_prefetch((const char*)wp + PREFETCH_Q, HINT);
-    _mm_prefetch((const char*)wp + PREFETCH_Q + 64, HINT);
-    __m512bh lo[4], hi[4];
-    for (int c = 0; c < 4; ++c) {
-      __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(wp + 32 * c)));
+    if (c0 == 0) prefetch_w<(C < 4)>(wp + PREFETCH_Q), prefetch_w<(C < 4)>(wp + PREFETCH_Q + 64);
+    __m512bh lo[C], hi[C];
+    for (int c = 0; c < C; ++c) {
+      __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(wp + 32 * (c0 + c))));
       lo[c] = (__m512bh)_mm512_ternarylogic_epi32(v, lo_mask, bias, 0xEA);  // (v & 0xf) | 0x4300
       hi[c] = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(v, 4), bias);
     }
     for (int m = 0; m < R; ++m) {
       __m512bh xl = bcast_pair(x + m * ldx + 2 * r), xh = bcast_pair(x + m * ldx + 2 * (r + rows));
-      for (int c = 0; c < 4; ++c) {
+      for (int c = 0; c < C; ++c) {
         acc[m][c] = _mm512_dpbf16_ps(acc[m][c], lo[c], xl);
         if (A == 2)
           acc2[m][c] = _mm512_dpbf16_ps(acc2[m][c], hi[c], xh);
@@ -202,37 +182,292 @@ void group_int4(const uint16_t* x, int64_t ldx, int64_t g, const uint8_t* w, con
   }
   if (A == 2)
     for (int m = 0; m < R; ++m)
-      for (int c = 0; c < 4; ++c) acc[m][c] = _mm512_add_ps(acc[m][c], acc2[m][c]);
-  __m512 s[4];
-  for (int c = 0; c < 4; ++c)
-    s[c] = _mm512_castsi512_ps(
-        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(scale + 16 * c))), 16));
+      for (int c = 0; c < C; ++c) acc[m][c] = _mm512_add_ps(acc[m][c], acc2[m][c]);
+  __m512 s[C];
+  for (int c = 0; c < C; ++c) s[c] = vld_bf16(scale + 16 * (c0 + c));
   for (int m = 0; m < R; ++m) {
     __m512 off = _mm512_set1_ps(136.0f * gsum[m * ldg]);
-    for (int c = 0; c < 4; ++c) {
-      float* o = acc_out + m * BLOCK + 16 * c;
+    for (int c = 0; c < C; ++c) {
+      float* o = acc_out + m * BLOCK + 16 * (c0 + c);
       _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_sub_ps(acc[m][c], off), s[c], _mm512_loadu_ps(o)));
     }
   }
 }
 
 template <int R>
-void tile_int4(const uint16_t* x, int64_t ldx, int64_t k, int64_t g, const uint8_t* w, const uint16_t* scale,
+void group_int4(const uint16_t* x, int64_t ldx, int64_t g, const uint8_t* w, const uint16_t* scale,
+                const float* gsum, int64_t ldg, float* acc_out) {
+  constexpr int C = chunks_for(R);
+  for (int c0 = 0; c0 < 4; c0 += C) group_int4_cols<R, C>(x, ldx, g, w, scale, gsum, ldg, acc_out, c0);
+}
+
+inline void int8_to_bf16(const int8_t* w, int64_t n, uint16_t* out) {  // n a multiple of 32
+  for (int64_t i = 0; i < n; i += 32) _mm512_storeu_si512(out + i, (__m512i)int8_pairs(w + i));
+}
+
+#else
+// ---- portable tiles (AVX2, NEON, plain C++): each k-pair widened to float32, two FMAs per column vector --------
+// Column vectors per register tile of R rows: as many accumulators as the register file holds beside the weights
+// (AVX2: 16 ymm, 8 for accumulators; NEON: 32 q registers, 16), a power of two dividing the block.
+#if defined(MINICPMV_AVX2)
+constexpr int NREG = 16, ACC_REGS = 8;
+#else
+constexpr int NREG = 32, ACC_REGS = 16;
+#endif
+constexpr int NVEC = BLOCK / VL;  // column vectors per block
+constexpr int cols_for(int R, int acc_regs = ACC_REGS) {
+  int c = NVEC;
+  while (c > 1 && c * R > acc_regs) c /= 2;
+  return c;
+}
+
+inline Pair load_pair(const uint16_t* p) { return pair_bf16(p); }
+inline Pair load_pair(const int8_t* p) { return pair_int8(p); }
+
+// acc_out[R][64] columns [c0, c0 + CV VL) = x[R, 2 k2] . those columns of the block's k2 k-pairs.
+template <int R, int CV, class W, class X>
+void matmul_cols(const X* x, int64_t ldx, int64_t k2, const W* w, float* acc_out, int c0) {
+  constexpr int ahead = std::is_same_v<W, int8_t> ? PREFETCH_Q : PREFETCH;
+  constexpr int bytes = CV * VL * 2 * (int)sizeof(W);  // of each k-pair row read here
+  vf acc[R][CV];
+  for (int m = 0; m < R; ++m)
+    for (int v = 0; v < CV; ++v) acc[m][v] = vzero();
+  for (int64_t p = 0; p < k2; ++p) {
+    const W* wp = w + p * 2 * BLOCK + 2 * c0;
+    for (int b = 0; b < bytes; b += 64) prefetch_w<(CV < NVEC)>((const char*)wp + ahead + b);
+    // Registers: either every widened weight pair stays live while each row's pair is broadcast, or every row's
+    // broadcasts stay live while the weight pairs come one at a time, whichever fits beside the accumulators.
+    if constexpr (2 * CV + R * CV + 3 <= NREG) {
+      Pair pw[CV];
+      for (int v = 0; v < CV; ++v) pw[v] = load_pair(wp + 2 * VL * v);
+      for (int m = 0; m < R; ++m) {
+        const vf x0 = vset(xval(x + m * ldx + 2 * p)), x1 = vset(xval(x + m * ldx + 2 * p + 1));
+        for (int v = 0; v < CV; ++v) acc[m][v] = vfma(pw[v].odd, x1, vfma(pw[v].even, x0, acc[m][v]));
+      }
+    } else {
+      vf x0[R], x1[R];
+      for (int m = 0; m < R; ++m)
+        x0[m] = vset(xval(x + m * ldx + 2 * p)), x1[m] = vset(xval(x + m * ldx + 2 * p + 1));
+      for (int v = 0; v < CV; ++v) {
+        const Pair pw = load_pair(wp + 2 * VL * v);
+        for (int m = 0; m < R; ++m) acc[m][v] = vfma(pw.odd, x1[m], vfma(pw.even, x0[m], acc[m][v]));
+      }
+    }
+  }
+  for (int m = 0; m < R; ++m)
+    for (int v = 0; v < CV; ++v) vst(acc_out + m * BLOCK + c0 + VL * v, acc[m][v]);
+}
+
+template <int R, class W, class X>
+void matmul_tile(const X* x, int64_t ldx, int64_t k2, const W* w, float* acc_out) {
+  constexpr int CV = cols_for(R);
+  for (int c0 = 0; c0 < BLOCK; c0 += CV * VL) matmul_cols<R, CV>(x, ldx, k2, w, acc_out, c0);
+}
+
+// One int4 group for R rows over columns [c0, c0 + CV VL): acc_out[m][.] += scale (sum((136 + q) x) - 136 gsum[m]).
+template <int R, int CV, class X>
+void group_int4_cols(const X* x, int64_t ldx, int64_t g, const uint8_t* w, const uint16_t* scale,
+                     const float* gsum, int64_t ldg, float* acc_out, int c0) {
+  vf acc[R][CV];
+  for (int m = 0; m < R; ++m)
+    for (int v = 0; v < CV; ++v) acc[m][v] = vzero();
+  const int64_t rows = g / 4;
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* wp = w + r * 4 * 32;
+    if (c0 == 0) prefetch_w<(CV < NVEC)>(wp + PREFETCH_Q), prefetch_w<(CV < NVEC)>(wp + PREFETCH_Q + 64);
+    Pair lo[CV], hi[CV];
+    for (int v = 0; v < CV; ++v) {
+      const int col = c0 + VL * v;  // bytes of column col: chunk col / 16, then 2 per column
+      pair_int4(wp + (col / 16) * 32 + (col % 16) * 2, lo[v], hi[v]);
+    }
+    for (int m = 0; m < R; ++m) {
+      const X* xm = x + m * ldx;
+      const vf xl0 = vset(xval(xm + 2 * r)), xl1 = vset(xval(xm + 2 * r + 1));
+      const vf xh0 = vset(xval(xm + 2 * (r + rows))), xh1 = vset(xval(xm + 2 * (r + rows) + 1));
+      for (int v = 0; v < CV; ++v) {
+        vf a = vfma(lo[v].even, xl0, acc[m][v]);
+        a = vfma(lo[v].odd, xl1, a);
+        a = vfma(hi[v].even, xh0, a);
+        acc[m][v] = vfma(hi[v].odd, xh1, a);
+      }
+    }
+  }
+  for (int m = 0; m < R; ++m) {
+    const vf off = vset(136.0f * gsum[m * ldg]);
+    for (int v = 0; v < CV; ++v) {
+      float* o = acc_out + m * BLOCK + c0 + VL * v;
+      vst(o, vfma(vsub(acc[m][v], off), vld_bf16(scale + c0 + VL * v), vld(o)));
+    }
+  }
+}
+
+template <int R, class X>
+void group_int4(const X* x, int64_t ldx, int64_t g, const uint8_t* w, const uint16_t* scale,
+                const float* gsum, int64_t ldg, float* acc_out) {
+  constexpr int CV = cols_for(R, NREG == 16 ? 4 : 8);  // 4 weight vectors per column vector stay live
+  for (int c0 = 0; c0 < BLOCK; c0 += CV * VL) group_int4_cols<R, CV>(x, ldx, g, w, scale, gsum, ldg, acc_out, c0);
+}
+
+inline void int8_to_bf16(const int8_t* w, int64_t n, uint16_t* out) {  // exact: |q| <= 127
+  for (int64_t i = 0; i < n; ++i) out[i] = f32_to_bf16((float)w[i]);
+}
+#endif
+
+#if defined(MINICPMV_AVX2)
+// int4 on AVX2 by integer dot products: each group's activations as int16 with a power-of-two scale (15 bits for
+// the group's largest: finer than bf16 for every value above 1/256 of it, exact for small integers), so
+// a nibble pair and an activation pair make one vpmaddwd and the group sums are exact int32, converted once per
+// group: half the instructions of widening each nibble to float32. The nibbles u = q + 8 are used as they are and
+// 8 sum(xq) is subtracted. gs (per row, row stride ldg): the groups' sums of xq [ng], then their scales [ng].
+template <int R, int CV>
+void group_int4_i16(const int16_t* xq, int64_t ldx, int64_t g, const uint8_t* w, const uint16_t* scale,
+                    const float* gs, int64_t ldg, int64_t ng, float* acc_out, int c0) {
+  __m256i acc[R][CV];
+  for (int m = 0; m < R; ++m)
+    for (int v = 0; v < CV; ++v) acc[m][v] = _mm256_setzero_si256();
+  const __m256i nib = _mm256_set1_epi16(0x000f);
+  const int64_t rows = g / 4;
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* wp = w + r * 4 * 32;
+    if (c0 == 0) prefetch_w<(CV < 8)>(wp + PREFETCH_Q), prefetch_w<(CV < 8)>(wp + PREFETCH_Q + 64);
+    __m256i lo[CV], hi[CV];
+    for (int v = 0; v < CV; ++v) {
+      const int col = c0 + 8 * v;
+      const __m256i u = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(wp + (col / 16) * 32 + (col % 16) * 2)));
+      lo[v] = _mm256_and_si256(u, nib), hi[v] = _mm256_srli_epi16(u, 4);
+    }
+    for (int m = 0; m < R; ++m) {
+      int32_t pl, ph;
+      memcpy(&pl, xq + m * ldx + 2 * r, 4);
+      memcpy(&ph, xq + m * ldx + 2 * (r + rows), 4);
+      const __m256i xl = _mm256_set1_epi32(pl), xh = _mm256_set1_epi32(ph);
+      for (int v = 0; v < CV; ++v)
+        acc[m][v] = _mm256_add_epi32(acc[m][v], _mm256_add_epi32(_mm256_madd_epi16(lo[v], xl), _mm256_madd_epi16(hi[v], xh)));
+    }
+  }
+  for (int m = 0; m < R; ++m) {
+    const __m256i off = _mm256_set1_epi32(8 * (int32_t)gs[m * ldg]);
+    const vf xs = vset(gs[m * ldg + ng]);
+    for (int v = 0; v < CV; ++v) {
+      const int col = c0 + 8 * v;
+      float* o = acc_out + m * BLOCK + col;
+      const vf dot = _mm256_cvtepi32_ps(_mm256_sub_epi32(acc[m][v], off));
+      vst(o, vfma(dot, vmul(xs, vld_bf16(scale + col)), vld(o)));
+    }
+  }
+}
+
+template <int R>
+void tile_int4_i16(const int16_t* xq, int64_t ldx, int64_t k, int64_t g, const uint8_t* w, const uint16_t* scale,
+                   const float* gs, int64_t ldg, float* acc_out) {
+  constexpr int CV = R == 1 ? 4 : R <= 4 ? 2 : 1;
+  const int64_t ng = k / g;
+  memset(acc_out, 0, sizeof(float) * R * BLOCK);
+  for (int64_t i = 0; i < ng; ++i)
+    for (int c0 = 0; c0 < BLOCK; c0 += 8 * CV)
+      group_int4_i16<R, CV>(xq + i * g, ldx, g, w + i * g * 32, scale + i * BLOCK, gs + i, ldg, ng, acc_out, c0);
+}
+
+// int8 the same way: per group of 64 k (32 pairs) the int32 sums of weight pairs times activation pairs (vpmaddwd)
+// go into the float32 accumulators acc_out with the group's activation scale; the column scales come later.
+// xs: the groups' activation scales (row stride ldg).
+template <int R, int CV>
+void matmul_int8_i16(const int16_t* xq, int64_t ldx, int64_t k2, const int8_t* w, const float* xs, int64_t ldg,
+                     float* acc_out, int c0) {
+  constexpr int bytes = CV * 16;  // of each k-pair row read here
+  for (int m = 0; m < R; ++m)
+    for (int v = 0; v < CV; ++v) vst(acc_out + m * BLOCK + c0 + 8 * v, vzero());
+  for (int64_t p0 = 0; p0 < k2; p0 += 32) {
+    __m256i acc[R][CV];
+    for (int m = 0; m < R; ++m)
+      for (int v = 0; v < CV; ++v) acc[m][v] = _mm256_setzero_si256();
+    const int64_t p1 = std::min<int64_t>(k2, p0 + 32);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int8_t* wp = w + p * 2 * BLOCK + 2 * c0;
+      for (int b = 0; b < bytes; b += 64) prefetch_w<(CV < 8)>((const char*)wp + PREFETCH_Q + b);
+      __m256i wv[CV];
+      for (int v = 0; v < CV; ++v) wv[v] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(wp + 16 * v)));
+      for (int m = 0; m < R; ++m) {
+        int32_t pair;
+        memcpy(&pair, xq + m * ldx + 2 * p, 4);
+        const __m256i xp = _mm256_set1_epi32(pair);
+        for (int v = 0; v < CV; ++v) acc[m][v] = _mm256_add_epi32(acc[m][v], _mm256_madd_epi16(wv[v], xp));
+      }
+    }
+    for (int m = 0; m < R; ++m) {
+      const vf s = vset(xs[m * ldg + p0 / 32]);
+      for (int v = 0; v < CV; ++v) {
+        float* o = acc_out + m * BLOCK + c0 + 8 * v;
+        vst(o, vfma(_mm256_cvtepi32_ps(acc[m][v]), s, vld(o)));
+      }
+    }
+  }
+}
+
+template <int R>
+void tile_int8_i16(const int16_t* xq, int64_t ldx, int64_t k2, const int8_t* w, const float* xs, int64_t ldg,
+                   float* acc_out) {
+  constexpr int CV = R == 1 ? 8 : R == 2 ? 4 : R <= 4 ? 2 : 1;  // one row: the whole block in one linear pass
+  for (int c0 = 0; c0 < BLOCK; c0 += 8 * CV) matmul_int8_i16<R, CV>(xq, ldx, k2, w, xs, ldg, acc_out, c0);
+}
+
+// Row m of x [M, K] bf16 -> xq int16 and, per group of g, the sum of xq and the scale (gs: 2 ng floats).
+inline void quantize_int16_row(const uint16_t* x, int64_t K, int64_t g, int16_t* xq, float* gs) {
+  const int64_t ng = (K + g - 1) / g;  // the last group may be partial
+  for (int64_t i = 0; i < ng; ++i) {
+    const int64_t end = std::min(K, (i + 1) * g);
+    float top = 0.0f;
+    for (int64_t j = i * g; j < end; ++j) top = std::max(top, fabsf(bf16_to_f32(x[j])));
+    int e = 0;
+    if (top > 0.0f) frexpf(top, &e);  // top = f 2^e, f in [0.5, 1): top / 2^(e - 15) < 2^15
+    const float inv = ldexpf(1.0f, 15 - e);
+    int32_t sum = 0;
+    for (int64_t j = i * g; j < end; ++j) {
+      xq[j] = (int16_t)std::min(32767.0f, std::max(-32767.0f, nearbyintf(bf16_to_f32(x[j]) * inv)));
+      sum += xq[j];
+    }
+    gs[i] = (float)sum, gs[ng + i] = ldexpf(1.0f, e - 15);
+  }
+}
+#endif
+
+template <int R, class X>
+void tile_int4(const X* x, int64_t ldx, int64_t k, int64_t g, const uint8_t* w, const uint16_t* scale,
                const float* gsum, int64_t ldg, float* acc_out) {
   memset(acc_out, 0, sizeof(float) * R * BLOCK);
   for (int64_t i = 0; i < k / g; ++i)
     group_int4<R>(x + i * g, ldx, g, w + i * g * 32, scale + i * BLOCK, gsum + i, ldg, acc_out);
 }
 
-// Calls tile(rows, m0, acc) for row groups of at most MT, then the epilogue, for every block, shared among the
-// threads of the enclosing parallel region (the callers open one).
+// Rows per register tile for a batch of decode streams: all of them where the registers allow, so each block's
+// weights stream from memory once per step for every row.
+#if defined(MINICPMV_AVX2) || !(defined(MINICPMV_DPBF16) || defined(MINICPMV_NEON))
+constexpr int MAXR = 8;
+#else
+constexpr int MAXR = 16;
+#endif
+
+// f(std::integral_constant<int, rows>) for rows in [1, MAXR].
+template <int R = 1, class F>
+inline void with_rows(int rows, F&& f) {
+  if constexpr (R < MAXR) {
+    if (rows > R) return with_rows<R + 1>(rows, f);
+  }
+  f(std::integral_constant<int, R>{});
+}
+
+// Calls tile(b, rows, m0, acc) for the row groups of every block, then the epilogue, shared among the threads of the
+// enclosing parallel region (the callers open one). Up to 2 MAXR rows (decode) go in as few, even groups as fit
+// the registers; more (prefill) in groups of MT, which leave registers for whole-block passes.
 template <class Tile>
 void run_blocks(int64_t M, int64_t nblocks, const Epilogue& ep, Tile tile) {
+  const int64_t groups = M <= 2 * MAXR ? (M + MAXR - 1) / MAXR : (M + MT - 1) / MT;
+  const int64_t step = (M + groups - 1) / groups;
 #pragma omp for schedule(dynamic, 1)  // dynamic: a thread slowed by another process does less
   for (int64_t b = 0; b < nblocks; ++b) {
-    alignas(64) float acc[MT * BLOCK];
-    for (int64_t m0 = 0; m0 < M; m0 += MT) {
-      int rows = (int)std::min<int64_t>(MT, M - m0);
+    alignas(64) float acc[MAXR * BLOCK];
+    for (int64_t m0 = 0; m0 < M; m0 += step) {
+      int rows = (int)std::min<int64_t>(step, M - m0);
       tile(b, rows, m0, acc);
       ep(acc, rows, m0, b);
     }
@@ -263,36 +498,31 @@ struct Linear {
 
 namespace {
 
-// y = x W^T for rows that fit one panel (below).
-void linear_panel(const Linear& L, const uint16_t* x, int64_t M, int64_t ldx, void* out, int64_t ldo, int fp32,
-                  float* gsum) {
+// y = x W^T for rows that fit one panel (below); x bf16 or (the portable tiles) float32.
+template <class X>
+void linear_blocks(const Linear& L, const X* x, int64_t M, int64_t ldx, void* out, int64_t ldo, int fp32,
+                   float* gsum, bool own = false) {  // own: gsum is this thread's (each computes it)
   const Epilogue ep{L.bias, out, ldo, L.n_out, fp32, L.act};
   const int64_t K = L.k, k2 = K / 2;
   if (L.quant == 0) {
     const uint16_t* w = (const uint16_t*)L.w;
     run_blocks(M, L.nblocks, ep, [&](int64_t b, int rows, int64_t m0, float* acc) {
-#define CALL(R) matmul_tile<R>(x + m0 * ldx, ldx, k2, w + b * k2 * 2 * BLOCK, acc)
-      DISPATCH_ROWS(rows, CALL)
-#undef CALL
+      with_rows(rows, [&](auto R) { matmul_tile<R()>(x + m0 * ldx, ldx, k2, w + b * k2 * 2 * BLOCK, acc); });
     });
   } else if (L.quant == 1) {
     const int8_t* w = (const int8_t*)L.w;
     const float* scale = (const float*)L.scale;
     run_blocks(M, L.nblocks, ep, [&](int64_t b, int rows, int64_t m0, float* acc) {
       const int8_t* wb = w + b * K * BLOCK;
-      if (M <= MT) {  // decode: convert in registers as the weights stream by
-#define CALL(R) matmul_tile<R>(x + m0 * ldx, ldx, k2, wb, acc)
-        DISPATCH_ROWS(rows, CALL)
-#undef CALL
+      if (rows == M) {  // decode: convert in registers as the weights stream by
+        with_rows(rows, [&](auto R) { matmul_tile<R()>(x + m0 * ldx, ldx, k2, wb, acc); });
       } else {  // several row groups: convert the block to bf16 once, then run the bf16 tiles on it
         thread_local std::vector<uint16_t> block;
         if (m0 == 0) {
           block.resize(K * BLOCK);
-          for (int64_t i = 0; i < K * BLOCK; i += 32) _mm512_storeu_si512(block.data() + i, (__m512i)int8_pairs(wb + i));
+          int8_to_bf16(wb, K * BLOCK, block.data());
         }
-#define CALL(R) matmul_tile<R>(x + m0 * ldx, ldx, k2, block.data(), acc)
-        DISPATCH_ROWS(rows, CALL)
-#undef CALL
+        with_rows(rows, [&](auto R) { matmul_tile<R()>(x + m0 * ldx, ldx, k2, block.data(), acc); });
       }
       const float* s = scale + b * BLOCK;
       for (int m = 0; m < rows; ++m)
@@ -300,30 +530,108 @@ void linear_panel(const Linear& L, const uint16_t* x, int64_t M, int64_t ldx, vo
     });
   } else {
     const int64_t g = L.group, ng = K / g;
+    auto sums = [&] {  // per row and group: sum of x, for the nibble offset
+      for (int64_t m = 0; m < M; ++m) {
+        for (int64_t i = 0; i < ng; ++i) gsum[m * ng + i] = 0.0f;
+        for (int64_t i = 0; i < K; ++i) gsum[m * ng + i / g] += xval(x + m * ldx + i);
+      }
+    };
+    if (own)
+      sums();
+    else
 #pragma omp single
-    for (int64_t m = 0; m < M; ++m) {  // per row and group: sum of x, for the nibble offset
-      for (int64_t i = 0; i < ng; ++i) gsum[m * ng + i] = 0.0f;
-      for (int64_t i = 0; i < K; ++i) gsum[m * ng + i / g] += bf16_to_f32(x[m * ldx + i]);
-    }
+      sums();
     const uint8_t* w = (const uint8_t*)L.w;
     const uint16_t* scale = (const uint16_t*)L.scale;
     run_blocks(M, L.nblocks, ep, [&](int64_t b, int rows, int64_t m0, float* acc) {
-#define CALL(R) tile_int4<R>(x + m0 * ldx, ldx, K, g, w + b * K * BLOCK / 2, scale + b * ng * BLOCK, gsum + m0 * ng, ng, acc)
-      DISPATCH_ROWS(rows, CALL)
-#undef CALL
+      with_rows(rows, [&](auto R) {
+        tile_int4<R()>(x + m0 * ldx, ldx, K, g, w + b * K * BLOCK / 2, scale + b * ng * BLOCK, gsum + m0 * ng, ng, acc);
+      });
     });
   }
 }
 
-// y = x W^T for the threads of the enclosing parallel region. gsum: [M, K/group] float32 workspace (int4).
+// xf: [M, K] float32 workspace for the portable tiles (their activations widened once, not per column pass).
+void linear_panel(const Linear& L, const uint16_t* x, int64_t M, int64_t ldx, void* out, int64_t ldo, int fp32,
+                  float* gsum, float* xf) {
+#if defined(MINICPMV_DPBF16)
+  (void)xf;
+  linear_blocks(L, x, M, ldx, out, ldo, fp32, gsum);
+#else
+  const int64_t K = L.k;
+  // A few rows (decode) each thread prepares for itself, in buffers of its own: no barrier before the tiles.
+  const bool own = M <= 2 * MAXR;
+  thread_local std::vector<float> own_x, own_g;
+  if (own) {
+    own_x.resize(M * K), own_g.resize(M * 2 * ((K + 31) / 32));
+    xf = own_x.data(), gsum = own_g.data();
+  }
+#if defined(MINICPMV_AVX2)
+  if (L.quant == 2) {
+    const int64_t g = L.group, ng = K / g;
+    int16_t* xq = (int16_t*)xf;
+    if (own)
+      for (int64_t m = 0; m < M; ++m) quantize_int16_row(x + m * ldx, K, g, xq + m * K, gsum + m * 2 * ng);
+    else
+#pragma omp for schedule(static)
+      for (int64_t m = 0; m < M; ++m) quantize_int16_row(x + m * ldx, K, g, xq + m * K, gsum + m * 2 * ng);
+    const Epilogue ep{L.bias, out, ldo, L.n_out, fp32, L.act};
+    const uint8_t* w = (const uint8_t*)L.w;
+    const uint16_t* scale = (const uint16_t*)L.scale;
+    run_blocks(M, L.nblocks, ep, [&](int64_t b, int rows, int64_t m0, float* acc) {
+      with_rows(rows, [&](auto R) {
+        tile_int4_i16<R()>(xq + m0 * K, K, K, g, w + b * K * BLOCK / 2, scale + b * ng * BLOCK, gsum + m0 * 2 * ng,
+                           2 * ng, acc);
+      });
+    });
+    return;
+  }
+  if (L.quant == 1) {
+    const int64_t ng = (K + 63) / 64;
+    int16_t* xq = (int16_t*)xf;
+    if (own)
+      for (int64_t m = 0; m < M; ++m) quantize_int16_row(x + m * ldx, K, 64, xq + m * K, gsum + m * 2 * ng);
+    else
+#pragma omp for schedule(static)
+      for (int64_t m = 0; m < M; ++m) quantize_int16_row(x + m * ldx, K, 64, xq + m * K, gsum + m * 2 * ng);
+    const Epilogue ep{L.bias, out, ldo, L.n_out, fp32, L.act};
+    const int8_t* w = (const int8_t*)L.w;
+    const float* scale = (const float*)L.scale;
+    run_blocks(M, L.nblocks, ep, [&](int64_t b, int rows, int64_t m0, float* acc) {
+      with_rows(rows, [&](auto R) {
+        tile_int8_i16<R()>(xq + m0 * K, K, K / 2, w + b * K * BLOCK, gsum + m0 * 2 * ng + ng, 2 * ng, acc);
+      });
+      const float* s = scale + b * BLOCK;
+      for (int m = 0; m < rows; ++m)
+        for (int j = 0; j < BLOCK; ++j) acc[m * BLOCK + j] *= s[j];
+    });
+    return;
+  }
+#endif
+  if (own)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t i = 0; i < K; ++i) xf[m * K + i] = bf16_to_f32(x[m * ldx + i]);
+  else
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t i = 0; i < K; ++i) xf[m * K + i] = bf16_to_f32(x[m * ldx + i]);
+  linear_blocks(L, (const float*)xf, M, K, out, ldo, fp32, gsum, own);
+#endif
+}
+
+// y = x W^T for the threads of the enclosing parallel region. gsum: [M, 2 K/group] float32 workspace (int4); xf:
+// [min(M, panel_rows(K)), K] float32 workspace (portable tiles).
 // Many rows (prefill, the vision tower) go in panels of about 2 MB of activations, which stay in cache while every
 // weight block passes over them: measured 1.4x faster on the vision tower's 10240 x 1152 @ 1152 x 4304.
+inline int64_t panel_rows(int64_t K) { return std::max<int64_t>(16 * MT, (int64_t{1} << 21) / (2 * K) / MT * MT); }
+
 void linear(const Linear& L, const uint16_t* x, int64_t M, int64_t ldx, void* out, int64_t ldo, int fp32,
-            float* gsum) {
-  const int64_t panel = std::max<int64_t>(16 * MT, (int64_t{1} << 21) / (2 * L.k) / MT * MT);
-  const int64_t out_row = ldo * (fp32 ? 4 : 2), ng = L.quant == 2 ? L.k / L.group : 0;
+            float* gsum, float* xf) {
+  const int64_t panel = panel_rows(L.k);
+  const int64_t out_row = ldo * (fp32 ? 4 : 2), ng = L.quant == 2 ? L.k / L.group : (L.k + 63) / 64;
   for (int64_t m0 = 0; m0 < M; m0 += panel)
-    linear_panel(L, x + m0 * ldx, std::min(panel, M - m0), ldx, (char*)out + m0 * out_row, ldo, fp32, gsum + m0 * ng);
+    linear_panel(L, x + m0 * ldx, std::min(panel, M - m0), ldx, (char*)out + m0 * out_row, ldo, fp32, gsum + m0 * 2 * ng,
+                 xf);
 }
 
 }  // namespace
@@ -331,9 +639,9 @@ void linear(const Linear& L, const uint16_t* x, int64_t M, int64_t ldx, void* ou
 extern "C" {
 
 void mm(const Linear* L, const uint16_t* x, int64_t M, int64_t ldx, void* out, int64_t ldo, int fp32) {
-  std::vector<float> gsum(L->quant == 2 ? M * (L->k / L->group) : 0);
+  std::vector<float> gsum(2 * M * (L->quant == 2 ? L->k / L->group : (L->k + 63) / 64)), xf(std::min(M, panel_rows(L->k)) * L->k);
 #pragma omp parallel
-  linear(*L, x, M, ldx, out, ldo, fp32, gsum.data());
+  linear(*L, x, M, ldx, out, ldo, fp32, gsum.data(), xf.data());
 }
 
 }  // extern "C"
@@ -341,62 +649,60 @@ void mm(const Linear* L, const uint16_t* x, int64_t M, int64_t ldx, void* out, i
 // ---- decode-step helpers (one token per sequence; float32 maths, bf16 in and out) --------------------------------
 namespace {
 
-inline __m512 bf16x16(const uint16_t* p, __mmask16 mask) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
-}
+// For columns [j0, j0 + W) of a [dk, dv] state: pred[j] = sum_i S[i][j] k[i] and sq[j] = sum_i S[i][j] q[i].
+// In passes of SUB columns: two accumulators per column vector must fit the registers.
+constexpr int SUB = VL == 16 ? 64 : 32;
 
-// For columns [j0, j0 + 16 NV) of a [dk, dv] state: pred[j] = sum_i S[i][j] k[i] and sq[j] = sum_i S[i][j] q[i].
-template <int NV>
+template <int W>
 void state_dots(const float* S, int64_t dk, int64_t dv, int64_t j0, const float* k, const float* q, float* pred,
                 float* sq) {
-  __m512 p[NV], o[NV];
-  for (int c = 0; c < NV; ++c) p[c] = _mm512_setzero_ps(), o[c] = _mm512_setzero_ps();
-  for (int64_t i = 0; i < dk; ++i) {
-    const float* row = S + i * dv + j0;
-    // In decode the state comes from memory (the weights streamed since have evicted it): ask for the rows 16
-    // ahead now (measured 10-20% faster per layer; a prefetch past the end is harmless).
-    for (int c = 0; c < NV; ++c) _mm_prefetch((const char*)(row + 16 * dv + 16 * c), _MM_HINT_T0);
-    const __m512 ki = _mm512_set1_ps(k[i]), qi = _mm512_set1_ps(q[i]);
-    for (int c = 0; c < NV; ++c) {
-      const __m512 s = _mm512_loadu_ps(row + 16 * c);
-      p[c] = _mm512_fmadd_ps(s, ki, p[c]);
-      o[c] = _mm512_fmadd_ps(s, qi, o[c]);
+  constexpr int P = W < SUB ? W : SUB, NV = P / VL;
+  for (int64_t s0 = j0; s0 < j0 + W; s0 += P) {
+    vf p[NV], o[NV];
+    for (int c = 0; c < NV; ++c) p[c] = vzero(), o[c] = vzero();
+    for (int64_t i = 0; i < dk; ++i) {
+      const float* row = S + i * dv + s0;
+      // In decode the state comes from memory (the weights streamed since have evicted it): ask for the rows 16
+      // ahead now (measured 10-20% faster per layer; a prefetch past the end is harmless).
+      for (int c = 0; c < P; c += 16) prefetch_l1(row + 16 * dv + c);
+      const vf ki = vset(k[i]), qi = vset(q[i]);
+      for (int c = 0; c < NV; ++c) {
+        const vf s = vld(row + VL * c);
+        p[c] = vfma(s, ki, p[c]);
+        o[c] = vfma(s, qi, o[c]);
+      }
     }
+    for (int c = 0; c < NV; ++c) vst(pred + s0 + VL * c, p[c]), vst(sq + s0 + VL * c, o[c]);
   }
-  for (int c = 0; c < NV; ++c) _mm512_storeu_ps(pred + j0 + 16 * c, p[c]), _mm512_storeu_ps(sq + j0 + 16 * c, o[c]);
 }
 
-// S[i][j] = decay S[i][j] + k[i] delta[j] for columns [j0, j0 + 16 NV).
-template <int NV>
+// S[i][j] = decay S[i][j] + k[i] delta[j] for columns [j0, j0 + W).
+template <int W>
 void state_update(float* S, int64_t dk, int64_t dv, int64_t j0, float decay, const float* k, const float* delta) {
-  __m512 d[NV];
-  const __m512 g = _mm512_set1_ps(decay);
-  for (int c = 0; c < NV; ++c) d[c] = _mm512_loadu_ps(delta + j0 + 16 * c);
-  for (int64_t i = 0; i < dk; ++i) {
-    float* row = S + i * dv + j0;
-    const __m512 ki = _mm512_set1_ps(k[i]);
-    for (int c = 0; c < NV; ++c)
-      _mm512_storeu_ps(row + 16 * c, _mm512_fmadd_ps(ki, d[c], _mm512_mul_ps(g, _mm512_loadu_ps(row + 16 * c))));
+  constexpr int P = W < SUB ? W : SUB, NV = P / VL;
+  const vf g = vset(decay);
+  for (int64_t s0 = j0; s0 < j0 + W; s0 += P) {
+    vf d[NV];
+    for (int c = 0; c < NV; ++c) d[c] = vld(delta + s0 + VL * c);
+    for (int64_t i = 0; i < dk; ++i) {
+      float* row = S + i * dv + s0;
+      const vf ki = vset(k[i]);
+      for (int c = 0; c < NV; ++c) vst(row + VL * c, vfma(ki, d[c], vmul(g, vld(row + VL * c))));
+    }
   }
 }
 
 // sum_i q[i] * k[i] for float32 q and bf16 k.
 inline float dot_bf16(const float* q, const uint16_t* k, int64_t d) {
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t i = 0; i < d; i += 16) {
-    const __mmask16 mask = tail_mask(d - i);
-    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, q + i), bf16x16(k + i, mask), acc);
-  }
-  return _mm512_reduce_add_ps(acc);
+  vf acc = vzero();
+  for (int64_t i = 0; i < d; i += VL) acc = vfma(vldn(q + i, d - i), vld_bf16n(k + i, d - i), acc);
+  return vsum(acc);
 }
 
 // acc[i] += a * v[i] for bf16 v.
 inline void axpy_bf16(float a, const uint16_t* v, float* acc, int64_t d) {
-  const __m512 av = _mm512_set1_ps(a);
-  for (int64_t i = 0; i < d; i += 16) {
-    const __mmask16 mask = tail_mask(d - i);
-    _mm512_mask_storeu_ps(acc + i, mask, _mm512_fmadd_ps(av, bf16x16(v + i, mask), _mm512_maskz_loadu_ps(mask, acc + i)));
-  }
+  const vf av = vset(a);
+  for (int64_t i = 0; i < d; i += VL) vstn(acc + i, vfma(av, vld_bf16n(v + i, d - i), vldn(acc + i, d - i)), d - i);
 }
 
 inline void rms_scale(float* x, int64_t n, const uint16_t* w, float offset, float eps) {
@@ -459,16 +765,16 @@ void deltanet_team(int64_t B, const int64_t* starts, const int64_t* lens, int64_
     int64_t b = 0;
     while (t >= starts[b] + lens[b]) ++b;
     const int64_t local = t - starts[b];
-    for (int64_t c = 0; c < conv_dim; c += 16) {
-      const __mmask16 mask = tail_mask(conv_dim - c);
-      __m512 acc = _mm512_setzero_ps();
+    for (int64_t c = 0; c < conv_dim; c += VL) {
+      const int64_t left = conv_dim - c;
+      vf acc = vzero();
       for (int64_t j = 0; j <= taps; ++j) {  // input t - taps + j: from this sequence's rows, else its conv state
         const int64_t u = local - taps + j;
-        const __m512 x = u >= 0 ? bf16x16(mixed + (starts[b] + u) * ld_mixed + c, mask)
-                                : _mm512_maskz_loadu_ps(mask, hist + (b * taps + taps + u) * conv_dim + c);
-        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, conv_wt + j * conv_dim + c), x, acc);
+        const vf x = u >= 0 ? vld_bf16n(mixed + (starts[b] + u) * ld_mixed + c, left)
+                            : vldn(hist + (b * taps + taps + u) * conv_dim + c, left);
+        acc = vfma(vldn(conv_wt + j * conv_dim + c, left), x, acc);
       }
-      _mm512_mask_storeu_ps(scratch + t * conv_dim + c, mask, silu512(acc));
+      vstn(scratch + t * conv_dim + c, vsilu(acc), left);
     }
   }
 #pragma omp for schedule(static)
@@ -525,18 +831,18 @@ void deltanet_team(int64_t B, const int64_t* starts, const int64_t* lens, int64_
       const float kq = params[(t * hv + h) * 3 + 2];
       alignas(64) float pred[512], sq[512], delta[512];
       if (width == 64)
-        state_dots<4>(S, dk, ld, j0, k, q, pred, sq);
+        state_dots<64>(S, dk, ld, j0, k, q, pred, sq);
       else
-        state_dots<1>(S, dk, ld, j0, k, q, pred, sq);
+        state_dots<16>(S, dk, ld, j0, k, q, pred, sq);
       float* o = core + t * hv * dv + h * dv + col - j0;
       for (int64_t j = j0; j < j0 + width; ++j) {
         delta[j] = (v[col - j0 + j] - decay * pred[j]) * beta;
         o[j] = decay * sq[j] + delta[j] * kq;  // S'^T q with S' the updated state
       }
       if (width == 64)
-        state_update<4>(S, dk, ld, j0, decay, k, delta);
+        state_update<64>(S, dk, ld, j0, decay, k, delta);
       else
-        state_update<1>(S, dk, ld, j0, decay, k, delta);
+        state_update<16>(S, dk, ld, j0, decay, k, delta);
     }
     if (copy)
       for (int64_t i = 0; i < dk; ++i) memcpy(state + i * dv + col, &local[i * width], width * 4);
@@ -547,11 +853,11 @@ void deltanet_team(int64_t B, const int64_t* starts, const int64_t* lens, int64_
     const float* c = core + th * dv;
     float ss = 0.0f;
     for (int64_t j = 0; j < dv; ++j) ss += c[j] * c[j];
-    const __m512 r = _mm512_set1_ps(1.0f / sqrtf(ss / dv + eps));
+    const vf r = vset(1.0f / sqrtf(ss / dv + eps));
     const uint16_t* zr = z + t * ld_z + h * dv;
-    for (int64_t j = 0; j < dv; j += 16) {
-      const __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(c + j), r), bf16x16(norm_w + j, 0xffff));
-      store16(out + th * dv, j, _mm512_mul_ps(y, silu512(bf16x16(zr + j, 0xffff))), 0, 0xffff);
+    for (int64_t j = 0; j < dv; j += VL) {
+      const vf y = vmul(vmul(vld(c + j), r), vld_bf16(norm_w + j));
+      vst_bf16(out + th * dv + j, vmul(y, vsilu(vld_bf16(zr + j))));
     }
   }
 }
@@ -600,11 +906,9 @@ void attention_team(int64_t B, int64_t h, int64_t hkv, int64_t d, int64_t rot, c
     for (int64_t j = 0; j < n; ++j) p[j] = expf(p[j] - top), total += p[j];
     for (int64_t j = 0; j < n; ++j) axpy_bf16(p[j] / total, vals + j * d, acc, d);
     uint16_t* o = out + b * h * d + hh * d;
-    for (int64_t i = 0; i < d; i += 16) {  // acc * sigmoid(gate)
-      const __mmask16 mask = tail_mask(d - i);
-      const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), bf16x16(qr + d + i, mask)));
-      const __m512 v = _mm512_div_ps(_mm512_maskz_loadu_ps(mask, acc + i), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
-      store16(o, i, v, 0, mask);
+    for (int64_t i = 0; i < d; i += VL) {  // acc * sigmoid(gate)
+      const vf e = vexp(vsub(vzero(), vld_bf16n(qr + d + i, d - i)));
+      vst_bf16n(o + i, vdiv(vldn(acc + i, d - i), vadd(vset(1.0f), e)), d - i);
     }
   }
 }
@@ -634,6 +938,7 @@ void deltanet_forward(int64_t B, const int64_t* starts, const int64_t* lens, int
 // ---- block attention (the vision tower: bidirectional within each unit) ------------------------------------------
 namespace {
 
+#if defined(MINICPMV_DPBF16)
 // acc[r][c] (16 output dims per chunk c < NC) += sum over key pairs of P[r] . V, V packed [pairs][16][2] per chunk.
 template <int R, int NC>
 void tile_pv(const uint16_t* p, int64_t ldp, int64_t pairs, const uint16_t* v, int64_t ldv_chunk, float* acc_out,
@@ -670,6 +975,42 @@ void pv_chunks(const uint16_t* p, int64_t ldp, int64_t pairs, const uint16_t* v,
     }
   }
 }
+#else
+// The same with widened pairs, CV vectors of VL dims from dim d0 (a multiple of VL) at a time.
+template <int R, int CV>
+void tile_pv(const uint16_t* p, int64_t ldp, int64_t pairs, const uint16_t* v, int64_t ldv_chunk, float* acc_out,
+             int64_t ld_acc, int64_t d0) {
+  vf acc[R][CV];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < CV; ++c) acc[r][c] = vzero();
+  const uint16_t* base[CV];
+  for (int c = 0; c < CV; ++c) {
+    const int64_t dim = d0 + VL * c;
+    base[c] = v + (dim / 16) * ldv_chunk + (dim % 16) * 2;
+  }
+  for (int64_t j = 0; j < pairs; ++j) {
+    vf p0[R], p1[R];
+    for (int r = 0; r < R; ++r)
+      p0[r] = vset(bf16_to_f32(p[r * ldp + 2 * j])), p1[r] = vset(bf16_to_f32(p[r * ldp + 2 * j + 1]));
+    for (int c = 0; c < CV; ++c) {
+      const Pair w = pair_bf16(base[c] + j * 32);
+      for (int r = 0; r < R; ++r) acc[r][c] = vfma(w.odd, p1[r], vfma(w.even, p0[r], acc[r][c]));
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < CV; ++c) vst(acc_out + r * ld_acc + d0 + VL * c, acc[r][c]);
+}
+
+template <int R>
+void pv_chunks(const uint16_t* p, int64_t ldp, int64_t pairs, const uint16_t* v, int64_t ldv_chunk, int64_t nc,
+               float* acc_out, int64_t ld_acc) {
+  constexpr int CV = cols_for(R);
+  const int64_t nv = nc * 16 / VL;
+  int64_t c = 0;
+  for (; c + CV <= nv; c += CV) tile_pv<R, CV>(p, ldp, pairs, v, ldv_chunk, acc_out, ld_acc, c * VL);
+  for (; c < nv; ++c) tile_pv<R, 1>(p, ldp, pairs, v, ldv_chunk, acc_out, ld_acc, c * VL);
+}
+#endif
 
 }  // namespace
 
@@ -698,59 +1039,52 @@ void attention_blocks(int64_t nblk, const int64_t* starts, const int64_t* lens, 
       uint16_t* kb = kp.data() + (j / BLOCK) * d2 * 2 * BLOCK + (j % BLOCK) * 2;
       for (int64_t p = 0; p < d2; ++p) memcpy(kb + p * 2 * BLOCK, kr + 2 * p, 4);
     }
-    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
-                                                22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    for (int64_t j = 0; j < n; j += 2) {  // values j and j + 1, 16 dims at a time, interleaved into pairs
-      const uint16_t* v0 = v + (s0 + j) * ld + hh * d;
-      for (int64_t c = 0; c < nc; ++c) {
-        const __mmask16 mask = tail_mask(d - 16 * c);
-        const __m256i a = _mm256_maskz_loadu_epi16(mask, v0 + 16 * c);
-        const __m256i b = j + 1 < n ? _mm256_maskz_loadu_epi16(mask, v0 + ld + 16 * c) : _mm256_setzero_si256();
-        const __m512i ab = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
-        _mm512_storeu_si512(vp.data() + c * pairs * 32 + (j / 2) * 32, _mm512_permutexvar_epi16(interleave, ab));
+    for (int64_t j = 0; j < n; j += 2)  // values j and j + 1 interleaved into pairs, 16 dims a chunk
+      for (int64_t i = 0; i < nc * 16; ++i) {
+        const uint16_t* v0 = v + (s0 + j) * ld + hh * d + i;
+        uint16_t* dst = vp.data() + (i / 16) * pairs * 32 + (j / 2) * 32 + (i % 16) * 2;
+        dst[0] = i < d ? v0[0] : 0;
+        dst[1] = i < d && j + 1 < n ? v0[ld] : 0;
       }
-    }
     for (int64_t m0 = 0; m0 < n; m0 += MT) {
       const int rows = (int)std::min<int64_t>(MT, n - m0);
       const uint16_t* qm = q + (s0 + m0) * ld + hh * d;
       alignas(64) float tile[MT * BLOCK];
-      __m512 top[MT];
-      for (int r = 0; r < MT; ++r) top[r] = _mm512_set1_ps(-INFINITY);
       for (int64_t kb = 0; kb < n64 / BLOCK; ++kb) {
         const uint16_t* kblock = kp.data() + kb * d2 * 2 * BLOCK;
 #define CALL(R) matmul_tile<R>(qm, ld, d2, kblock, tile)
         DISPATCH_ROWS(rows, CALL)
 #undef CALL
-        for (int r = 0; r < rows; ++r)
-          for (int64_t j = kb * BLOCK; j < std::min(n, (kb + 1) * BLOCK); j += 16) {
-            const __m512 v = _mm512_loadu_ps(tile + r * BLOCK + j - kb * BLOCK);
-            _mm512_storeu_ps(&scores[r * n64 + j], v);
-            top[r] = _mm512_mask_max_ps(top[r], tail_mask(n - j), top[r], v);
-          }
+        for (int r = 0; r < rows; ++r) memcpy(&scores[r * n64 + kb * BLOCK], tile + r * BLOCK, BLOCK * 4);
       }
       // exp(s - max) into P unnormalised; the output is divided by the row's sum at the end (one pass fewer).
       float inv[MT];
       for (int r = 0; r < rows; ++r) {
         const float* s = &scores[r * n64];
-        const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(top[r])), sc = _mm512_set1_ps(scale);
-        __m512 sum = _mm512_setzero_ps();
-        for (int64_t j = 0; j < n; j += 16) {
-          const __mmask16 mask = tail_mask(n - j);
-          const __m512 e = exp512(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(s + j), shift), sc));
-          sum = _mm512_mask_add_ps(sum, mask, sum, e);
-          store16(&pb[r * pairs * 2], j, e, 0, mask);
+        float top = -INFINITY;
+        for (int64_t j = 0; j < n; ++j) top = std::max(top, s[j]);
+        const vf shift = vset(top), sc = vset(scale);
+        vf sum = vzero();
+        float tail = 0.0f;
+        for (int64_t j = 0; j < n; j += VL) {
+          const vf e = vexp(vmul(vsub(vld(s + j), shift), sc));
+          vst_bf16n(&pb[r * pairs * 2 + j], e, n - j);
+          if (n - j >= VL) {
+            sum = vadd(sum, e);
+          } else {
+            float t[VL];
+            vst(t, e);
+            for (int64_t i = 0; i < n - j; ++i) tail += t[i];
+          }
         }
-        inv[r] = 1.0f / _mm512_reduce_add_ps(sum);
+        inv[r] = 1.0f / (vsum(sum) + tail);
       }
 #define CALL(R) pv_chunks<R>(pb.data(), pairs * 2, pairs, vp.data(), pairs * 32, nc, acc.data(), nc * 16)
       DISPATCH_ROWS(rows, CALL)
 #undef CALL
       for (int r = 0; r < rows; ++r) {
         uint16_t* o = out + (s0 + m0 + r) * h * d + hh * d;
-        for (int64_t i = 0; i < d; i += 16) {
-          const __mmask16 mask = tail_mask(d - i);
-          store16(o, i, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, &acc[r * nc * 16 + i]), _mm512_set1_ps(inv[r])), 0, mask);
-        }
+        for (int64_t i = 0; i < d; i += VL) vst_bf16n(o + i, vmul(vldn(&acc[r * nc * 16 + i], d - i), vset(inv[r])), d - i);
       }
     }
   }
@@ -788,7 +1122,7 @@ extern "C" {
 // hidden [B, d]: the token embeddings in, the final-normed hidden states out. Per DeltaNet layer (in order) B conv
 // and recurrent states; per attention layer B key and value caches (with room at pos[b]) and their capacities.
 // cos, sin: [B, rot] for each sequence's position. Workspaces: x [B, d], proj [B, widest projection], core [B, widest
-// mixer output], tmp [B, d], gu [B, intermediate] (bf16); scratch (deltanet_team's), gsum [B, K/group] (float32).
+// mixer output], tmp [B, d], gu [B, intermediate] (bf16); scratch (deltanet_team's), gsum [B, 2 K/group] (float32).
 void decode_step(int64_t n_layers, const Layer* layers, int64_t B, int64_t d, uint16_t* hidden,
                  const uint16_t* final_norm, float final_eps, uint16_t** conv, float** rec, uint16_t** kcache,
                  uint16_t** vcache, const int64_t* cap, const int64_t* pos, const uint16_t* cos, const uint16_t* sin,
@@ -796,14 +1130,19 @@ void decode_step(int64_t n_layers, const Layer* layers, int64_t B, int64_t d, ui
                  float* gsum) {
   std::vector<int64_t> starts(B), lens(B, 1);
   for (int64_t b = 0; b < B; ++b) starts[b] = b;
+  int64_t widest = 0;
+  for (int64_t l = 0; l < n_layers; ++l)
+    for (const Linear* lin : {&layers[l].proj, &layers[l].out, &layers[l].gate_up, &layers[l].down})
+      widest = std::max(widest, std::min(B, panel_rows(lin->k)) * lin->k);
+  std::vector<float> xf(widest);
 #pragma omp parallel
   {
     int64_t delta = 0, attn = 0;  // layers of each kind so far: where their states are
     for (int64_t l = 0; l < n_layers; ++l) {
       const Layer& L = layers[l];
-#pragma omp single
-      rmsnorm_rows(hidden, d, 0, B, d, L.in_norm, 1.0f, L.eps, x, d);
-      linear(L.proj, x, B, d, proj, L.proj.n_out, 0, gsum);
+#pragma omp for schedule(static)  // (rows across threads: a batch of streams has many)
+      for (int64_t b = 0; b < B; ++b) rmsnorm_rows(hidden, d, b, b + 1, d, L.in_norm, 1.0f, L.eps, x, d);
+      linear(L.proj, x, B, d, proj, L.proj.n_out, 0, gsum, xf.data());
       const int64_t ld = L.proj.n_out;
       int64_t width;  // of the mixer's output
       if (L.kind == 0) {
@@ -821,20 +1160,22 @@ void decode_step(int64_t n_layers, const Layer* layers, int64_t B, int64_t d, ui
                        L.mixer_eps, cos, sin, rot, kcache + attn * B, vcache + attn * B, cap + attn * B, pos, core);
         ++attn;
       }
-      linear(L.out, core, B, width, tmp, d, 0, gsum);
-#pragma omp single
-      {
-        add_rows(hidden, tmp, B * d);
-        rmsnorm_rows(hidden, d, 0, B, d, L.post_norm, 1.0f, L.eps, x, d);
+      linear(L.out, core, B, width, tmp, d, 0, gsum, xf.data());
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < B; ++b) {
+        add_rows(hidden + b * d, tmp + b * d, d);
+        rmsnorm_rows(hidden, d, b, b + 1, d, L.post_norm, 1.0f, L.eps, x, d);
       }
-      linear(L.gate_up, x, B, d, gu, L.gate_up.n_out, 0, gsum);
-      linear(L.down, gu, B, L.gate_up.n_out, tmp, d, 0, gsum);
-#pragma omp single
-      add_rows(hidden, tmp, B * d);
+      linear(L.gate_up, x, B, d, gu, L.gate_up.n_out, 0, gsum, xf.data());
+      linear(L.down, gu, B, L.gate_up.n_out, tmp, d, 0, gsum, xf.data());
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < B; ++b) add_rows(hidden + b * d, tmp + b * d, d);
     }
-#pragma omp single
-    rmsnorm_rows(hidden, d, 0, B, d, final_norm, 1.0f, final_eps, hidden, d);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; ++b) rmsnorm_rows(hidden, d, b, b + 1, d, final_norm, 1.0f, final_eps, hidden, d);
   }
 }
 
 }  // extern "C"
+
+extern "C" const char* kernels_isa() { return simd::NAME; }
