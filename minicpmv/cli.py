@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import sys
 import threading
 import time
@@ -97,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="when MODEL cannot be found or downloaded, serve a random-weight demo checkpoint written to DIR",
     )
+    serve.add_argument("--default-max-tokens", type=_int_in(1), default=None,
+                       help="max_tokens of requests that omit it (default: the rest of the context; 256 for a demo checkpoint)")
+    serve.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="SECONDS",
+                       help="on SIGTERM / Ctrl-C, how long requests in flight may take to finish (default 10)")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",
+                       help="info: a start-up summary and one line per request")
     serve.add_argument("--enable-test-hooks", action="store_true", help=argparse.SUPPRESS)
 
     run = sub.add_parser("run", help="answer one question about images / videos and exit")
@@ -203,6 +210,7 @@ def cmd_run(args) -> int:
     return 0
 
 
+DEMO_MAX_TOKENS = 256  # a random-weight model never ends its answer: requests without max_tokens stop here
 DEMO_BANNER = """
 ################################################################################
 #  DEMO CHECKPOINT: the weights are RANDOM. Answers are noise.                 #
@@ -230,7 +238,11 @@ def cmd_serve(args) -> int:
     import uvicorn
 
     from minicpmv.serve.app import ServerConfig, create_app
+    from minicpmv.serve.lifecycle import GracefulServer
+    from minicpmv.serve.logs import log_startup
     from minicpmv.serve.media import MediaPolicy
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     if args.allowed_local_media_path is not None and not args.allowed_local_media_path.is_dir():
         raise MiniCPMVError(f"--allowed-local-media-path {args.allowed_local_media_path} is not a directory")
@@ -251,11 +263,18 @@ def cmd_serve(args) -> int:
         max_body_bytes=args.max_body_mb << 20,
         media=MediaPolicy(allow_private=args.allow_private_media_urls, allowed_local_path=args.allowed_local_media_path),
         enable_test_hooks=args.enable_test_hooks,
+        default_max_tokens=args.default_max_tokens or (DEMO_MAX_TOKENS if llm.demo else None),
     )
     app = create_app(llm, config)
+    log_startup(llm, config)
     print(f"serving {config.model_name} on http://{args.host}:{args.port}  (web chat at /)", file=sys.stderr)
+    uv_level = "info" if args.log_level == "debug" else "warning"
+    server = GracefulServer(
+        uvicorn.Config(app, host=args.host, port=args.port, log_level=uv_level, timeout_graceful_shutdown=5),
+        app.state.drain, llm.close, shutdown_timeout=args.shutdown_timeout,
+    )
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        server.run()
     finally:
         llm.close()
     return 0

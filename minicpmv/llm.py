@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import queue
 import threading
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ from minicpmv.processing.options import ProcessingOptions, as_flag
 from minicpmv.processing.prompt import Processor
 
 _GRAMMARS_LOCK = threading.Lock()
+log = logging.getLogger("minicpmv")
 
 
 @dataclass
@@ -166,6 +168,10 @@ class LLM:
         self._grammars: GrammarCompiler | None = None
         self.name = str(model)
         self.demo = bool(raw_config.get("demo_random_weights", False))
+        stored = raw_config.get("quantization")
+        self.quantization = quantization or (stored.get("method") if isinstance(stored, dict) else None)
+        if self.demo:
+            log.warning("%s is a demo checkpoint with RANDOM weights: its answers are noise", directory)
 
     def close(self) -> None:
         """Stop the engine thread (requests still running end with an error)."""

@@ -78,10 +78,15 @@ def test_models_health_and_metrics(server):
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
     chat(server, [{"role": "user", "content": "Hi"}])
     metrics = httpx.get(server.url + "/metrics").text
-    for name in ("requests_total", "queue_depth", "running_sequences", "prompt_tokens_total", "completion_tokens_total",
-                 "time_to_first_token_seconds_bucket", "inter_token_latency_seconds_count", "vision_encode_seconds_total",
-                 "vision_cache_hits_total", "prefix_cache_hits_total"):
-        assert f"minicpmv_{name}" in metrics
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:prompt_tokens_total",
+                 "vllm:generation_tokens_total", "vllm:time_to_first_token_seconds_bucket",
+                 "vllm:inter_token_latency_seconds_count", "vllm:e2e_request_latency_seconds_sum",
+                 "vllm:prefix_cache_hits_total", "vllm:kv_cache_usage_perc", "minicpmv:state_memory_bytes",
+                 "minicpmv:state_memory_budget_bytes", "minicpmv:vision_encode_seconds_total",
+                 "minicpmv:vision_cache_hits_total"):
+        assert f'{name}{{' in metrics, name
+    generated = float(metrics.split('vllm:generation_tokens_total{model_name="tiny"} ')[1].split()[0])
+    assert generated >= 6
 
 
 def test_chat_non_stream_and_stream_agree(server):

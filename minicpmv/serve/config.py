@@ -14,3 +14,4 @@ class ServerConfig:
     max_body_bytes: int = 100 << 20
     media: MediaPolicy = field(default_factory=MediaPolicy)
     enable_test_hooks: bool = False
+    default_max_tokens: int | None = None  # for requests that omit max_tokens (None: the rest of the context)
