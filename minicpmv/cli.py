@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -29,6 +30,15 @@ def _int_in(low: int, high: int | None = None):
     return parse
 
 
+def _size(text: str) -> int:
+    from minicpmv.engine.memory import parse_size
+
+    try:
+        return parse_size(text)
+    except MiniCPMVError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="checkpoint directory or Hugging Face repo id (e.g. openbmb/MiniCPM-V-4.6)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
@@ -36,6 +46,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=_int_in(1), default=16, help="sequences decoded together")
     p.add_argument("--max-model-len", type=_int_in(2), default=None, help="context limit (default: the model's)")
     p.add_argument("--quantization", choices=["int8", "int4"], default=None, help="weight-only quantization (CPU)")
+    p.add_argument("--max-state-memory", type=_size, default=None, metavar="SIZE",
+                   help="memory for sequence state (attention KV + DeltaNet), e.g. 4GiB; requests reserve prompt + "
+                        "max_tokens worth and wait for room (default: half the memory available at start)")
 
 
 def _processing_args(p: argparse.ArgumentParser) -> None:
@@ -75,8 +88,18 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("minicpmv")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="minicpmv", description="MiniCPM-V 4.6 inference and serving")
+    parser.add_argument("--version", action="version", version=f"minicpmv {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat at /")
@@ -132,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("directory", type=Path)
     demo.add_argument("--size", choices=["tiny", "full"], default="tiny")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--force", action="store_true", help="write into DIR even when it already holds files")
     return parser
 
 
@@ -139,7 +163,8 @@ def _llm(args, **options):
     from minicpmv.engine.engine import EngineConfig
     from minicpmv.llm import LLM
 
-    config = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
+    config = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                          max_state_bytes=args.max_state_memory)
     if hasattr(args, "max_waiting"):  # serve only
         config.max_waiting = args.max_waiting
     return LLM(
@@ -190,9 +215,14 @@ def cmd_run(args) -> int:
     llm = _llm(args)
     content = [{"type": "image", "image": p} for p in args.image] + [{"type": "video", "video": p} for p in args.video]
     content.append({"type": "text", "text": args.question})
-    start = time.perf_counter()
-    result = llm.chat([{"role": "user", "content": content}], params, enable_thinking=args.think, **_processing(args))[0]
-    elapsed = time.perf_counter() - start
+    start, first, result = time.perf_counter(), None, None
+    stream = llm.chat_stream([{"role": "user", "content": content}], params, enable_thinking=args.think, **_processing(args))
+    for delta in stream:
+        if first is None and delta.token_ids:
+            first = time.perf_counter()  # the prompt is in: what follows is decode
+        result = delta.result or result
+    end = time.perf_counter()
+    elapsed, first = end - start, first or end
     if args.json:
         out = {
             "text": result.text,
@@ -200,7 +230,13 @@ def cmd_run(args) -> int:
             "tool_calls": [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in result.tool_calls],
             "finish_reason": result.finish_reason,
             "usage": {**vars(result.usage), "total_tokens": result.usage.total_tokens},
-            "timings": {"seconds": round(elapsed, 3), "tokens_per_second": round(len(result.token_ids) / elapsed, 2)},
+            "timings": {  # prefill (to the first token) apart from decode (the tokens after it)
+                "seconds": round(elapsed, 3),
+                "prefill_seconds": round(first - start, 3),
+                "decode_seconds": round(end - first, 3),
+                "decode_tokens_per_second": round((len(result.token_ids) - 1) / (end - first), 2)
+                if len(result.token_ids) > 1 and end > first else None,
+            },
         }
         print(json.dumps(out, ensure_ascii=False, indent=2))
     else:
@@ -210,7 +246,6 @@ def cmd_run(args) -> int:
     return 0
 
 
-DEMO_MAX_TOKENS = 256  # a random-weight model never ends its answer: requests without max_tokens stop here
 DEMO_BANNER = """
 ################################################################################
 #  DEMO CHECKPOINT: the weights are RANDOM. Answers are noise.                 #
@@ -237,6 +272,7 @@ def _model_or_demo(model: str, demo_dir: Path) -> str:
 def cmd_serve(args) -> int:
     import uvicorn
 
+    from minicpmv.llm import DEMO_MAX_TOKENS
     from minicpmv.serve.app import ServerConfig, create_app
     from minicpmv.serve.lifecycle import GracefulServer
     from minicpmv.serve.logs import log_startup
@@ -277,7 +313,12 @@ def cmd_serve(args) -> int:
         server.run()
     finally:
         llm.close()
-    return 0
+    # Everything is ended and answered: skip the interpreter's teardown of the model and tokenizer (seconds of C-level
+    # finalization, which a supervisor's stop timeout would count) and exit 0 now.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def cmd_download(args) -> int:
@@ -296,6 +337,9 @@ def cmd_download(args) -> int:
 def cmd_demo(args) -> int:
     from minicpmv.demo import write_demo_checkpoint
 
+    if args.directory.is_file() or (args.directory.is_dir() and any(args.directory.iterdir()) and not args.force):
+        raise MiniCPMVError(f"{args.directory} already holds files; choose an empty directory or pass --force to "
+                            "write over them")
     try:
         path = write_demo_checkpoint(args.directory, size=args.size, seed=args.seed)
     except OSError as exc:

@@ -34,6 +34,7 @@ from minicpmv.processing.prompt import Processor
 
 _GRAMMARS_LOCK = threading.Lock()
 log = logging.getLogger("minicpmv")
+DEMO_MAX_TOKENS = 256  # a demo checkpoint's answers stop here unless max_tokens says otherwise
 
 
 @dataclass
@@ -171,7 +172,8 @@ class LLM:
         stored = raw_config.get("quantization")
         self.quantization = quantization or (stored.get("method") if isinstance(stored, dict) else None)
         if self.demo:
-            log.warning("%s is a demo checkpoint with RANDOM weights: its answers are noise", directory)
+            log.warning("%s is a demo checkpoint with RANDOM weights: its answers are noise (and stop at %d tokens "
+                        "unless max_tokens says otherwise)", directory, DEMO_MAX_TOKENS)
 
     def close(self) -> None:
         """Stop the engine thread (requests still running end with an error)."""
@@ -198,6 +200,8 @@ class LLM:
         elif not isinstance(params, SamplingParams):
             raise InvalidInputError(f"sampling_params must be a SamplingParams (or a list of them), got {type(params).__name__}")
         params.validate()  # again: its fields may have been changed since it was made
+        if self.demo and params.max_tokens is None:  # random weights never end an answer by themselves
+            params = dataclasses.replace(params, max_tokens=max(DEMO_MAX_TOKENS, params.min_tokens))
         seq = Sequence(out.input_ids.tolist(), params, visuals)
         seq.parser = OutputParser(thinking, tools, normalize_newlines=options.normalize_escaped_newlines)
         seq.stop_after_tool_call = not options.parallel_tool_calls and seq.parser.parses_tools
