@@ -90,7 +90,7 @@ async def until_disconnect(request: Request, work: Awaitable):
     """Await ``work``, cancelling it (and so its sequence) if the client goes away first."""
     task = asyncio.ensure_future(work)
     while not task.done():
-        await asyncio.wait([task], timeout=0.25)
+        await asyncio.wait([task], timeout=0.1)
         if not task.done() and await request.is_disconnected():
             task.cancel()
             raise HTTPError(499, "client closed the request")
