@@ -290,6 +290,8 @@ def test_state_memory_budget_admission_waits_refuses_and_is_never_exceeded(llm):
 
 
 def test_logit_bias_in_the_sampler(llm):
+    import torch
+
     from minicpmv.engine.sampler import SampleRow, Sampler, make_generator
 
     logits = torch.randn(2, 50)
