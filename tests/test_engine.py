@@ -265,14 +265,14 @@ def test_state_memory_budget_admission_waits_refuses_and_is_never_exceeded(llm):
 
     cfg = llm.model.cfg.text
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
-    probe = llm.prepare(user("word " * 300), params, llm.default_options)
+    probe = llm.prepare([user("word " * 300)], params, llm.default_options)
     one = state_bytes(cfg, llm.model.dtype, probe.num_prompt + 40)
     budget = int(one * 2.5)  # two such sequences at once
     engine = own_engine(llm, max_state_bytes=budget)
-    seqs = [llm.prepare(user(f"{i} " + "word " * 300), params, llm.default_options) for i in range(6)]
+    seqs = [llm.prepare([user(f"{i} " + "word " * 300)], params, llm.default_options) for i in range(6)]
     for s in seqs:
         engine.add(s)
-    too_big = llm.prepare(user("word " * 300), SamplingParams(max_tokens=20000), llm.default_options)
+    too_big = llm.prepare([user("word " * 300)], SamplingParams(max_tokens=20000), llm.default_options)
     with pytest.raises(InvalidInputError, match="state memory limit") as err:
         engine.add(too_big)
     assert err.value.param == "max_tokens"
