@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
+import os
 import sys
 import threading
 import time
@@ -28,6 +30,15 @@ def _int_in(low: int, high: int | None = None):
     return parse
 
 
+def _size(text: str) -> int:
+    from minicpmv.engine.memory import parse_size
+
+    try:
+        return parse_size(text)
+    except MiniCPMVError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="checkpoint directory or Hugging Face repo id (e.g. openbmb/MiniCPM-V-4.6)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
@@ -35,6 +46,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=_int_in(1), default=16, help="sequences decoded together")
     p.add_argument("--max-model-len", type=_int_in(2), default=None, help="context limit (default: the model's)")
     p.add_argument("--quantization", choices=["int8", "int4"], default=None, help="weight-only quantization (CPU)")
+    p.add_argument("--max-state-memory", type=_size, default=None, metavar="SIZE",
+                   help="memory for sequence state (attention KV + DeltaNet), e.g. 4GiB; requests reserve prompt + "
+                        "max_tokens worth and wait for room (default: half the memory available at start)")
     p.add_argument("--lora-modules", nargs="+", type=_lora_module, default=[], metavar="NAME=PATH",
                    help="PEFT LoRA adapters to serve (NAME=PATH or vLLM's JSON {\"name\": ..., \"path\": ...})")
     p.add_argument("--max-loras", type=_int_in(1), default=8, help="LoRA adapters loaded at once")
@@ -95,8 +109,18 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("minicpmv")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="minicpmv", description="MiniCPM-V 4.6 inference and serving")
+    parser.add_argument("--version", action="version", version=f"minicpmv {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat at /")
@@ -120,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--enable-lora-loading", action="store_true",
                        help="allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter (behind --api-key)")
+    serve.add_argument("--default-max-tokens", type=_int_in(1), default=None,
+                       help="max_tokens of requests that omit it (default: the rest of the context; 256 for a demo checkpoint)")
+    serve.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="SECONDS",
+                       help="on SIGTERM / Ctrl-C, how long requests in flight may take to finish (default 10)")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",
+                       help="info: a start-up summary and one line per request")
     serve.add_argument("--enable-test-hooks", action="store_true", help=argparse.SUPPRESS)
 
     run = sub.add_parser("run", help="answer one question about images / videos and exit")
@@ -174,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("directory", type=Path)
     demo.add_argument("--size", choices=["tiny", "full"], default="tiny")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--force", action="store_true", help="write into DIR even when it already holds files")
     return parser
 
 
@@ -181,7 +212,8 @@ def _llm(args, **options):
     from minicpmv.engine.engine import EngineConfig
     from minicpmv.llm import LLM
 
-    config = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
+    config = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                          max_state_bytes=args.max_state_memory)
     if hasattr(args, "max_waiting"):  # serve only
         config.max_waiting = args.max_waiting
     names = [name for name, _ in args.lora_modules]
@@ -237,9 +269,14 @@ def cmd_run(args) -> int:
     llm = _llm(args)
     content = [{"type": "image", "image": p} for p in args.image] + [{"type": "video", "video": p} for p in args.video]
     content.append({"type": "text", "text": args.question})
-    start = time.perf_counter()
-    result = llm.chat([{"role": "user", "content": content}], params, enable_thinking=args.think, **_processing(args))[0]
-    elapsed = time.perf_counter() - start
+    start, first, result = time.perf_counter(), None, None
+    stream = llm.chat_stream([{"role": "user", "content": content}], params, enable_thinking=args.think, **_processing(args))
+    for delta in stream:
+        if first is None and delta.token_ids:
+            first = time.perf_counter()  # the prompt is in: what follows is decode
+        result = delta.result or result
+    end = time.perf_counter()
+    elapsed, first = end - start, first or end
     if args.json:
         out = {
             "text": result.text,
@@ -247,7 +284,13 @@ def cmd_run(args) -> int:
             "tool_calls": [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in result.tool_calls],
             "finish_reason": result.finish_reason,
             "usage": {**vars(result.usage), "total_tokens": result.usage.total_tokens},
-            "timings": {"seconds": round(elapsed, 3), "tokens_per_second": round(len(result.token_ids) / elapsed, 2)},
+            "timings": {  # prefill (to the first token) apart from decode (the tokens after it)
+                "seconds": round(elapsed, 3),
+                "prefill_seconds": round(first - start, 3),
+                "decode_seconds": round(end - first, 3),
+                "decode_tokens_per_second": round((len(result.token_ids) - 1) / (end - first), 2)
+                if len(result.token_ids) > 1 and end > first else None,
+            },
         }
         print(json.dumps(out, ensure_ascii=False, indent=2))
     else:
@@ -283,8 +326,13 @@ def _model_or_demo(model: str, demo_dir: Path) -> str:
 def cmd_serve(args) -> int:
     import uvicorn
 
+    from minicpmv.llm import DEMO_MAX_TOKENS
     from minicpmv.serve.app import ServerConfig, create_app
+    from minicpmv.serve.lifecycle import GracefulServer
+    from minicpmv.serve.logs import log_startup
     from minicpmv.serve.media import MediaPolicy
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     if args.allowed_local_media_path is not None and not args.allowed_local_media_path.is_dir():
         raise MiniCPMVError(f"--allowed-local-media-path {args.allowed_local_media_path} is not a directory")
@@ -306,14 +354,26 @@ def cmd_serve(args) -> int:
         media=MediaPolicy(allow_private=args.allow_private_media_urls, allowed_local_path=args.allowed_local_media_path),
         enable_test_hooks=args.enable_test_hooks,
         enable_lora_loading=args.enable_lora_loading,
+        default_max_tokens=args.default_max_tokens or (DEMO_MAX_TOKENS if llm.demo else None),
     )
     app = create_app(llm, config)
+    log_startup(llm, config)
     print(f"serving {config.model_name} on http://{args.host}:{args.port}  (web chat at /)", file=sys.stderr)
+    uv_level = "info" if args.log_level == "debug" else "warning"
+    server = GracefulServer(
+        uvicorn.Config(app, host=args.host, port=args.port, log_level=uv_level, timeout_graceful_shutdown=5),
+        app.state.drain, llm.close, shutdown_timeout=args.shutdown_timeout,
+    )
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        server.run()
     finally:
         llm.close()
-    return 0
+    # Everything is ended and answered: skip the interpreter's teardown of the model and tokenizer (seconds of C-level
+    # finalization, which a supervisor's stop timeout would count) and exit 0 now.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def cmd_download(args) -> int:
@@ -332,6 +392,9 @@ def cmd_download(args) -> int:
 def cmd_demo(args) -> int:
     from minicpmv.demo import write_demo_checkpoint
 
+    if args.directory.is_file() or (args.directory.is_dir() and any(args.directory.iterdir()) and not args.force):
+        raise MiniCPMVError(f"{args.directory} already holds files; choose an empty directory or pass --force to "
+                            "write over them")
     try:
         path = write_demo_checkpoint(args.directory, size=args.size, seed=args.seed)
     except OSError as exc:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import queue
 import threading
 from collections.abc import Iterator
@@ -33,6 +34,8 @@ from minicpmv.processing.options import ProcessingOptions, as_flag
 from minicpmv.processing.prompt import Processor
 
 _GRAMMARS_LOCK = threading.Lock()
+log = logging.getLogger("minicpmv")
+DEMO_MAX_TOKENS = 256  # a demo checkpoint's answers stop here unless max_tokens says otherwise
 
 
 @dataclass
@@ -180,6 +183,11 @@ class LLM:
         self._grammars: GrammarCompiler | None = None
         self.name = str(model)
         self.demo = bool(raw_config.get("demo_random_weights", False))
+        stored = raw_config.get("quantization")
+        self.quantization = quantization or (stored.get("method") if isinstance(stored, dict) else None)
+        if self.demo:
+            log.warning("%s is a demo checkpoint with RANDOM weights: its answers are noise (and stop at %d tokens "
+                        "unless max_tokens says otherwise)", directory, DEMO_MAX_TOKENS)
 
     def close(self) -> None:
         """Stop the engine thread (requests still running end with an error)."""
@@ -206,6 +214,8 @@ class LLM:
         elif not isinstance(params, SamplingParams):
             raise InvalidInputError(f"sampling_params must be a SamplingParams (or a list of them), got {type(params).__name__}")
         params.validate()  # again: its fields may have been changed since it was made
+        if self.demo and params.max_tokens is None:  # random weights never end an answer by themselves
+            params = dataclasses.replace(params, max_tokens=max(DEMO_MAX_TOKENS, params.min_tokens))
         seq = Sequence(out.input_ids.tolist(), params, visuals, lora=self.lora.key(options.lora))
         seq.parser = OutputParser(thinking, tools, normalize_newlines=options.normalize_escaped_newlines)
         seq.stop_after_tool_call = not options.parallel_tool_calls and seq.parser.parses_tools

@@ -16,7 +16,7 @@ import pytest
 from tests.tiny import image
 
 EXE = str(Path(sys.executable).with_name("minicpmv"))
-OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1"}  # never reach for a hub from the tests
+OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # this checkout; no hub
 
 
 def cli(*args, stdin: str | None = None, timeout: int = 180) -> subprocess.CompletedProcess:
@@ -58,6 +58,45 @@ def test_run_json(demo, picture):
     out = json.loads(r.stdout)
     assert out["usage"]["image_tokens"] > 0 and out["usage"]["completion_tokens"] == 5
     assert out["finish_reason"] == "length" and out["timings"]["seconds"] > 0
+    t = out["timings"]  # decode speed without the prefill (the image encode and the prompt)
+    assert 0 < t["prefill_seconds"] < t["seconds"] and t["decode_tokens_per_second"] > 0
+    assert t["decode_tokens_per_second"] == round(4 / t["decode_seconds"], 2) or abs(
+        t["decode_tokens_per_second"] - 4 / t["decode_seconds"]) < 0.1 * t["decode_tokens_per_second"]
+    assert "RANDOM weights" in r.stderr and r.stderr.count("RANDOM") == 1  # one warning: a demo checkpoint
+
+
+def test_version_and_demo_checkpoint_refuses_a_directory_with_files(demo, tmp_path):
+    r = cli("--version")
+    assert r.returncode == 0 and r.stdout.startswith("minicpmv 0.")
+    (tmp_path / "notes.txt").write_text("mine")
+    r = cli("demo-checkpoint", tmp_path)
+    assert r.returncode == 1 and "--force" in r.stderr and not (tmp_path / "model.safetensors").exists()
+    r = cli("demo-checkpoint", demo)  # an existing checkpoint is not overwritten either
+    assert r.returncode == 1 and "already holds files" in r.stderr
+
+
+def test_chat_ctrl_c_stops_the_answer_and_keeps_the_chat_commands_confirm_quit_leaves(demo):
+    import signal
+
+    proc = subprocess.Popen([EXE, "chat", demo, "--max-tokens", "100000", "--temperature", "1.0"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=OFFLINE)
+    try:
+        assert proc.stdout.read(len("minicpmv chat.")) == "minicpmv chat."
+        proc.stdin.write("Tell me everything.\n")
+        proc.stdin.flush()
+        time.sleep(8)  # (loading, then streaming noise: it never ends by itself)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(1)
+        out, err = proc.communicate("/think on\n/think maybe\n/mode 2x\n/mode 4x\nquit\nnever read\n", timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "[stopped]" in out and "Traceback" not in err
+    after = out.split("[stopped]")[1]  # the chat went on
+    assert "thinking on" in after and "/think takes on or off" in after
+    assert "/mode takes one of 16x, 4x, got '2x'" in after and "visual token compression 4x" in after
+    assert after.count("> ") == 5  # "quit" left: the line after it was never read
 
 
 def test_run_with_a_json_schema(demo, tmp_path):
@@ -153,12 +192,15 @@ def serve(*args):
 
 
 def stop(proc) -> str:
+    """SIGTERM an idle server: it exits 0, cleanly."""
     proc.terminate()
     try:
-        return proc.communicate(timeout=30)[1]
+        err = proc.communicate(timeout=30)[1]
     except subprocess.TimeoutExpired:
         proc.kill()
         return proc.communicate()[1]
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    return err
 
 
 def test_serve_answers_a_chat(demo):
@@ -168,9 +210,15 @@ def test_serve_answers_a_chat(demo):
         r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
         assert "<html" in httpx.get(url + "/", timeout=10).text.lower()
+        card = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]
+        assert card["demo_random_weights"] is True and card["default_max_tokens"] == 256
+        r = httpx.post(url + "/v1/chat/completions", json={**body, "max_tokens": None, "ignore_eos": True}, timeout=120)
+        assert r.json()["usage"]["completion_tokens"] == 256  # a demo checkpoint's default
     finally:
         err = stop(proc)
     assert "DEMO CHECKPOINT" in err  # a demo checkpoint is always announced
+    assert "start-up: model=demo" in err and "state_memory=" in err and "kernels=" in err  # the summary
+    assert " 200 prompt=" in err and "completion=3" in err and "finish=length" in err  # an access line per request
 
 
 def test_serve_falls_back_to_a_demo_checkpoint_offline(tmp_path):

@@ -258,3 +258,48 @@ def test_tool_choice_none_shows_the_model_no_tools(llm):
     auto = llm.prepare([user("x")], None, ChatOptions(tools=tools))
     assert none.prompt_ids == plain.prompt_ids != auto.prompt_ids
     assert not none.parser.parses_tools and auto.parser.parses_tools
+
+
+def test_state_memory_budget_admission_waits_refuses_and_is_never_exceeded(llm):
+    from minicpmv.engine.memory import state_bytes
+
+    cfg = llm.model.cfg.text
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    probe = llm.prepare([user("word " * 300)], params, llm.default_options)
+    one = state_bytes(cfg, llm.model.dtype, probe.num_prompt + 40)
+    budget = int(one * 2.5)  # two such sequences at once
+    engine = own_engine(llm, max_state_bytes=budget)
+    seqs = [llm.prepare([user(f"{i} " + "word " * 300)], params, llm.default_options) for i in range(6)]
+    for s in seqs:
+        engine.add(s)
+    too_big = llm.prepare([user("word " * 300)], SamplingParams(max_tokens=20000), llm.default_options)
+    with pytest.raises(InvalidInputError, match="state memory limit") as err:
+        engine.add(too_big)
+    assert err.value.param == "max_tokens"
+    most_running, most_bytes = 0, 0
+    while engine.has_work():
+        engine.step()
+        stats = engine.stats()
+        most_running = max(most_running, stats.running)
+        assert stats.state_bytes_reserved <= budget and stats.state_bytes <= budget
+        actual = sum(s.state.nbytes() for s in engine.scheduler.running)
+        assert actual <= sum(s.reserved_bytes for s in engine.scheduler.running)  # each stays within its reservation
+        most_bytes = max(most_bytes, actual)
+    assert most_running == 2 and all(s.finish_reason == "length" for s in seqs)
+    assert 0 < most_bytes <= budget and engine.stats().state_bytes == 0
+
+
+def test_logit_bias_in_the_sampler(llm):
+    import torch
+
+    from minicpmv.engine.sampler import SampleRow, Sampler, make_generator
+
+    logits = torch.randn(2, 50)
+    top = int(logits[0].argmax())
+    ban = SamplingParams(temperature=0, logit_bias={top: -100})
+    force = SamplingParams(temperature=1.0, logit_bias={7: 100})
+    rows = [SampleRow(ban, [], []), SampleRow(force, [], [], make_generator(0))]
+    out = Sampler([0])(logits, rows)
+    assert out.token_ids[0] != top and out.token_ids[1] == 7
+    with pytest.raises(InvalidInputError, match="logit_bias"):
+        SamplingParams(logit_bias={1: 150})

@@ -19,7 +19,7 @@ from minicpmv.engine.engine import EngineConfig
 from minicpmv.llm import LLM
 from minicpmv.serve.app import ServerConfig
 from minicpmv.serve.media import MediaPolicy
-from tests.tiny import KEY, WEATHER_TOOL, Server, call_xml, write_clip
+from tests.tiny import KEY, WEATHER_TOOL, Server, call_xml, eventually, write_clip
 
 TIME_TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}}}}
 
@@ -78,10 +78,15 @@ def test_models_health_and_metrics(server):
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
     chat(server, [{"role": "user", "content": "Hi"}])
     metrics = httpx.get(server.url + "/metrics").text
-    for name in ("requests_total", "queue_depth", "running_sequences", "prompt_tokens_total", "completion_tokens_total",
-                 "time_to_first_token_seconds_bucket", "inter_token_latency_seconds_count", "vision_encode_seconds_total",
-                 "vision_cache_hits_total", "prefix_cache_hits_total"):
-        assert f"minicpmv_{name}" in metrics
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:prompt_tokens_total",
+                 "vllm:generation_tokens_total", "vllm:time_to_first_token_seconds_bucket",
+                 "vllm:inter_token_latency_seconds_count", "vllm:e2e_request_latency_seconds_sum",
+                 "vllm:prefix_cache_hits_total", "vllm:kv_cache_usage_perc", "minicpmv:state_memory_bytes",
+                 "minicpmv:state_memory_budget_bytes", "minicpmv:vision_encode_seconds_total",
+                 "minicpmv:vision_cache_hits_total"):
+        assert f'{name}{{' in metrics, name
+    generated = float(metrics.split('vllm:generation_tokens_total{model_name="tiny"} ')[1].split()[0])
+    assert generated >= 6
 
 
 def test_chat_non_stream_and_stream_agree(server):
@@ -610,3 +615,188 @@ def test_forced_tool_calls_always_parse_and_validate_with_random_weights(server,
             if isinstance(choice, dict):
                 assert name == choice["function"]["name"]
             jsonschema.validate(arguments, tool_schema(name))
+
+
+# -- hardening: hang-ups, OpenAI fields, params, defaults, load -----------------------------------------------
+def test_a_whole_answer_client_that_hangs_up_frees_its_sequence_within_a_second(server):
+    import socket
+
+    engine = server.llm.engine
+    body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "Go on forever."}],
+                       "max_tokens": 20000, "ignore_eos": True, "temperature": 1.0, "seed": 5}).encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    assert eventually(lambda: len(engine.scheduler.running) == 1, 30)
+    seq = engine.scheduler.running[0]
+    time.sleep(0.3)
+    sock.close()
+    hung_up = time.monotonic()
+    assert eventually(lambda: seq.finish_reason is not None, 5)
+    assert time.monotonic() - hung_up < 1.0
+    assert seq.finish_reason == "abort" and seq.state is None and len(seq.output_ids) < 20000
+
+
+def test_openai_fields_accepted_with_no_effect(server):
+    messages = [{"role": "user", "content": "Hi"}]
+    plain = chat(server, messages, seed=3, temperature=1.0)
+    extra = chat(server, messages, seed=3, temperature=1.0, store=False, metadata={"team": "a"}, service_tier="auto",
+                 user="u-1", modalities=["text"], prediction={"type": "content", "content": "Hello"})
+    assert extra.choices[0].message.content == plain.choices[0].message.content
+    r = server.post({"model": "tiny", "messages": messages, "max_tokens": 2, "modalities": ["audio"]})
+    assert r.status_code == 400 and r.json()["error"]["param"].startswith("modalities")
+    r = server.post({"model": "tiny", "messages": messages, "max_tokens": 2, "frobnicate": 1, "store": True})
+    assert r.status_code == 400 and "frobnicate" in r.json()["error"]["message"]
+
+
+def test_max_completion_tokens_and_reasoning_effort(server):
+    messages = [{"role": "user", "content": "Hi"}]
+    r = server.client.chat.completions.create(model="tiny", messages=messages, max_completion_tokens=3,
+                                              extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 3
+    tok = server.llm.processor.tokenizer
+    for effort, thinking in (("none", False), ("minimal", False), ("low", True), ("high", True)):
+        r = chat(server, messages, reasoning_effort=effort, extra_body={"test_output": "mull</think>answer"})
+        assert (getattr(r.choices[0].message, "reasoning_content", None) == "mull") is thinking, effort
+        assert r.choices[0].message.content == ("answer" if thinking else "mull</think>answer")
+    r = server.post({"model": "tiny", "messages": messages, "reasoning_effort": "high",
+                     "chat_template_kwargs": {"enable_thinking": False}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "reasoning_effort"
+    assert tok  # (the tokenizer round-trips the forced output above)
+
+
+def test_logit_bias_bans_and_forces_tokens(server):
+    messages = [{"role": "user", "content": "Say something."}]
+    free = chat(server, messages, max_tokens=8, logprobs=True, extra_body={"ignore_eos": True})
+    tok = server.llm.processor.tokenizer
+    greedy = [tok.encode(t.token)[0] for t in free.choices[0].logprobs.content]
+    banned = {str(t): -100 for t in set(greedy)}
+    out = chat(server, messages, max_tokens=8, logit_bias=banned, logprobs=True, extra_body={"ignore_eos": True})
+    assert not {tok.encode(t.token)[0] for t in out.choices[0].logprobs.content} & set(greedy)
+    forced = tok.encode(" yes")[0]
+    out = chat(server, messages, max_tokens=5, temperature=1.0, seed=2, logit_bias={str(forced): 100},
+               extra_body={"ignore_eos": True})
+    assert out.choices[0].message.content == " yes" * 5
+    for bias, param in (({"x": 1}, "logit_bias"), ({"5": 101}, "logit_bias"), ({"999999": 1}, "logit_bias")):
+        r = server.post({"model": "tiny", "messages": messages, "max_tokens": 2, "logit_bias": bias})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_legacy_functions_map_onto_tools(server, streamed):
+    fn = WEATHER_TOOL["function"]
+    output = '<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call>'
+    kw = dict(functions=[fn], function_call={"name": "get_weather"}, extra_body={"test_output": output[len("<tool_call>\n<function=get_weather>\n"):]})
+    if not streamed:
+        r = chat(server, [{"role": "user", "content": "Weather?"}], max_tokens=60, **kw)
+        call = r.choices[0].message.function_call
+        assert r.choices[0].finish_reason == "function_call" and not r.choices[0].message.tool_calls
+        assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"}
+    else:
+        chunks, _, _, finish = stream(server, [{"role": "user", "content": "Weather?"}], max_tokens=60, **kw)
+        calls = [c.choices[0].delta.function_call for c in chunks if c.choices and c.choices[0].delta.function_call]
+        assert calls[0].name == "get_weather" and finish == ["function_call"]
+        assert json.loads("".join(c.arguments or "" for c in calls)) == {"city": "Paris"}
+    history = [{"role": "user", "content": "Weather?"},
+               {"role": "assistant", "content": None, "function_call": {"name": "get_weather", "arguments": "{}"}},
+               {"role": "function", "name": "get_weather", "content": "sunny"}]
+    assert chat(server, history, functions=[fn]).choices[0].finish_reason in ("length", "stop", "function_call")
+    r = server.post({"model": "tiny", "messages": history, "functions": [fn], "tools": [WEATHER_TOOL]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "functions"
+
+
+@pytest.mark.parametrize(
+    "messages, param",
+    [
+        ([{"role": "wizard", "content": "Hi"}], "messages[0].role"),
+        ([{"role": "user", "content": 5}], "messages[0].content"),
+        ([{"role": "user"}], "messages[0].content"),
+        ([{"role": "user", "content": None}], "messages[0].content"),
+        ([{"role": "user", "content": "a"}, {"role": "user", "content": [{"type": "audio", "x": 1}]}],
+         "messages[1].content[0].type"),
+    ],
+)
+def test_a_400_caused_by_one_message_field_names_it(server, messages, param):
+    r = server.post({"model": "tiny", "messages": messages, "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_max_tokens_beyond_the_context_names_max_tokens(server):
+    r = server.post({"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 10**7})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens" and "context" in r.text
+
+
+def test_models_metadata_and_default_max_tokens(tiny_dir, server):
+    card = httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()["data"][0]
+    assert card["demo_random_weights"] is False and card["max_model_len"] == server.llm.engine.max_model_len
+    llm = LLM(tiny_dir, dtype="float32", progress=False)
+    small = Server(llm, ServerConfig(model_name="tiny", default_max_tokens=7))
+    try:
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "ignore_eos": True}
+        assert small.post(body, key=None).json()["usage"]["completion_tokens"] == 7
+        assert small.post({**body, "max_tokens": 3}, key=None).json()["usage"]["completion_tokens"] == 3
+    finally:
+        small.stop()
+        llm.close()
+
+
+def test_an_access_line_per_request(server, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="minicpmv.access"):
+        r = chat(server, [{"role": "user", "content": "Hi"}], max_tokens=3, extra_body={"ignore_eos": True})
+        server.post({"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "top_p": 0})
+    lines = [rec.getMessage() for rec in caplog.records if rec.name == "minicpmv.access"]
+    assert any(line.startswith(r.id + " 200 prompt=") and "completion=3" in line and "finish=length" in line
+               and "ttft=" in line and "total=" in line for line in lines), lines
+    assert any(" 400 " in line and "top_p" in line for line in lines), lines
+
+
+def test_load_32_clients_with_hang_ups_and_bad_requests(server):
+    """32 clients for 10 s (shortened from 20 s to keep the suite fast): streams, whole answers, clients that hang
+    up mid-answer and bad requests. No 5xx, every answer whole, nothing left running afterwards."""
+    import random
+
+    engine = server.llm.engine
+    stop_at = time.monotonic() + 10
+    headers = {"Authorization": f"Bearer {KEY}"}
+
+    def client(i: int) -> dict:
+        rng, counts = random.Random(i), {"ok": 0, "hung_up": 0, "bad": 0, "busy": 0}
+        with httpx.Client(base_url=server.url, headers=headers, timeout=180) as http:
+            while time.monotonic() < stop_at:
+                kind = rng.choice(["stream", "whole", "hang_up", "bad"])
+                body = {"model": "tiny", "messages": [{"role": "user", "content": f"client {i}"}],
+                        "max_tokens": rng.randint(1, 6), "temperature": 1.0, "ignore_eos": True}
+                if kind == "bad":
+                    r = http.post("/v1/chat/completions", json={**body, "top_p": 7})
+                    assert r.status_code == 400, r.text
+                    counts["bad"] += 1
+                elif kind == "hang_up":
+                    with http.stream("POST", "/v1/chat/completions", json={**body, "max_tokens": 500, "stream": True}) as r:
+                        assert r.status_code in (200, 429), r.status_code
+                        next(r.iter_lines())
+                    counts["hung_up"] += 1
+                else:
+                    r = http.post("/v1/chat/completions", json={**body, "stream": kind == "stream"})
+                    assert r.status_code in (200, 429), r.text
+                    if r.status_code == 429:
+                        counts["busy"] += 1
+                        continue
+                    if kind == "stream":
+                        events = [x.removeprefix("data: ") for x in r.text.splitlines() if x.startswith("data: ")]
+                        assert events[-1] == "[DONE]" and '"finish_reason": "length"' in events[-2], r.text[-300:]
+                    else:
+                        assert r.json()["usage"]["completion_tokens"] == body["max_tokens"]
+                    counts["ok"] += 1
+        return counts
+
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(client, range(32)))
+    total = {k: sum(r[k] for r in results) for k in results[0]}
+    assert total["ok"] >= 10 and total["hung_up"] > 0 and total["bad"] > 0, total  # (a shared 2-core CI box)
+    assert eventually(lambda: len(engine.scheduler) == 0, 5), "requests left in the engine"
+    assert eventually(lambda: server.app.state.drain.inflight == 0, 5)
+    stats = engine.stats()
+    assert stats.running == stats.waiting == 0 and stats.state_bytes == 0

@@ -545,16 +545,14 @@ def test_conversations_survive_reload_regenerate_edit_and_the_demo_banner(page, 
         const r = await fetch(href); return [new URL(href).pathname, r.status, r.headers.get('content-type')]; }""")
     assert icon == ["/web/favicon.svg", 200, "image/svg+xml"]
 
-    def demo_models(route, request):
-        response = route.fetch()
-        body = response.json()
-        body["data"][0]["demo_random_weights"] = True  # what a server on a demo checkpoint says
-        route.fulfill(response=response, json=body)
-
-    page.route("**/v1/models", demo_models)
-    page.reload()
-    expect(page.get_by_test_id("demo-banner")).to_be_visible()
-    expect(page.get_by_test_id("demo-banner")).to_contain_text("random-weight")
+    expect(page.get_by_test_id("demo-banner")).to_be_hidden()
+    web_server.llm.demo = True  # what a server on a demo checkpoint says in /v1/models
+    try:
+        page.reload()
+        expect(page.get_by_test_id("demo-banner")).to_be_visible()
+        expect(page.get_by_test_id("demo-banner")).to_contain_text("random-weight")
+    finally:
+        web_server.llm.demo = False  # the server fixture is shared by the module
 
 
 def test_json_output_box_is_checked_and_sent(page, web_server):

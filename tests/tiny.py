@@ -334,3 +334,45 @@ def peft_adapter(directory: Path, target_modules: str, r: int = 4, alpha: float 
                 p.copy_(torch.randn_like(p) * std)
     model.save_pretrained(directory, safe_serialization=safe_serialization)
     return model.eval()
+
+
+REPO = Path(__file__).resolve().parents[1]
+MINICPMV_EXE = str(Path(__import__("sys").executable).with_name("minicpmv"))
+# subprocesses run this checkout's package (the venv's entry point may be an editable install of another one) and
+# never reach for a hub
+SUBPROCESS_ENV = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+
+
+def start_server(*args, timeout: float = 120):
+    """(process, base url) of ``minicpmv serve ARGS`` on a free 127.0.0.1 port, once /health answers."""
+    import socket
+    import subprocess
+    import time
+
+    import httpx2 as httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([MINICPMV_EXE, "serve", *map(str, args), "--port", str(port)], stderr=subprocess.PIPE,
+                            text=True, env=SUBPROCESS_ENV)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+        if proc.poll() is not None:
+            raise AssertionError(proc.stderr.read())
+    proc.kill()
+    raise AssertionError("server did not come up")
+
+
+def metric(text: str, name: str) -> float:
+    """The value of the first sample of ``name`` in a Prometheus exposition."""
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise KeyError(name)

@@ -14,6 +14,7 @@ import torch
 
 from minicpmv.engine.cache import PrefixCache, VisionCache, prefix_key
 from minicpmv.engine.detokenizer import IncrementalDetokenizer
+from minicpmv.engine.memory import default_state_budget, human, state_bytes
 from minicpmv.engine.runner import Runner
 from minicpmv.engine.sampler import Sampler, SampleRow, TokenLogprobs, make_generator
 from minicpmv.engine.scheduler import Scheduler, SchedulerConfig
@@ -36,13 +37,14 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     # Constrained decoding: tokens a grammar forces (a long key, '","') are fed as one chunk with the next forward.
     jump_forward: bool = True
+    max_state_bytes: int | None = None  # sequence state memory (KV + DeltaNet); default: a share of what is free
 
     def __post_init__(self) -> None:
         lowest = {"max_num_seqs": 1, "max_num_batched_tokens": 1, "max_waiting": 1, "vision_cache_bytes": 0,
-                  "prefix_cache_bytes": 0, "max_model_len": 2}
+                  "prefix_cache_bytes": 0, "max_model_len": 2, "max_state_bytes": 1}
         for name, low in lowest.items():
             value = getattr(self, name)
-            if name == "max_model_len" and value is None:
+            if name in ("max_model_len", "max_state_bytes") and value is None:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise InvalidInputError(f"{name} must be an integer >= {low}, got {value!r}", param=name)
@@ -72,6 +74,13 @@ class EngineStats:
     vision_cache_hits: int
     vision_cache_misses: int
     prefix_cache_hits: int
+    prompt_tokens: int = 0  # of every accepted request (cached ones included)
+    generation_tokens: int = 0
+    finished: dict[str, int] = field(default_factory=dict)  # finish reason -> count
+    state_bytes: int = 0  # the running sequences' state, as allocated
+    state_bytes_peak: int = 0
+    state_bytes_reserved: int = 0
+    state_budget_bytes: int = 0
 
 
 @dataclass
@@ -107,9 +116,10 @@ class Engine:
         self.im_start_id = im_start_id
         self.config = config or EngineConfig()
         self.max_model_len = self.config.max_model_len or model.cfg.text.max_position_embeddings
-        self.scheduler = Scheduler(
-            SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens, self.config.max_waiting)
-        )
+        self.state_budget = self.config.max_state_bytes or default_state_budget(model.device)
+        self.scheduler = Scheduler(SchedulerConfig(
+            self.config.max_num_seqs, self.config.max_num_batched_tokens, self.config.max_waiting, self.state_budget
+        ))
         self.vision_cache = VisionCache(self.config.vision_cache_bytes)
         self.prefix_cache = PrefixCache(self.config.prefix_cache_bytes)
         self.runner = Runner(model, self.vision_cache)
@@ -121,6 +131,11 @@ class Engine:
         self.cached_tokens = 0
         self.masks = MaskTimer()
         self._mask_thread: ThreadPoolExecutor | None = None  # fills grammar masks while the forward runs
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.finished: dict[str, int] = {}
+        self.state_bytes = 0
+        self.state_bytes_peak = 0
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -132,7 +147,18 @@ class Engine:
             vision_cache_hits=self.vision_cache.hits,
             vision_cache_misses=self.vision_cache.misses,
             prefix_cache_hits=self.prefix_cache.hits,
+            prompt_tokens=self.prompt_tokens,
+            generation_tokens=self.generation_tokens,
+            finished=dict(self.finished),
+            state_bytes=self.state_bytes,
+            state_bytes_peak=self.state_bytes_peak,
+            state_bytes_reserved=self.scheduler.reserved_bytes,
+            state_budget_bytes=self.state_budget,
         )
+
+    def state_cost(self, tokens: int) -> int:
+        """Bytes of one sequence's state at ``tokens`` tokens."""
+        return state_bytes(self.model.cfg.text, self.model.dtype, tokens)
 
     # -- requests ---------------------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -143,10 +169,24 @@ class Engine:
         if seq.num_prompt >= limit or (seq.params.max_tokens and wanted > limit):
             raise ContextLengthError(
                 f"the prompt has {seq.num_prompt} tokens and asks for {seq.params.max_tokens or 'at least 1'} more, "
-                f"but the context holds {limit} tokens"
+                f"but the context holds {limit} tokens",
+                param="max_tokens" if seq.num_prompt < limit else "messages",
             )
         if 1 + len(seq.forks) > self.config.max_num_seqs:
             raise InvalidInputError(f"{1 + len(seq.forks)} choices do not fit max_num_seqs={self.config.max_num_seqs}", param="n")
+        seq.reserved_tokens = min(seq.num_prompt + (seq.params.max_tokens or limit), limit)
+        seq.reserved_bytes = (1 + len(seq.forks)) * self.state_cost(seq.reserved_tokens)  # n choices: n states
+        if seq.reserved_bytes > self.state_budget:
+            raise InvalidInputError(
+                f"the prompt ({seq.num_prompt} tokens) plus max_tokens ({seq.params.max_tokens or 'the rest of the context'}) "
+                f"needs {human(seq.reserved_bytes)} of sequence state, more than the server's state memory limit "
+                f"(--max-state-memory) of {human(self.state_budget)}",
+                param="max_tokens" if seq.params.max_tokens else "messages",
+            )
+        bias = seq.params.logit_bias
+        vocab = self.model.cfg.text.vocab_size
+        if bias and max(bias) >= vocab:
+            raise InvalidInputError(f"logit_bias names token {max(bias)}, beyond the vocabulary of {vocab}", param="logit_bias")
         for kind in ("image", "video"):
             token = self.runner.token_ids[kind]
             placeholders = seq.prompt_ids.count(token) if token is not None else 0
@@ -193,6 +233,7 @@ class Engine:
     def step(self) -> list[StepOutput]:
         for seq in self.scheduler.admit():
             self._start(seq)
+            self.prompt_tokens += seq.num_prompt
         batch = self.scheduler.schedule()
         if not batch:
             return []
@@ -213,6 +254,7 @@ class Engine:
                 outputs.append(StepOutput(seq, [], "", True, error=exc))
             return outputs
         self.prefilled_tokens += prefill_tokens
+        self._measure_state()
         for seq, _ in batch:
             if not seq.prefilling:
                 seq.features.clear()  # the prompt is in the state: its visual features are no longer needed
@@ -243,6 +285,7 @@ class Engine:
             self._apply_masks(rows, seqs, masked, bitmask)
         sampled = self.sampler(rows, [SampleRow(s.params, s.prompt_ids, s.output_ids, s.generator) for s in seqs])
         tokens = [self._forced(s, t) for s, t in zip(seqs, sampled.token_ids)]
+        self.generation_tokens += len(tokens)
         return [self._emit(*args) for args in zip(seqs, tokens, sampled.logprobs)]
 
     # -- constrained decoding ---------------------------------------------------------------------------------
@@ -386,7 +429,9 @@ class Engine:
                 self.cached_tokens += hit.length
                 break
         if seq.state is None:
-            seq.state = self.model.new_state()
+            seq.state = self.model.new_state(capacity=min(256, seq.reserved_tokens or 256))
+        if seq.reserved_tokens:
+            seq.state.max_length = seq.reserved_tokens
 
     def _turn_starts(self, seq: Sequence) -> list[int]:
         return [i + 1 for i, t in enumerate(seq.prompt_ids) if t == self.im_start_id and i + 1 < seq.num_prompt]
@@ -432,6 +477,12 @@ class Engine:
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.remove(seq)
+        self.finished[reason] = self.finished.get(reason, 0) + 1
         seq.status, seq.finish_reason = Status.FINISHED, reason
         seq.state = None  # frees the KV and DeltaNet state
         seq.features.clear()
+        self._measure_state()
+
+    def _measure_state(self) -> None:
+        self.state_bytes = sum(s.state.nbytes() for s in self.scheduler.running if s.state is not None)
+        self.state_bytes_peak = max(self.state_bytes_peak, self.state_bytes)

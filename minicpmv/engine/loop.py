@@ -72,6 +72,14 @@ class EngineLoop:
         for request_id, sink in list(self._sinks.items()):
             self.engine.abort(request_id)
             sink(EngineClosedError("the engine was shut down before the request finished"))
+        self._sinks.clear()
+        while True:  # submitted but never taken in: refused the same way
+            try:
+                kind, _, sink = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "add":
+                sink(EngineClosedError("the engine was shut down before the request started"))
 
     def _take_inbox(self, block: bool) -> None:
         while True:

@@ -1,6 +1,6 @@
 """Turn a batch of next-token logits into token ids, one request (row) at a time semantically.
 
-Order per row: min_tokens mask -> penalties -> temperature -> top-k -> top-p -> min-p -> sample.
+Order per row: min_tokens mask -> penalties -> logit bias -> temperature -> top-k -> top-p -> min-p -> sample.
 Random rows draw only from their own generator, so a seeded request yields the same tokens
 whatever else shares its batch.
 """
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minicpmv.engine.sampling import SamplingParams
+from minicpmv.engine.sampling import MAX_BIAS, SamplingParams
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
@@ -58,6 +58,7 @@ class Sampler:
         raw = logits.float()
         x = self._mask_stops_before_min_tokens(raw.clone(), rows)
         x = apply_penalties(x, rows)
+        x = apply_logit_bias(x, rows)
 
         chosen = x.argmax(dim=-1)
         random = [i for i, row in enumerate(rows) if not row.params.greedy]
@@ -117,6 +118,19 @@ def apply_penalties(x: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
         frequency = column([p.frequency_penalty for p in params])
         presence = column([p.presence_penalty for p in params])
         x = x - frequency * output_counts - presence * (output_counts > 0).to(x.dtype)
+    return x
+
+
+def apply_logit_bias(x: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
+    """Add each row's logit_bias; a bias of -100 (the lowest) bans its token outright, whatever its logit."""
+    if not any(row.params.logit_bias for row in rows):
+        return x
+    x = x.clone()
+    vocab = x.shape[1]
+    for i, row in enumerate(rows):
+        for token, bias in (row.params.logit_bias or {}).items():
+            if token < vocab:
+                x[i, token] = float("-inf") if bias <= -MAX_BIAS else x[i, token] + bias
     return x
 
 

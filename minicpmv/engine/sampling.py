@@ -11,6 +11,7 @@ from minicpmv.errors import InvalidInputError
 
 MAX_LOGPROBS = 20
 MAX_PENALTY = 2.0
+MAX_BIAS = 100
 # Below this a temperature is treated as greedy: dividing logits by it would overflow float32.
 GREEDY_TEMPERATURE = 1e-5
 FLOAT32_TINY, FLOAT32_MAX = 1.2e-38, 3.4e38
@@ -107,6 +108,8 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # logprobs of the prompt's tokens (each given the ones before), top-n beside
     skip_special_tokens: bool = True
     structured: StructuredOutputs | None = None  # constrained decoding (JSON schema, regex, choice, grammar)
+    # token id -> added to its logit (OpenAI's logit_bias): -100 keeps the token out, +100 all but forces it
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         for f in fields(self):  # numpy scalars (np.float32(0.7), np.int64(3)) become Python numbers
@@ -184,3 +187,8 @@ class SamplingParams:
             if not isinstance(self.structured, StructuredOutputs):
                 raise bad("structured", "a StructuredOutputs or None")
             self.structured.validate()
+        if self.logit_bias is not None and (
+            not isinstance(self.logit_bias, dict)
+            or not all(_is_int(t) and t >= 0 and _is_number(b) and -MAX_BIAS <= b <= MAX_BIAS for t, b in self.logit_bias.items())
+        ):
+            raise bad("logit_bias", f"a map of token ids (integers >= 0) to numbers in [-{MAX_BIAS}, {MAX_BIAS}]")

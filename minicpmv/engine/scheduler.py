@@ -18,6 +18,7 @@ class SchedulerConfig:
     max_num_seqs: int = 16
     max_num_batched_tokens: int = 1024
     max_waiting: int = 256
+    max_state_bytes: int | None = None  # the running sequences' reservations stay within it (None: no limit)
 
 
 class Scheduler:
@@ -25,6 +26,7 @@ class Scheduler:
         self.config = config
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.reserved_bytes = 0  # state memory reserved by the running sequences
 
     def add(self, seq: Sequence) -> None:
         if len(self.waiting) >= self.config.max_waiting:
@@ -34,12 +36,15 @@ class Scheduler:
 
     def admit(self) -> list[Sequence]:
         """Move waiting sequences into the running set while there is room; return the newly admitted."""
-        admitted = []
+        admitted, budget = [], self.config.max_state_bytes
         # A request with n choices takes n slots (its forks join the running set after its prefill).
         while self.waiting and (not self.running or len(self.running) + len(self.waiting[0].forks) < self.config.max_num_seqs):
+            if budget is not None and self.reserved_bytes + self.waiting[0].reserved_bytes > budget:
+                break  # first come, first served: the head waits for memory, and nothing overtakes it
             seq = self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
+            self.reserved_bytes += seq.reserved_bytes
             admitted.append(seq)
         return admitted
 
@@ -62,6 +67,7 @@ class Scheduler:
     def remove(self, seq: Sequence) -> None:
         if seq in self.running:
             self.running.remove(seq)
+            self.reserved_bytes -= seq.reserved_bytes
         elif seq in self.waiting:
             self.waiting.remove(seq)
 

@@ -69,6 +69,8 @@ class Sequence:
     stop_after_tool_call: bool = False  # parallel_tool_calls false: the output ends with its first complete call
     # Constrained decoding: a minicpmv.output.constraints.Constraint (its mask applies before the sampler).
     constraint: Any = None
+    reserved_tokens: int = 0  # the state memory admission reserves: prompt + max_tokens tokens (set by Engine.add)
+    reserved_bytes: int = 0
     prompt_logprobs: list = field(default_factory=list)  # with params.prompt_logprobs: None, then one per prompt token
     # n > 1: the other choices. They wait outside the scheduler until this sequence's prefill ends, then start
     # from a copy of its state and the same last logits (the prompt is computed once).

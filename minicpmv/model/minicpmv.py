@@ -42,8 +42,8 @@ class MiniCPMV(nn.Module):
     def device(self) -> torch.device:
         return self.model.language_model.norm.weight.device
 
-    def new_state(self) -> HybridState:
-        return HybridState.empty(self.cfg.text, self.dtype, self.device)
+    def new_state(self, capacity: int = 256) -> HybridState:
+        return HybridState.empty(self.cfg.text, self.dtype, self.device, capacity)
 
     UNIT_GROUP_PATCHES = 2048  # two 448x448 slices: measured fastest of 1024 / 2048 / 4096 / all at once
 

@@ -21,6 +21,7 @@ class HybridState:
     conv: list[torch.Tensor]  # per DeltaNet layer: [conv_dim, kernel - 1], activation dtype
     recurrent: list[torch.Tensor]  # per DeltaNet layer: [v_heads, k_dim, v_dim], float32
     length: int = 0
+    max_length: int | None = None  # the engine's reservation: the KV buffers never grow past it
 
     @classmethod
     def empty(cls, cfg: TextConfig, dtype: torch.dtype, device: torch.device | str, capacity: int = 256) -> HybridState:
@@ -45,6 +46,8 @@ class HybridState:
         cache_k, cache_v = self.keys[index], self.values[index]
         if end > cache_k.shape[1]:
             capacity = max(end, 2 * cache_k.shape[1])
+            if self.max_length is not None:
+                capacity = max(end, min(capacity, self.max_length))
             cache_k = _grow(cache_k, capacity, start)
             cache_v = _grow(cache_v, capacity, start)
             self.keys[index], self.values[index] = cache_k, cache_v
@@ -61,6 +64,7 @@ class HybridState:
             conv=[c.clone() for c in self.conv],
             recurrent=[r.clone() for r in self.recurrent],
             length=self.length,
+            max_length=self.max_length,
         )
 
     def nbytes(self) -> int:

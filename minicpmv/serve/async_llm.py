@@ -71,14 +71,17 @@ async def merge(streams: list[AsyncIterator]) -> AsyncIterator:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def run_to_end(llm: LLM, seq: Sequence, metrics: Metrics) -> ChatResult:
-    """Run ``seq`` to its end (timing its tokens for the metrics) and return its result."""
+async def run_to_end(llm: LLM, seq: Sequence, metrics: Metrics, timing: dict | None = None) -> ChatResult:
+    """Run ``seq`` to its end (timing its tokens for the metrics; ``timing["first_token"]`` gets the first one's
+    perf_counter time) and return its result."""
     start, last = time.perf_counter(), None
     async for out in generate(llm, seq):
         if out is None:  # accepted
             continue
         t = time.perf_counter()
         (metrics.ttft if last is None else metrics.inter_token).observe(t - (last or start))
+        if last is None and timing is not None:
+            timing["first_token"] = t
         last = t
     return llm.result(seq)
 
@@ -87,7 +90,7 @@ async def until_disconnect(request: Request, work: Awaitable):
     """Await ``work``, cancelling it (and so its sequence) if the client goes away first."""
     task = asyncio.ensure_future(work)
     while not task.done():
-        await asyncio.wait([task], timeout=0.25)
+        await asyncio.wait([task], timeout=0.1)
         if not task.done() and await request.is_disconnected():
             task.cancel()
             raise HTTPError(499, "client closed the request")

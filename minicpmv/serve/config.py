@@ -15,3 +15,4 @@ class ServerConfig:
     media: MediaPolicy = field(default_factory=MediaPolicy)
     enable_test_hooks: bool = False
     enable_lora_loading: bool = False  # POST /v1/load_lora_adapter, /v1/unload_lora_adapter
+    default_max_tokens: int | None = None  # for requests that omit max_tokens (None: the rest of the context)

@@ -24,7 +24,7 @@ def status_of(exc: Exception) -> tuple[int, str]:
 
 def http_error(exc: Exception) -> HTTPError:
     """The HTTP error ``exc`` means, with the request field at fault when there is one. A 500 does not show the
-    exception's text (it may hold internals); the server logs it."""
+    exception's text (it may hold internals); the server logs it. A 503 (shutting down) says so."""
     status, kind = status_of(exc)
-    message = str(exc) if status < 500 else f"internal error ({type(exc).__name__})"
+    message = str(exc) if status < 500 or status == 503 else f"internal error ({type(exc).__name__})"
     return HTTPError(status, message, kind, getattr(exc, "param", None))

@@ -1,80 +1,109 @@
-"""Prometheus text exposition, written by hand: a few counters, gauges read from the engine, two histograms."""
+"""/metrics through prometheus_client, under vLLM's metric names where vLLM has one (``vllm:num_requests_running``,
+``vllm:time_to_first_token_seconds``, ...: dashboards made for vLLM work unchanged), ``minicpmv:`` names for the rest.
+
+Engine counts and gauges are read from ``Engine.stats()`` at each scrape; the latency histograms are observed by the
+protocol routes, which see the requests' timing.
+"""
 
 from __future__ import annotations
 
 import threading
-from bisect import bisect_left
 
-from minicpmv.engine.engine import EngineStats
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+from minicpmv.engine.engine import Engine
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+TOKEN_BUCKETS = (1, 8, 32, 128, 512, 2048, 8192, 32768, 131072)
 
 
-class Histogram:
-    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS):
-        self.buckets = buckets
-        self.counts = [0] * (len(buckets) + 1)
-        self.total = 0.0
+class EngineCollector:
+    """The engine's state at scrape time."""
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.buckets, value)] += 1
-        self.total += value
+    def __init__(self, engine: Engine, model_name: str):
+        self.engine, self.model = engine, model_name
 
-    def lines(self, name: str) -> list[str]:
-        out, running = [], 0
-        for bound, count in zip((*self.buckets, float("inf")), self.counts):
-            running += count
-            le = "+Inf" if bound == float("inf") else repr(bound)
-            out.append(f'{name}_bucket{{le="{le}"}} {running}')
-        out += [f"{name}_sum {self.total}", f"{name}_count {running}"]
-        return out
+    def collect(self):
+        s = self.engine.stats()
+        labels = ["model_name"]
+
+        def gauge(name: str, doc: str, value: float):
+            g = GaugeMetricFamily(name, doc, labels=labels)
+            g.add_metric([self.model], value)
+            return g
+
+        def counter(name: str, doc: str, value: float):
+            c = CounterMetricFamily(name, doc, labels=labels)
+            c.add_metric([self.model], value)
+            return c
+
+        yield gauge("vllm:num_requests_running", "Requests being decoded or prefilled.", s.running)
+        yield gauge("vllm:num_requests_waiting", "Requests waiting to be admitted.", s.waiting)
+        yield gauge("vllm:kv_cache_usage_perc", "Sequence state memory in use, as a fraction of the budget.",
+                    s.state_bytes / s.state_budget_bytes if s.state_budget_bytes else 0.0)
+        yield counter("vllm:prompt_tokens", "Prompt tokens of admitted requests.", s.prompt_tokens)
+        yield counter("vllm:generation_tokens", "Generated tokens.", s.generation_tokens)
+        yield counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prompt_tokens)
+        yield counter("vllm:prefix_cache_hits", "Prompt tokens served from the prefix cache.", s.cached_tokens)
+        success = CounterMetricFamily("vllm:request_success", "Finished requests by finish reason.",
+                                      labels=[*labels, "finished_reason"])
+        for reason, n in sorted(s.finished.items()):
+            success.add_metric([self.model, reason], n)
+        yield success
+        yield gauge("minicpmv:state_memory_bytes", "Sequence state (attention KV + DeltaNet) allocated.", s.state_bytes)
+        yield gauge("minicpmv:state_memory_peak_bytes", "Highest sequence state allocated so far.", s.state_bytes_peak)
+        yield gauge("minicpmv:state_memory_reserved_bytes", "Sequence state reserved by running requests.",
+                    s.state_bytes_reserved)
+        yield gauge("minicpmv:state_memory_budget_bytes", "The sequence state budget (--max-state-memory).",
+                    s.state_budget_bytes)
+        yield counter("minicpmv:prefilled_tokens", "Prompt tokens computed (not from the prefix cache).", s.prefilled_tokens)
+        yield counter("minicpmv:prefix_cache_hit_requests", "Requests that started from a cached prefix.", s.prefix_cache_hits)
+        yield counter("minicpmv:vision_encode_seconds", "Time spent encoding images and video frames.", s.vision_encode_seconds)
+        yield counter("minicpmv:vision_cache_hits", "Visual inputs found in the vision cache.", s.vision_cache_hits)
+        yield counter("minicpmv:vision_cache_misses", "Visual inputs encoded.", s.vision_cache_misses)
 
 
 class Metrics:
-    def __init__(self):
+    """One registry per app. ``ttft`` / ``inter_token`` / ``e2e`` take ``.observe(seconds)``; ``error(status)`` counts
+    an error response. (``requests`` / ``prompt_tokens`` / ``completion_tokens`` are plain counts kept for the protocol
+    modules; the exposition reads token counts from the engine.)"""
+
+    def __init__(self, engine: Engine | None = None, model_name: str = ""):
         self.lock = threading.Lock()
+        self.registry = CollectorRegistry()
         self.requests = 0
-        self.errors: dict[int, int] = {}
         self.prompt_tokens = 0
         self.completion_tokens = 0
-        self.ttft = Histogram()
-        self.inter_token = Histogram()
+        m = [model_name]
+
+        def histogram(name: str, doc: str, buckets=LATENCY_BUCKETS):
+            return Histogram(name, doc, ["model_name"], buckets=buckets, registry=self.registry).labels(*m)
+
+        self.ttft = histogram("vllm:time_to_first_token_seconds", "Time to first token.")
+        self.inter_token = histogram("vllm:inter_token_latency_seconds", "Time between two output tokens.")
+        self.e2e = histogram("vllm:e2e_request_latency_seconds", "Request latency, arrival to last token.")
+        self.prompt_length = histogram("vllm:request_prompt_tokens", "Prompt tokens per request.", TOKEN_BUCKETS)
+        self.generation_length = histogram("vllm:request_generation_tokens", "Generated tokens per request.", TOKEN_BUCKETS)
+        self._responses = Counter("minicpmv:http_responses", "HTTP responses by status.", ["model_name", "status"],
+                                  registry=self.registry)
+        self.model_name = model_name
+        if engine is not None:
+            self.registry.register(EngineCollector(engine, model_name))
 
     def error(self, status: int) -> None:
-        with self.lock:
-            self.errors[status] = self.errors.get(status, 0) + 1
+        self._responses.labels(self.model_name, str(status)).inc()
 
-    def render(self, stats: EngineStats) -> str:
-        p = "minicpmv"
+    def done(self, status: int, prompt_tokens: int, completion_tokens: int, seconds: float) -> None:
+        """A request answered (or streamed to its end)."""
+        self._responses.labels(self.model_name, str(status)).inc()
+        self.e2e.observe(seconds)
+        self.prompt_length.observe(prompt_tokens)
+        self.generation_length.observe(completion_tokens)
         with self.lock:
-            lines = [
-                f"# TYPE {p}_requests_total counter",
-                f"{p}_requests_total {self.requests}",
-                f"# TYPE {p}_request_errors_total counter",
-                *(f'{p}_request_errors_total{{status="{s}"}} {n}' for s, n in sorted(self.errors.items())),
-                f"# TYPE {p}_prompt_tokens_total counter",
-                f"{p}_prompt_tokens_total {self.prompt_tokens}",
-                f"# TYPE {p}_completion_tokens_total counter",
-                f"{p}_completion_tokens_total {self.completion_tokens}",
-                f"# TYPE {p}_time_to_first_token_seconds histogram",
-                *self.ttft.lines(f"{p}_time_to_first_token_seconds"),
-                f"# TYPE {p}_inter_token_latency_seconds histogram",
-                *self.inter_token.lines(f"{p}_inter_token_latency_seconds"),
-            ]
-        lines += [
-            f"# TYPE {p}_queue_depth gauge",
-            f"{p}_queue_depth {stats.waiting}",
-            f"# TYPE {p}_running_sequences gauge",
-            f"{p}_running_sequences {stats.running}",
-            f"# TYPE {p}_vision_encode_seconds_total counter",
-            f"{p}_vision_encode_seconds_total {stats.vision_encode_seconds}",
-            f"# TYPE {p}_vision_cache_hits_total counter",
-            f"{p}_vision_cache_hits_total {stats.vision_cache_hits}",
-            f"# TYPE {p}_vision_cache_misses_total counter",
-            f"{p}_vision_cache_misses_total {stats.vision_cache_misses}",
-            f"# TYPE {p}_prefix_cache_hits_total counter",
-            f"{p}_prefix_cache_hits_total {stats.prefix_cache_hits}",
-            f"# TYPE {p}_prefix_cached_tokens_total counter",
-            f"{p}_prefix_cached_tokens_total {stats.cached_tokens}",
-        ]
-        return "\n".join(lines) + "\n"
+            self.prompt_tokens += prompt_tokens
+            self.completion_tokens += completion_tokens
+
+    def render(self, stats=None) -> bytes:
+        """The text exposition (``stats`` is ignored: the engine is read through the collector)."""
+        return generate_latest(self.registry)

@@ -12,6 +12,7 @@ from minicpmv.engine.sampling import SamplingParams, StructuredOutputs
 from minicpmv.errors import InvalidInputError
 from minicpmv.output.tools import check_tool_choice
 from minicpmv.processing.options import ProcessingOptions
+from minicpmv.serve.openai_compat import OpenAIExtras
 
 
 MAX_CHOICES = 8  # n: choices per prompt
@@ -35,7 +36,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
+class ChatCompletionRequest(OpenAIExtras):
     """Unknown fields are refused (400) rather than ignored: nothing a client sends is silently dropped. Strict
     types: "4" is not a number and true is not 1."""
 
@@ -116,6 +117,7 @@ class ChatCompletionRequest(BaseModel):
             "frequency_penalty": self.frequency_penalty,
             "repetition_penalty": self.repetition_penalty,
             "logprobs": (self.top_logprobs or 0) if self.logprobs else None,
+            "logit_bias": self.token_bias(),
         }
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidInputError("top_logprobs needs logprobs=true", param="top_logprobs")
