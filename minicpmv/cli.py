@@ -1,4 +1,4 @@
-"""The ``minicpmv`` command: serve, run, chat, download, demo-checkpoint."""
+"""The ``minicpmv`` command: serve, run, chat, batch, download, demo-checkpoint."""
 
 from __future__ import annotations
 
@@ -166,6 +166,20 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--think", action="store_true", help="build prompts with thinking on")
     tune.add_argument("--seed", type=int, default=0)
     tune.add_argument("--device", default="auto")
+
+    batch = sub.add_parser("batch", help="run every row of a JSONL / Parquet / CSV file or a folder of media")
+    _engine_args(batch)
+    batch.add_argument("input", type=Path, help=".jsonl, .parquet or .csv (one request per row), or a folder of media")
+    batch.add_argument("output", type=Path, help=".jsonl file or .parquet folder; a rerun resumes it")
+    batch.add_argument("--prompt", default=None, help="the question for rows without one (a folder's files)")
+    batch.add_argument("--window", type=_int_in(1), default=None, help="rows in flight (default 2 x max-num-seqs)")
+    batch.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                       help="run on Ray Data (a local cluster, or the cluster at ADDRESS)")
+    batch.add_argument("--workers", type=_int_in(1), default=1, help="Ray: engine actors")
+    batch.add_argument("--threads-per-worker", type=_int_in(1), default=1, help="Ray: CPUs (torch threads) per actor")
+    batch.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    _processing_args(batch)
+    _sampling_args(batch)
 
     download = sub.add_parser("download", help="fetch a model into the local Hugging Face cache")
     download.add_argument("model", help="repo id, e.g. openbmb/MiniCPM-V-4.6")
@@ -364,8 +378,14 @@ def cmd_chat(args) -> int:
     return interactive(_llm(args), params, {"enable_thinking": args.think, **_processing(args)})
 
 
-COMMANDS = {"serve": cmd_serve, "run": cmd_run, "chat": cmd_chat, "finetune": cmd_finetune, "download": cmd_download,
-            "demo-checkpoint": cmd_demo}
+def cmd_batch(args) -> int:
+    from minicpmv.batch.cli import run
+
+    return run(args, _processing(args), _sampling(args))
+
+
+COMMANDS = {"serve": cmd_serve, "run": cmd_run, "chat": cmd_chat, "finetune": cmd_finetune, "batch": cmd_batch,
+            "download": cmd_download, "demo-checkpoint": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
