@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--enable-lora-loading", action="store_true",
                        help="allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter (behind --api-key)")
+    serve.add_argument("--ray-replicas", type=_int_in(1), default=None, metavar="N",
+                       help="serve N engine replicas with Ray Serve behind one endpoint (pip install 'minicpmv[ray]')")
+    serve.add_argument("--threads-per-replica", type=_int_in(1), default=1, help="Ray Serve: CPUs per replica")
+    serve.add_argument("--ray-address", default=None, help="Ray Serve: an existing cluster (default: a local one)")
     serve.add_argument("--enable-test-hooks", action="store_true", help=argparse.SUPPRESS)
 
     run = sub.add_parser("run", help="answer one question about images / videos and exit")
@@ -297,14 +301,15 @@ def _model_or_demo(model: str, demo_dir: Path) -> str:
 def cmd_serve(args) -> int:
     import uvicorn
 
-    from minicpmv.serve.app import ServerConfig, create_app
-    from minicpmv.serve.media import MediaPolicy
+    from minicpmv.serve.app import create_app
 
     if args.allowed_local_media_path is not None and not args.allowed_local_media_path.is_dir():
         raise MiniCPMVError(f"--allowed-local-media-path {args.allowed_local_media_path} is not a directory")
     requested = args.model  # clients keep using this id, even when a demo checkpoint stands in for it
     if args.demo_fallback is not None:
         args.model = _model_or_demo(args.model, args.demo_fallback)
+    if args.ray_replicas:
+        return _serve_on_ray(args, requested)
     llm = _llm(args)
     if llm.demo:
         print(DEMO_BANNER, file=sys.stderr)
@@ -313,7 +318,21 @@ def cmd_serve(args) -> int:
     if args.max_image_pixels:
         settings = llm.processor.image_settings
         llm.processor.image_settings = dataclasses.replace(settings, max_pixels=args.max_image_pixels)
-    config = ServerConfig(
+    config = _server_config(args, requested)
+    app = create_app(llm, config)
+    print(f"serving {config.model_name} on http://{args.host}:{args.port}  (web chat at /)", file=sys.stderr)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        llm.close()
+    return 0
+
+
+def _server_config(args, requested: str):
+    from minicpmv.serve.app import ServerConfig
+    from minicpmv.serve.media import MediaPolicy
+
+    return ServerConfig(
         model_name=args.served_model_name or requested,
         api_key=args.api_key,
         max_body_bytes=args.max_body_mb << 20,
@@ -321,12 +340,18 @@ def cmd_serve(args) -> int:
         enable_test_hooks=args.enable_test_hooks,
         enable_lora_loading=args.enable_lora_loading,
     )
-    app = create_app(llm, config)
-    print(f"serving {config.model_name} on http://{args.host}:{args.port}  (web chat at /)", file=sys.stderr)
-    try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    finally:
-        llm.close()
+
+
+def _serve_on_ray(args, requested: str) -> int:
+    from minicpmv.batch import ray_serve
+
+    engine = {"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len, "max_waiting": args.max_waiting}
+    llm = {"model": args.model, "dtype": args.dtype, "device": args.device, "quantization": args.quantization,
+           "engine_config": engine}
+    spec = ray_serve.ReplicaSpec(llm, _server_config(args, requested), args.threads_per_replica, args.max_image_pixels)
+    print(f"serving {requested} on http://{args.host}:{args.port} with {args.ray_replicas} Ray Serve replicas",
+          file=sys.stderr)
+    ray_serve.run(spec, args.ray_replicas, args.max_num_seqs, args.host, args.port, args.ray_address)
     return 0
 
 

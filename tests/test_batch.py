@@ -181,3 +181,15 @@ def test_kill_9_then_rerun_leaves_every_id_exactly_once(tiny_dir, tmp_path):
     records = read_output(out)
     assert sorted(r["id"] for r in records) == sorted(r["id"] for r in rows)  # each exactly once
     assert all(r["error"] is None for r in records)
+
+
+def test_missing_extras_are_named(tmp_path, monkeypatch, capsys):
+    from minicpmv.cli import main
+
+    (tmp_path / "in.jsonl").write_text('{"id": 1, "prompt": "hi"}\n')
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    assert main(["batch", str(tmp_path), str(tmp_path / "in.jsonl"), str(tmp_path / "o.jsonl"), "--ray"]) == 1
+    assert "pip install 'minicpmv[ray]'" in capsys.readouterr().err
+    assert main(["batch", str(tmp_path), str(tmp_path / "in.jsonl"), str(tmp_path / "o.parquet")]) == 1
+    assert "pip install 'minicpmv[batch]'" in capsys.readouterr().err

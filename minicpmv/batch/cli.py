@@ -5,13 +5,18 @@ from __future__ import annotations
 import sys
 
 from minicpmv.batch.job import JobSpec, run_job
-from minicpmv.batch.rows import input_format
+from minicpmv.batch.rows import input_format, require_pyarrow
 from minicpmv.batch.sink import output_format
 
 
 def run(args, processing: dict, sampling) -> int:
-    input_format(args.input)  # bad paths fail before the model loads
-    output_format(args.output)
+    # bad paths and missing extras fail before the model loads
+    if "parquet" in (input_format(args.input), output_format(args.output)):
+        require_pyarrow()
+    if args.ray is not None:
+        from minicpmv.batch.ray_runner import require_ray
+
+        require_ray()
     options = {**{k: v for k, v in processing.items() if v is not None}, "enable_thinking": args.think}
     spec = JobSpec(options=options, sampling=sampling)
     if args.ray is not None:
