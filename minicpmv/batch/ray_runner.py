@@ -1,5 +1,5 @@
-"""``minicpmv batch --ray``: the same rows on Ray Data. read -> drop ids already in OUTPUT -> split into blocks of
-``rows_per_block`` rows (so even a small input feeds every worker) -> ``map_batches`` with ``Worker`` (a callable
+"""``minicpmv batch --ray``: the same rows on Ray Data. read -> drop ids already in OUTPUT -> read into blocks
+of ``rows_per_block`` rows (so even a small input feeds every worker) -> ``map_batches`` with ``Worker`` (a callable
 class holding one ``minicpmv.LLM``) on an actor pool of ``workers`` actors of ``threads`` CPUs -> the driver commits
 each finished batch through the same sink as local mode.
 
@@ -21,6 +21,11 @@ from minicpmv.batch.job import JobSpec, Progress, Summary, count_rows, run_rows
 from minicpmv.batch.rows import input_base, input_format, media_files, VIDEO_EXTENSIONS
 from minicpmv.batch.sink import open_sink
 from minicpmv.errors import MiniCPMVError
+
+
+# reading and keying rows takes no CPU reservation: it must not wait for CPUs that the engine actors hold (workers x
+# threads may be the whole cluster)
+LIGHT = 0
 
 
 def require_ray():
@@ -69,24 +74,24 @@ def _from_line(item: dict) -> dict:
     return _keyed(row)
 
 
-def read_dataset(path: Path, prompt: str | None):
+def read_dataset(path: Path, prompt: str | None, blocks: int):
     ray = require_ray()
     kind = input_format(path)
     if kind == "jsonl":
-        return ray.data.read_text(str(path)).map(_from_line)
+        return ray.data.read_text(str(path), num_cpus=LIGHT, override_num_blocks=blocks).map(_from_line, num_cpus=LIGHT)
     if kind == "csv":
         import pyarrow.csv as pacsv
 
         # every column as text, as the local reader sees it (ids like 007 stay as written)
         options = pacsv.ConvertOptions(strings_can_be_null=True, column_types=None, auto_dict_encode=False)
-        return ray.data.read_csv(str(path), convert_options=options).map(_keyed)
+        return ray.data.read_csv(str(path), convert_options=options, num_cpus=LIGHT, override_num_blocks=blocks).map(_keyed, num_cpus=LIGHT)
     if kind == "parquet":
-        return ray.data.read_parquet(str(path)).map(_keyed)
+        return ray.data.read_parquet(str(path), num_cpus=LIGHT, override_num_blocks=blocks).map(_keyed, num_cpus=LIGHT)
     items = []
     for rel in media_files(path):
         media = "video" if rel.suffix.lower() in VIDEO_EXTENSIONS else "image"
         items.append({"id": rel.as_posix(), "row": json.dumps({"id": rel.as_posix(), media: str(path / rel), "prompt": prompt})})
-    return ray.data.from_items(items) if items else ray.data.from_items([{"id": "", "row": ""}]).filter(lambda r: False)
+    return ray.data.from_items(items, override_num_blocks=blocks) if items else ray.data.from_items([{"id": "", "row": ""}]).filter(lambda r: False)
 
 
 class Worker:
@@ -126,17 +131,17 @@ def run_ray_job(job: RayJob, input_path: Path, output_path: Path, spec: JobSpec,
         ray.init(address=job.address, include_dashboard=False, log_to_driver=False, configure_logging=False)
     done = set(sink.done)
     summary.skipped = 0
-    ds = read_dataset(input_path, spec.prompt)
-    if done:
-        ds = ds.filter(lambda r: r["id"] not in done)
     block = job.rows_per_block or job.max_num_seqs
-    ds = ds.repartition(target_num_rows_per_block=block)
+    total = count_rows(input_path, prompt)
+    # read into blocks of about ``block`` rows (a repartition would hold a CPU the actors may all have taken)
+    ds = read_dataset(input_path, spec.prompt, max(job.workers, -(-(total or 1) // block)))
+    if done:
+        ds = ds.filter(lambda r: r["id"] not in done, num_cpus=LIGHT)
     ds = ds.map_batches(
         Worker, fn_constructor_kwargs={"job": job, "spec": spec}, batch_size=block,
         compute=ray.data.ActorPoolStrategy(size=job.workers), num_cpus=job.threads,
         max_restarts=-1, max_task_retries=-1,
     )
-    total = count_rows(input_path, prompt)
     bar = Progress(total, 0, progress)
     bar.bar.update(len(done))
     try:
