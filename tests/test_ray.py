@@ -81,3 +81,46 @@ def test_100_rows_with_a_worker_killed_mid_run(cluster, llm, tiny_dir, tmp_path)
 def _local(llm, source: Path, out: Path) -> Path:
     run_job(llm, source, out, JobSpec(sampling=GREEDY), progress=False)
     return out
+
+
+def test_serve_two_replicas_openai_client_and_a_replica_killed(cluster, tiny_dir, tmp_path):
+    import socket
+
+    import openai
+    from ray import serve
+
+    from minicpmv.batch.ray_serve import ReplicaSpec, deployment
+    from minicpmv.serve.config import ServerConfig
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    spec = ReplicaSpec({"model": str(tiny_dir), "dtype": "float32", "device": "cpu", "engine_config": {"max_num_seqs": 4}},
+                       ServerConfig(model_name="tiny"), threads=1, pid_dir=str(pids))
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(deployment(spec, 2, 4).bind(), name="minicpmv", route_prefix="/", blocking=False)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
+        messages = [{"role": "user", "content": "Hello"}]
+
+        def ask():
+            return client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, temperature=0)
+
+        first = ask()
+        assert first.choices[0].finish_reason == "length" and first.usage.completion_tokens == 4
+        chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, temperature=0,
+                                                     stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == first.choices[0].message.content
+        assert len(list(pids.iterdir())) == 2
+        os.kill(int(sorted(pids.iterdir())[0].stem), signal.SIGKILL)
+        time.sleep(1.0)
+        for _ in range(6):  # the live replica answers while the dead one is replaced
+            assert ask().choices[0].message.content == first.choices[0].message.content
+        deadline = time.monotonic() + 60
+        while len(list(pids.iterdir())) < 3 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert len(list(pids.iterdir())) == 3, "the killed replica was not replaced"
+    finally:
+        serve.shutdown()

@@ -17,6 +17,7 @@ class ReplicaSpec:
     config: Any  # serve.config.ServerConfig
     threads: int = 1
     max_image_pixels: int | None = None
+    pid_dir: str | None = None  # each replica writes its pid here (monitoring, tests)
 
 
 def _builder(spec: ReplicaSpec):
@@ -30,6 +31,11 @@ def _builder(spec: ReplicaSpec):
         from minicpmv.serve.app import create_app
 
         torch.set_num_threads(spec.threads)
+        if spec.pid_dir:
+            import os
+            from pathlib import Path
+
+            Path(spec.pid_dir, f"{os.getpid()}.pid").write_text(str(os.getpid()))
         kwargs = dict(spec.llm)
         kwargs["engine_config"] = EngineConfig(**kwargs.pop("engine_config", {}))
         llm = LLM(**kwargs)
