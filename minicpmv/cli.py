@@ -1,4 +1,4 @@
-"""The ``minicpmv`` command: serve, run, chat, download, demo-checkpoint."""
+"""The ``minicpmv`` command: serve, run, chat, batch, download, demo-checkpoint."""
 
 from __future__ import annotations
 
@@ -150,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="on SIGTERM / Ctrl-C, how long requests in flight may take to finish (default 10)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",
                        help="info: a start-up summary and one line per request")
+    serve.add_argument("--ray-replicas", type=_int_in(1), default=None, metavar="N",
+                       help="serve N engine replicas with Ray Serve behind one endpoint (pip install 'minicpmv[ray]')")
+    serve.add_argument("--threads-per-replica", type=_int_in(1), default=1, help="Ray Serve: CPUs per replica")
+    serve.add_argument("--ray-address", default=None, help="Ray Serve: an existing cluster (default: a local one)")
     serve.add_argument("--enable-test-hooks", action="store_true", help=argparse.SUPPRESS)
 
     run = sub.add_parser("run", help="answer one question about images / videos and exit")
@@ -196,6 +200,20 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--think", action="store_true", help="build prompts with thinking on")
     tune.add_argument("--seed", type=int, default=0)
     tune.add_argument("--device", default="auto")
+
+    batch = sub.add_parser("batch", help="run every row of a JSONL / Parquet / CSV file or a folder of media")
+    _engine_args(batch)
+    batch.add_argument("input", type=Path, help=".jsonl, .parquet or .csv (one request per row), or a folder of media")
+    batch.add_argument("output", type=Path, help=".jsonl file or .parquet folder; a rerun resumes it")
+    batch.add_argument("--prompt", default=None, help="the question for rows without one (a folder's files)")
+    batch.add_argument("--window", type=_int_in(1), default=None, help="rows in flight (default 2 x max-num-seqs)")
+    batch.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                       help="run on Ray Data (a local cluster, or the cluster at ADDRESS)")
+    batch.add_argument("--workers", type=_int_in(1), default=1, help="Ray: engine actors")
+    batch.add_argument("--threads-per-worker", type=_int_in(1), default=1, help="Ray: CPUs (torch threads) per actor")
+    batch.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    _processing_args(batch)
+    _sampling_args(batch)
 
     download = sub.add_parser("download", help="fetch a model into the local Hugging Face cache")
     download.add_argument("model", help="repo id, e.g. openbmb/MiniCPM-V-4.6")
@@ -326,11 +344,9 @@ def _model_or_demo(model: str, demo_dir: Path) -> str:
 def cmd_serve(args) -> int:
     import uvicorn
 
-    from minicpmv.llm import DEMO_MAX_TOKENS
-    from minicpmv.serve.app import ServerConfig, create_app
+    from minicpmv.serve.app import create_app
     from minicpmv.serve.lifecycle import GracefulServer
     from minicpmv.serve.logs import log_startup
-    from minicpmv.serve.media import MediaPolicy
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -339,6 +355,8 @@ def cmd_serve(args) -> int:
     requested = args.model  # clients keep using this id, even when a demo checkpoint stands in for it
     if args.demo_fallback is not None:
         args.model = _model_or_demo(args.model, args.demo_fallback)
+    if args.ray_replicas:
+        return _serve_on_ray(args, requested)
     llm = _llm(args)
     if llm.demo:
         print(DEMO_BANNER, file=sys.stderr)
@@ -347,15 +365,7 @@ def cmd_serve(args) -> int:
     if args.max_image_pixels:
         settings = llm.processor.image_settings
         llm.processor.image_settings = dataclasses.replace(settings, max_pixels=args.max_image_pixels)
-    config = ServerConfig(
-        model_name=args.served_model_name or requested,
-        api_key=args.api_key,
-        max_body_bytes=args.max_body_mb << 20,
-        media=MediaPolicy(allow_private=args.allow_private_media_urls, allowed_local_path=args.allowed_local_media_path),
-        enable_test_hooks=args.enable_test_hooks,
-        enable_lora_loading=args.enable_lora_loading,
-        default_max_tokens=args.default_max_tokens or (DEMO_MAX_TOKENS if llm.demo else None),
-    )
+    config = _server_config(args, requested, llm.demo)
     app = create_app(llm, config)
     log_startup(llm, config)
     print(f"serving {config.model_name} on http://{args.host}:{args.port}  (web chat at /)", file=sys.stderr)
@@ -374,6 +384,38 @@ def cmd_serve(args) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def _server_config(args, requested: str, demo: bool):
+    from minicpmv.llm import DEMO_MAX_TOKENS
+    from minicpmv.serve.app import ServerConfig
+    from minicpmv.serve.media import MediaPolicy
+
+    return ServerConfig(
+        model_name=args.served_model_name or requested,
+        api_key=args.api_key,
+        max_body_bytes=args.max_body_mb << 20,
+        media=MediaPolicy(allow_private=args.allow_private_media_urls, allowed_local_path=args.allowed_local_media_path),
+        enable_test_hooks=args.enable_test_hooks,
+        enable_lora_loading=args.enable_lora_loading,
+        default_max_tokens=args.default_max_tokens or (DEMO_MAX_TOKENS if demo else None),
+    )
+
+
+def _serve_on_ray(args, requested: str) -> int:
+    from minicpmv.batch import ray_serve
+
+    engine = {"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len, "max_waiting": args.max_waiting,
+              "max_state_bytes": args.max_state_memory}
+    llm = {"model": args.model, "dtype": args.dtype, "device": args.device, "quantization": args.quantization,
+           "engine_config": engine}
+    # (each replica's LLM caps a demo checkpoint's answers itself)
+    spec = ray_serve.ReplicaSpec(llm, _server_config(args, requested, demo=False), args.threads_per_replica,
+                                 args.max_image_pixels)
+    print(f"serving {requested} on http://{args.host}:{args.port} with {args.ray_replicas} Ray Serve replicas",
+          file=sys.stderr)
+    ray_serve.run(spec, args.ray_replicas, args.max_num_seqs, args.host, args.port, args.ray_address)
+    return 0
 
 
 def cmd_download(args) -> int:
@@ -427,8 +469,14 @@ def cmd_chat(args) -> int:
     return interactive(_llm(args), params, {"enable_thinking": args.think, **_processing(args)})
 
 
-COMMANDS = {"serve": cmd_serve, "run": cmd_run, "chat": cmd_chat, "finetune": cmd_finetune, "download": cmd_download,
-            "demo-checkpoint": cmd_demo}
+def cmd_batch(args) -> int:
+    from minicpmv.batch.cli import run
+
+    return run(args, _processing(args), _sampling(args))
+
+
+COMMANDS = {"serve": cmd_serve, "run": cmd_run, "chat": cmd_chat, "finetune": cmd_finetune, "batch": cmd_batch,
+            "download": cmd_download, "demo-checkpoint": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

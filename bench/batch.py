@@ -1,0 +1,79 @@
+"""Batch throughput on the full-size random checkpoint: 200 rows with images, local mode vs Ray Data with 1 worker
+and with 2 workers (1 thread each): rows/s, tokens/s, Ray's overhead against local at the same thread count, and
+the 1 -> 2 worker scaling. Greedy, a fixed number of tokens per row (ignore_eos), so every mode does the same work.
+
+    python -m bench.batch [--rows 200] [--max-tokens 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import PIL.Image
+import torch
+
+from bench.common import demo_checkpoint, image
+from minicpmv.batch.job import JobSpec, run_job
+from minicpmv.engine.engine import EngineConfig
+from minicpmv.engine.sampling import SamplingParams
+
+
+def write_input(folder: Path, rows: int) -> Path:
+    for i in range(8):
+        PIL.Image.fromarray(image(448, 336, seed=i)).save(folder / f"{i}.png")
+    path = folder / "in.jsonl"
+    path.write_text("".join(json.dumps({"id": f"r{i}", "image": f"{i % 8}.png", "prompt": f"Describe picture {i}."}) + "\n"
+                            for i in range(rows)))
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=200)
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--max-num-seqs", type=int, default=16)
+    args = parser.parse_args()
+    model = demo_checkpoint("full")
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        source = write_input(tmp, args.rows)
+
+        torch.set_num_threads(1)
+        from minicpmv.llm import LLM
+
+        llm = LLM(model, device="cpu", engine_config=EngineConfig(max_num_seqs=args.max_num_seqs), progress=False)
+        start = time.perf_counter()
+        s = run_job(llm, source, tmp / "local.jsonl", JobSpec(sampling=params), progress=False)
+        results["local, 1 thread"] = (s, time.perf_counter() - start)
+        llm.close()
+
+        import ray
+
+        from minicpmv.batch.ray_runner import RayJob, run_ray_job
+
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        for workers in (1, 2):
+            job = RayJob(model=str(model), max_num_seqs=args.max_num_seqs, workers=workers, threads=1)
+            start = time.perf_counter()
+            s = run_ray_job(job, source, tmp / f"ray{workers}.jsonl", JobSpec(sampling=params), progress=False)
+            results[f"ray, {workers} worker(s) x 1 thread"] = (s, time.perf_counter() - start)
+        ray.shutdown()
+
+    print(f"{'mode':32} {'rows':>5} {'failed':>6} {'rows/s':>8} {'tokens/s':>9} {'wall s':>7}")
+    rate = {}
+    for name, (s, wall) in results.items():
+        rate[name] = s.rows / wall
+        print(f"{name:32} {s.rows:5d} {s.failed:6d} {s.rows / wall:8.3f} {s.completion_tokens / wall:9.1f} {wall:7.1f}")
+    local, one, two = rate.values()
+    print(f"Ray overhead at 1 worker vs local: {100 * (local / one - 1):+.1f}% (target <= 10%; wall time incl. actor start)")
+    print(f"scaling 1 -> 2 workers: {two / one:.2f}x (target >= 1.7x)")
+
+
+if __name__ == "__main__":
+    main()
