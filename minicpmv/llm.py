@@ -222,7 +222,8 @@ class LLM:
         if prefix:
             seq.prompt_ids += self.processor.tokenizer.encode(prefix)
             seq.output_prefix = prefix
-            seq.events = seq.parser.feed(prefix)  # the answer's first events come from the prompt
+            seq.prefix_events = seq.parser.feed(prefix)  # the answer's first events come from the prompt
+            seq.events = list(seq.prefix_events)
         seq.constraint = self._constraint(params, options, prefix, thinking)
         return seq
 
@@ -377,14 +378,14 @@ class LLM:
             raise InvalidInputError(f"chat_stream takes one conversation, got {len(convs)}; chat() runs several")
         (messages, opts), = convs
         seq = self.prepare(messages, sampling_params, opts)
-        if seq.events:
+        if seq.prefix_events:
             yield self.delta(seq, None)
         for out in self.outputs(seq):
             yield self.delta(seq, out)
 
     def delta(self, seq: Sequence, out: StepOutput | None) -> ChatDelta:
         """One engine output as a delta; ``out`` None: the events the prompt gave the answer (a forced call's start)."""
-        events = out.events if out is not None else list(seq.events)
+        events = out.events if out is not None else list(seq.prefix_events)
         delta = ChatDelta(seq.request_id, events=events, token_ids=out.token_ids if out is not None else [])
         delta.text = "".join(e.text for e in events if isinstance(e, ContentDelta))
         delta.reasoning = "".join(e.text for e in events if isinstance(e, ReasoningDelta))

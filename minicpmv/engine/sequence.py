@@ -66,6 +66,9 @@ class Sequence:
     stop_matcher: StopStringMatcher | None = None
     parser: OutputParser | None = None
     events: list[Event] = field(default_factory=list)  # everything the parser emitted (the forced prefix's too)
+    # The events of the forced prefix alone, fixed before the engine sees the sequence: streams send them first
+    # (``events`` grows on the engine's thread meanwhile).
+    prefix_events: list[Event] = field(default_factory=list)
     stop_after_tool_call: bool = False  # parallel_tool_calls false: the output ends with its first complete call
     # Constrained decoding: a minicpmv.output.constraints.Constraint (its mask applies before the sampler).
     constraint: Any = None
@@ -85,6 +88,7 @@ class Sequence:
         return Sequence(
             list(self.prompt_ids), self.params, self.visuals, output_prefix=self.output_prefix,
             forced_output_ids=self.forced_output_ids, parser=copy.deepcopy(self.parser), events=list(self.events),
+            prefix_events=list(self.prefix_events),
             stop_after_tool_call=self.stop_after_tool_call, group=self.request_id,
             constraint=self.constraint.copy() if self.constraint is not None else None, lora=self.lora,
         )

@@ -298,7 +298,7 @@ def router(llm: LLM, config: ServerConfig, metrics: Metrics) -> APIRouter:
             yield event({"type": "message_start", "message": {**message([], (None, None)),
                                                              "usage": {**usage(seq), "output_tokens": 0}}})
             try:
-                for e in blocks.events(blocks.blocks.feed(seq.events)):
+                for e in blocks.events(blocks.blocks.feed(seq.prefix_events)):
                     yield event(e)
                 async for out in outputs:
                     for e in blocks.events(blocks.blocks.feed(out.events)):

@@ -295,8 +295,9 @@ def router(llm: LLM, config: ServerConfig, metrics: Metrics) -> APIRouter:
         async def lines():
             first = None
             try:
-                if seq.events:
-                    yield json.dumps({"model": config.model_name, "created_at": _now(), **shape(seq.events, False), "done": False}) + "\n"
+                if seq.prefix_events:
+                    yield json.dumps({"model": config.model_name, "created_at": _now(), **shape(seq.prefix_events, False),
+                                      "done": False}) + "\n"
                 async for out in outputs:
                     first = first or time.perf_counter()
                     if out.events:

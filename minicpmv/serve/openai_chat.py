@@ -146,7 +146,7 @@ async def stream_chunks(llm: LLM, seq, body: ChatCompletionRequest, model: str, 
         return
     for i in range(len(choices)):
         yield chunk({"role": "assistant", "content": ""}, choice_index=i)
-        for delta in deltas_of(seq.events):  # what the prompt gave the answer: a forced call's name
+        for delta in deltas_of(seq.prefix_events):  # what the prompt gave the answer: a forced call's name
             yield chunk(delta, choice_index=i)
     last, finished = None, 0
     try:

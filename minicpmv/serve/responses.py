@@ -377,7 +377,7 @@ def router(llm: LLM, config: ServerConfig, metrics: Metrics) -> APIRouter:
             yield event({"type": "response.created", "response": start})
             yield event({"type": "response.in_progress", "response": start})
             try:
-                for e in items_out.events(items_out.blocks.feed(seq.events)):  # a forced call's start
+                for e in items_out.events(items_out.blocks.feed(seq.prefix_events)):  # a forced call's start
                     yield event(e)
                 async for out in outputs:
                     for e in items_out.events(items_out.blocks.feed(out.events)):
