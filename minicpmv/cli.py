@@ -434,7 +434,9 @@ def cmd_download(args) -> int:
 def cmd_demo(args) -> int:
     from minicpmv.demo import write_demo_checkpoint
 
-    if args.directory.is_file() or (args.directory.is_dir() and any(args.directory.iterdir()) and not args.force):
+    if args.directory.exists() and not args.directory.is_dir():
+        raise MiniCPMVError(f"cannot write a checkpoint to {args.directory}: it is not a directory")
+    if args.directory.is_dir() and any(args.directory.iterdir()) and not args.force:
         raise MiniCPMVError(f"{args.directory} already holds files; choose an empty directory or pass --force to "
                             "write over them")
     try:
@@ -472,7 +474,7 @@ def cmd_chat(args) -> int:
 def cmd_batch(args) -> int:
     from minicpmv.batch.cli import run
 
-    return run(args, _processing(args), _sampling(args))
+    return run(args, _processing(args), _sampling(args), lambda: _llm(args))
 
 
 COMMANDS = {"serve": cmd_serve, "run": cmd_run, "chat": cmd_chat, "finetune": cmd_finetune, "batch": cmd_batch,

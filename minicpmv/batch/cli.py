@@ -9,7 +9,8 @@ from minicpmv.batch.rows import input_format, require_pyarrow
 from minicpmv.batch.sink import output_format
 
 
-def run(args, processing: dict, sampling) -> int:
+def run(args, processing: dict, sampling, make_llm) -> int:
+    """``make_llm()`` loads the model for local mode (the CLI's engine flags)."""
     # bad paths and missing extras fail before the model loads
     if "parquet" in (input_format(args.input), output_format(args.output)):
         require_pyarrow()
@@ -28,9 +29,7 @@ def run(args, processing: dict, sampling) -> int:
             address=None if args.ray == "local" else args.ray,
         ), args.input, args.output, spec, prompt=args.prompt, progress=args.progress)
     else:
-        from minicpmv.cli import _llm
-
-        llm = _llm(args)
+        llm = make_llm()
         try:
             summary = run_job(llm, args.input, args.output, spec, prompt=args.prompt, window=args.window,
                               progress=args.progress)
