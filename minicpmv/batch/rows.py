@@ -151,23 +151,9 @@ def _media_source(value: Any, base: Path | None, kind: str) -> Any:
 
 
 def _resolve_media(messages: list, base: Path | None) -> list:
-    from minicpmv.processing.prompt import media_part
+    from minicpmv.processing.prompt import map_media
 
-    out = []
-    for message in messages:
-        content = message.get("content") if isinstance(message, dict) else None
-        if not isinstance(content, list):
-            out.append(message)
-            continue
-        parts = []
-        for part in content:
-            media = media_part(part)
-            if media is not None:
-                kind, source = media
-                part = {"type": kind, kind: _media_source(source, base, kind)}
-            parts.append(part)
-        out.append({**message, "content": parts})
-    return out
+    return map_media(messages, lambda source, kind: _media_source(source, base, kind))
 
 
 def to_request(row: dict, base: Path | None = None, prompt: str | None = None) -> RowRequest:

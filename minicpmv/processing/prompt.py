@@ -102,6 +102,26 @@ def media_part(part: Any) -> tuple[str, Any] | None:
     return None
 
 
+def map_media(messages: list, replace) -> list:
+    """``messages`` with each media part (every spelling ``media_part`` reads) replaced by
+    ``{"type": kind, kind: replace(source, kind)}``; other parts and messages stay as they are."""
+    out = []
+    for message in messages:
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if not isinstance(content, list):
+            out.append(message)
+            continue
+        parts = []
+        for part in content:
+            media = media_part(part)
+            if media is not None:
+                kind, source = media
+                part = {"type": kind, kind: replace(source, kind)}
+            parts.append(part)
+        out.append({**message, "content": parts})
+    return out
+
+
 def collect_media(messages: list[dict]) -> tuple[list[dict], list[Any], list[Any]]:
     """Copy of `messages` whose media parts are reduced to {"type": "image"|"video"}, plus the media they carried
     (None where a part names no data), in conversation order."""
