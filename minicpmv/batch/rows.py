@@ -8,7 +8,6 @@ here are ignored (metadata columns may ride along). Relative media paths are tak
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import os
 from collections.abc import Iterator
