@@ -227,10 +227,11 @@ class LLM:
         seq.constraint = self._constraint(params, options, prefix, thinking)
         return seq
 
-    def prepare_ids(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
-        """A raw prompt (no chat template) -> a Sequence; ``params.structured`` constrains it as in ``prepare``."""
+    def prepare_ids(self, prompt_ids: list[int], params: SamplingParams, lora: str | None = None) -> Sequence:
+        """A raw prompt (no chat template) -> a Sequence; ``params.structured`` constrains it and ``lora`` picks an
+        adapter as in ``prepare``."""
         params.validate()
-        seq = Sequence(list(prompt_ids), params)
+        seq = Sequence(list(prompt_ids), params, lora=self.lora.key(lora))
         if params.structured is not None:
             seq.constraint = self.grammars.constraint(params.structured, after_think=False)
         return seq

@@ -318,6 +318,45 @@ def test_adapters_load_and_unload_at_runtime_behind_the_api_key(server, adapters
     assert client.chat.completions.create(model="all", messages=conversation(), max_tokens=2).choices[0].message
 
 
+def test_every_protocol_picks_the_adapter_its_model_names(server):
+    """Completions, Responses, Ollama and Anthropic route ``model`` to the adapter as the chat route does."""
+    import httpx2 as httpx
+
+    from minicpmv.engine.sampling import SamplingParams
+
+    llm, url, client = server
+    auth = {"Authorization": f"Bearer {KEY}"}
+    text = "Which colour?"
+    chat = lambda model: client.chat.completions.create(model=model, messages=[{"role": "user", "content": text}],
+                                                        max_tokens=4, temperature=0).choices[0].message.content
+    adapter, base = chat("all"), chat("tiny")
+    assert adapter != base
+    answers = {
+        "responses": lambda m: post(url, "responses", {"model": m, "input": text, "max_output_tokens": 4,
+                                                       "temperature": 0}).json()["output"][-1]["content"][0]["text"],
+        "ollama": lambda m: httpx.post(f"{url}/api/chat", timeout=60, headers=auth, json={
+            "model": m, "messages": [{"role": "user", "content": text}], "stream": False,
+            "options": {"temperature": 0, "num_predict": 4}}).json()["message"]["content"],
+        "anthropic": lambda m: post(url, "messages", {"model": m, "max_tokens": 4, "temperature": 0,
+                                                      "messages": [{"role": "user", "content": text}]}).json()["content"][0]["text"],
+    }
+    for name, answer in answers.items():
+        assert (answer("all"), answer("tiny")) == (adapter, base), name
+    assert answers["ollama"]("all:latest") == adapter
+    tags = httpx.get(f"{url}/api/tags", headers=auth, timeout=60).json()["models"]
+    assert [(t["name"], t["details"]["parent_model"]) for t in tags] == [("tiny", ""), ("all", "tiny")]
+    # raw completions: the adapter's tokens for the same ids
+    ids = llm.processor.tokenizer.encode(text)
+    seq = llm.prepare_ids(ids, SamplingParams(temperature=0, max_tokens=4), lora="all")
+    list(llm.outputs(seq))
+    got = post(url, "completions", {"model": "all", "prompt": text, "max_tokens": 4, "temperature": 0}).json()
+    assert got["model"] == "all" and got["choices"][0]["text"] == llm.result(seq).text
+    for route, body in [("completions", {"prompt": text, "max_tokens": 1}), ("responses", {"input": text}),
+                        ("messages", {"max_tokens": 1, "messages": [{"role": "user", "content": text}]})]:
+        missing = post(url, route, {"model": "nope", **body})
+        assert missing.status_code == 404 and "'all'" in missing.text, route
+
+
 def test_runtime_loading_is_off_unless_enabled(server):
     from minicpmv.serve.app import ServerConfig, create_app
 
