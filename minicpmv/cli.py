@@ -72,6 +72,15 @@ def _lora_module(text: str) -> tuple[str, str]:
     return name, path
 
 
+def _constraint_args(p: argparse.ArgumentParser) -> None:
+    """The answer's form (a row's own response_format overrides it in batch)."""
+    constrain = p.add_mutually_exclusive_group()
+    constrain.add_argument("--json-schema", type=Path, metavar="FILE", help="answer with JSON valid against this schema")
+    constrain.add_argument("--regex", help="answer with text matching this regular expression")
+    constrain.add_argument("--choice", action="append", help="answer with exactly one of these (repeatable)")
+    constrain.add_argument("--grammar", type=Path, metavar="FILE", help="answer in this Lark grammar")
+
+
 def _processing_args(p: argparse.ArgumentParser) -> None:
     low, high = RANGES["max_slice_nums"]
     p.add_argument("--mode", dest="downsample_mode", choices=DOWNSAMPLE_MODES, default=None,
@@ -162,11 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--image", action="append", default=[], help="image file (repeatable)")
     run.add_argument("--video", action="append", default=[], help="video file (repeatable)")
     run.add_argument("--json", action="store_true", help="print the full result as JSON")
-    constrain = run.add_mutually_exclusive_group()
-    constrain.add_argument("--json-schema", type=Path, metavar="FILE", help="answer with JSON valid against this schema")
-    constrain.add_argument("--regex", help="answer with text matching this regular expression")
-    constrain.add_argument("--choice", action="append", help="answer with exactly one of these (repeatable)")
-    constrain.add_argument("--grammar", type=Path, metavar="FILE", help="answer in this Lark grammar")
+    _constraint_args(run)
     _processing_args(run)
     _sampling_args(run)
 
@@ -212,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--workers", type=_int_in(1), default=1, help="Ray: engine actors")
     batch.add_argument("--threads-per-worker", type=_int_in(1), default=1, help="Ray: CPUs (torch threads) per actor")
     batch.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    _constraint_args(batch)
     _processing_args(batch)
     _sampling_args(batch)
 
