@@ -377,6 +377,17 @@ def test_cli_lora_flags():
         build_parser().parse_args(["serve", "m", "--lora-modules", "no-equals-sign"])
 
 
+def test_ray_serve_replicas_get_the_adapters(tmp_path, capsys):
+    import pickle
+
+    from minicpmv.cli import _llm_kwargs, build_parser, main
+
+    kwargs = _llm_kwargs(build_parser().parse_args(["serve", "m", "--lora-modules", "a=/x", "--ray-replicas", "2"]))
+    assert pickle.loads(pickle.dumps(kwargs))["lora_modules"] == {"a": "/x"}  # what each replica's LLM is built with
+    assert main(["serve", str(tmp_path), "--ray-replicas", "2", "--enable-lora-loading"]) == 1
+    assert "--enable-lora-loading does not work with --ray-replicas" in capsys.readouterr().err
+
+
 def test_every_choice_of_a_request_uses_its_adapter(llm):
     """n > 1 (the server forks the sequence): the other choices run with the adapter too."""
     seq = llm.prepare(conversation(), None, llm._conversations(conversation(), {"lora": "all"})[0][1])
