@@ -145,7 +145,8 @@ class FastDecoder:
     """LanguageModel.fused_decode: a decode step (every sequence one token) through all layers in one kernel call.
 
     The layer descriptors hold pointers to the packed weights, built once: the model must not be moved or converted
-    afterwards (it is a CPU inference model; nothing here does).
+    afterwards (it is a CPU inference model; nothing here does). ``lora``, set by ``lora.Registry.activate`` for a
+    step with adapter rows: (adapters, their site tables, each row's adapter or -1), added in the kernel.
     """
 
     @classmethod
@@ -177,6 +178,8 @@ class FastDecoder:
                 desc.q_norm, desc.k_norm = m.q_norm.weight.data_ptr(), m.k_norm.weight.data_ptr()
             descs.append(desc)
         self.layers = (kernels.LayerDesc * len(descs))(*descs)
+        self.lora: tuple[int, ctypes.Array, ctypes.Array] | None = None
+        self.steps = self.lora_steps = 0  # calls, and those with adapter rows
         self.widths = {  # workspace row widths
             "proj": max(d.proj.n_out for d in descs),
             "core": max(max(d.hv * d.dv, d.heads * d.head_dim) for d in descs),
@@ -225,9 +228,12 @@ class FastDecoder:
         bufs = [torch.empty(n, width, dtype=dtype) for width, dtype in (
             (d, torch.bfloat16), (w["proj"], torch.bfloat16), (w["core"], torch.bfloat16), (d, torch.bfloat16),
             (w["gu"], torch.bfloat16), (w["scratch"], torch.float32), (w["gsum"], torch.float32))]
+        n_adapters, tables, rows = self.lora or (0, None, None)
+        self.steps += 1
+        self.lora_steps += n_adapters > 0
         kernels._lib.decode_step(len(self.layers), self.layers, n, d, hidden.data_ptr(), lm.norm.weight.data_ptr(),
                                  lm.norm.eps, conv, rec, keys, values, cap, pos, cos.data_ptr(), sin.data_ptr(),
-                                 cos.shape[-1], *[b.data_ptr() for b in bufs])
+                                 cos.shape[-1], *[b.data_ptr() for b in bufs], n_adapters, tables, rows)
         for s in states:
             s.length += 1
         return hidden
