@@ -77,6 +77,8 @@ def decode_rate(llm, tokens: int, loras: list[str | None], skip: int) -> float:
             pending -= item.finished
     start = max(s[skip - 1][0] for s in stamps)
     end = min(s[-1][0] for s in stamps)
+    if end <= start:
+        raise RuntimeError(f"the {len(seqs)} streams did not decode together (max_num_seqs?): raise --gen-tokens")
     counted = sum(n for s in stamps for t, n in s if start < t <= end)
     return counted / (end - start)
 
