@@ -62,7 +62,8 @@ def decode_rate(llm, tokens: int, loras: list[str | None], skip: int) -> float:
     from minicpmv import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=tokens + skip, ignore_eos=True)
-    seqs = [llm.prepare(user(p), params, llm._conversations(user(p), {"lora": name})[0][1]) for p, name in zip(PROMPTS, loras)]
+    seqs = [llm.prepare(user(p), params, llm._conversations(user(p), {"lora": name})[0][1])
+            for p, name in zip(PROMPTS, loras)]
     inbox: queue.SimpleQueue = queue.SimpleQueue()
     for i, seq in enumerate(seqs):
         llm.submit(seq, lambda item, i=i: inbox.put((time.perf_counter(), i, item)))
@@ -150,8 +151,10 @@ def main() -> int:
                 best[name] = max(best.get(name, 0.0), measure())
         base, unmerged, merged, base16, mixed16 = (best[k] for k in ("base", "unmerged", "merged", "base16", "mixed16"))
         decoder = llm.model.model.language_model.fused_decode
-        fused = f"{decoder.lora_steps} of {decoder.steps} fused decode steps had adapter rows" if decoder else "no fused decoder"
-        huge = f"packed weights on huge pages: base {huge_page_share(llm.model):.0%}, merged {huge_page_share(merged_llm.model):.0%}"
+        fused = (f"{decoder.lora_steps} of {decoder.steps} fused decode steps had adapter rows" if decoder
+                 else "no fused decoder")
+        huge = (f"packed weights on huge pages: base {huge_page_share(llm.model):.0%}, "
+                f"merged {huge_page_share(merged_llm.model):.0%}")
         del llm, merged_llm, decoder
         gc.collect()
     rows.append(["decode tok/s, 1 stream: unmerged adapter", unmerged, base, unmerged / base, ">= 0.8"])

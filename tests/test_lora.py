@@ -214,7 +214,8 @@ def test_adapter_rows_decode_in_the_fused_step(adapters, quant):
     assert (fused - base)[1:].abs().mean(-1).min() > 0.1 and torch.equal(fused[0], base[0])
     diff = (fused - unfused).abs()
     assert diff.mean() <= 0.005 and diff.max() <= 0.03
-    alone = torch.cat([decode_logits(model, registry, [k], [s], tokens[i : i + 1]) for i, (k, s) in enumerate(zip(keys, states))])
+    alone = torch.cat([decode_logits(model, registry, [key], [state], tokens[i : i + 1])
+                       for i, (key, state) in enumerate(zip(keys, states))])
     if quant == "int4":  # (the base's rows too: 1-2 rows sum each int4 group in two halves, more in one)
         assert (fused - alone).abs().mean() <= 0.005 and (fused - alone).abs().max() <= 0.03
     else:

@@ -132,7 +132,8 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.rmsnorm_bf16.argtypes = [ptr, i64, i64, i64, ptr, ctypes.c_float, ctypes.c_float, ptr, i64]
     lib.deltanet_forward.argtypes = [i64, ptr, ptr] + [i64] * 5 + [ptr, i64] * 4 + [ptr] * 6 + [ctypes.c_float, ptr, ptr]
     lib.attention_blocks.argtypes = [i64, ptr, ptr, i64, i64, ptr, ptr, ptr, i64, ptr]
-    lib.decode_step.argtypes = [i64, ptr, i64, i64, ptr, ptr, ctypes.c_float] + [ptr] * 8 + [i64] + [ptr] * 7 + [i64, ptr, ptr]
+    lib.decode_step.argtypes = ([i64, ptr, i64, i64, ptr, ptr, ctypes.c_float] + [ptr] * 8 + [i64] + [ptr] * 7
+                                + [i64, ptr, ptr])
     lib.mm_lora.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, ptr, i64]
     lib.kernels_isa.restype = ctypes.c_char_p
 
@@ -445,7 +446,7 @@ class LoraSiteDesc(ctypes.Structure):  # struct LoraSite in csrc/kernels.cpp: on
     _fields_ = [("a", ctypes.c_void_p), ("b", ctypes.c_void_p), ("span", ctypes.c_void_p), ("rank", ctypes.c_int64)]
 
 
-def pack_lora(linear: PackedLinear, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pack_lora(linear: PackedLinear, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """An adapter's low-rank product on ``linear`` for the decode kernel: A [R, K] and B [width, R] (scale folded
     in; for silu_mul its rows in the plain [gate | up] order) -> (A [R, K_pad], B^T in the packed column order
     [nblocks, R, 64], span [nblocks, 2] int32: the ranks with non-zero columns in each block), float32."""

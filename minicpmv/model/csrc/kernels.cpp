@@ -1204,7 +1204,8 @@ void linear_lora(const Linear& L, const LoraBatch& lb, int64_t site, const uint1
     u = own_u.data(), sites = own_sites.data();
     for (int64_t m = 0; m < M; ++m) {
       sites[m] = lb.at(m, site);
-      for (int64_t r = 0; sites[m] && r < sites[m]->rank; ++r) u[m * ldu + r] = dot_bf16(sites[m]->a + r * K, x + m * ldx, K);
+      for (int64_t r = 0; sites[m] && r < sites[m]->rank; ++r)
+        u[m * ldu + r] = dot_bf16(sites[m]->a + r * K, x + m * ldx, K);
     }
   } else {
 #pragma omp for schedule(static)
