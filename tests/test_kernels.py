@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from minicpmv.checkpoint import load_model
 from minicpmv.model import kernels
-from minicpmv.model.kernels import ACTS, ISAS, QUANTS, PackedLinear, interleave_gate_up
+from minicpmv.model.kernels import ACTS, BLOCK, ISAS, QUANTS, PackedLinear, interleave_gate_up
 from tests.tiny import REAL, SMALL, prompt_with_placeholders, reference_checkpoint, to_patches, tokens_per_unit
 
 DRIVER = Path(__file__).with_name("csrc") / "check_kernels.cpp"
@@ -176,7 +176,55 @@ def build_cases() -> tuple[Cases, list]:
             return rel_err(out[0], ref[0]) < 4e-3 and all(rel_err(o, r) < 1e-5 for o, r in zip(out[1:], ref[1:]))
 
         checks.append(same_as_plain)
+    lora_cases(cases, checks, g)
     return cases, checks
+
+
+def lora_cases(cases: Cases, checks: list, g: torch.Generator) -> None:
+    """The decode step's LoRA path (mm_lora): rows of two adapters (one with a part of its own ranks, as in a fused
+    linear) and base rows, on each format, plain and silu_mul, with x A^T per thread (few rows) and shared (16
+    rows of rank 64): adapter rows within bf16 rounding of PyTorch's x W^T + (x A^T) B^T (the adapters' effect is
+    of the order of x W^T: a skipped one fails), base rows x W^T."""
+    n = 130
+    for rows, k, ranks in (([0, -1, 1, 0, -1, 1], 96, (4, 6)), ([i % 3 - 1 for i in range(16)], 1088, (64, 40))):
+        m = len(rows)
+        for quant in QUANTS:
+            for act in (None, "silu_mul"):
+                width = 2 * n if act else n
+                w = torch.randn(width, k, generator=g) * 0.05
+                lin = PackedLinear(interleave_gate_up(w[:n], w[n:]) if act else w, quant=quant, group=32, act=act,
+                                   out_features=n)
+                adapters, packed = [], []
+                for r in ranks:
+                    a = torch.randn(r, k, generator=g) * 2 / k**0.5
+                    b = torch.randn(width, r, generator=g) * 0.4 / r**0.5
+                    b[:70, : r // 2] = 0
+                    adapters.append((a, b))
+                    packed.append(kernels.pack_lora(lin, a, b))
+                x = torch.randn(m, k, generator=g).bfloat16()
+                pre = x.float() @ lin.dequantized(torch.float32).T  # the packed column order
+                if act:  # -> [gate | up]
+                    pre = pre.view(m, -1, 2, BLOCK // 2).transpose(1, 2).reshape(m, 2, -1)[:, :, :n].reshape(m, -1)
+                plain = pre if act else pre[:, :n]
+                for i, j in enumerate(rows):
+                    if j >= 0:
+                        plain[i] += (x[i].float() @ adapters[j][0].T) @ adapters[j][1].T
+                expected = F.silu(plain[:, :n]) * plain[:, n:] if act else plain
+                base = lin._reference(x.float(), torch.float32)
+                arrays = [lin.weight, lin.scale, lin.bias, F.pad(x, (0, lin.k_pad - k)),
+                          torch.tensor(rows, dtype=torch.int32)]
+                for tensors in packed:
+                    arrays += list(tensors)
+                ints = [QUANTS.index(quant), ACTS[act], lin.weight.shape[0], lin.k_pad, lin.group, n, m, len(packed)]
+                cases.add(5, ints, [], arrays, [torch.bfloat16])
+
+                def check(out, ref, e=expected, b=base, rows=rows):
+                    y = out[0].view(e.shape).float()
+                    lora_rows = [i for i, j in enumerate(rows) if j >= 0]
+                    base_rows = [i for i, j in enumerate(rows) if j < 0]
+                    return rel_err(y[lora_rows], e[lora_rows]) < 6e-3 and rel_err(y[base_rows], b[base_rows]) < 4e-3
+
+                checks.append(check)
 
 
 @pytest.fixture(scope="module")

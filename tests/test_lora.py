@@ -146,13 +146,81 @@ def test_base_and_two_adapters_in_one_batch_give_their_tokens_alone(llm):
 
 
 def test_bf16_packed_batch_mixes_adapters_like_each_alone(tiny_dir, adapters):
+    """Through the LLM on the packed bf16 model: decode steps with adapter rows run in the fused decode kernel,
+    a mixed batch gives each conversation its tokens alone, and those are the layer-by-layer path's tokens."""
     llm = LLM(tiny_dir, dtype="bfloat16", progress=False,
               lora_modules={"small": adapters["small"][0], "rs": adapters["rs"][0]})
+    lm = llm.model.model.language_model
+    decoder = lm.fused_decode
     convs = [{"messages": conversation(with_image=i == 1, text=f"Question {i}"), "lora": name}
              for i, name in enumerate([None, "small", "rs", "small"])]
     together = [r.token_ids for r in llm.chat(convs, GREEDY)]
+    assert decoder.lora_steps >= GREEDY.max_tokens - 1  # every decode step of the batch, fused
     alone = [llm.chat(c["messages"], GREEDY, lora=c["lora"])[0].token_ids for c in convs]
     assert together == alone
+    steps = decoder.steps
+    lm.fused_decode = None  # the layer-by-layer path, the low-rank products in LoRALinear
+    try:
+        unfused = [r.token_ids for r in llm.chat(convs, GREEDY)]
+    finally:
+        lm.fused_decode = decoder
+    assert decoder.steps == steps and unfused == together
+
+
+def prefilled(model, registry, keys, prompts):
+    """A state per prompt, prefilled (layer by layer) with its adapter."""
+    states = []
+    for key, ids in zip(keys, prompts):
+        states.append(model.new_state())
+        with registry.activate([key], [len(ids)]):
+            model(ids, states[-1:])
+    return states
+
+
+def decode_logits(model, registry, keys, states, tokens, fused=True):
+    """One decode step of copies of ``states`` (each one token) with adapters ``keys``: logits [len(keys), vocab]."""
+    lm = model.model.language_model
+    decoder, states = lm.fused_decode, [s.clone() for s in states]
+    if not fused:
+        lm.fused_decode = None
+    try:
+        with registry.activate(keys, [1] * len(keys)):
+            return model(tokens, states, lengths=[1] * len(keys))
+    finally:
+        lm.fused_decode = decoder
+
+
+@pytest.mark.parametrize("quant", [None, "int8", "int4"])
+def test_adapter_rows_decode_in_the_fused_step(adapters, quant):
+    """Packed bf16 / int8 / int4 models (float32 ones have no fused step: their layers are the reference's): a
+    decode step with the base and two adapters (every LM linear type; attention + MLP with rsLoRA) runs in the one
+    kernel call, gives the layer-by-layer path's logits within bf16 noise (mean |diff| <= 0.005, max <= 0.03, where
+    the adapters change them by > 0.1 on average), and gives each row what it gets alone: the same bits (int4:
+    within the same bf16 noise; its tiles of 1-2 rows sum in another order)."""
+    model = load_model(reference_checkpoint("base")[1], dtype="bfloat16", quantization=quant)
+    registry = lora.registry(model)
+    keys = [None, registry.load("small", adapters["small"][0]).key, registry.load("rs", adapters["rs"][0]).key]
+    decoder = model.model.language_model.fused_decode
+    assert decoder is not None and set(registry.tables) == set(keys[1:])
+    g = torch.Generator().manual_seed(5)
+    states = prefilled(model, registry, keys, [torch.randint(0, SMALL.text, (n,), generator=g) for n in (7, 12, 5)])
+    tokens = torch.tensor([5, 6, 7])
+    steps, lora_steps = decoder.steps, decoder.lora_steps
+    fused = decode_logits(model, registry, keys, states, tokens)
+    assert (decoder.steps, decoder.lora_steps) == (steps + 1, lora_steps + 1)
+    unfused = decode_logits(model, registry, keys, states, tokens, fused=False)
+    assert decoder.steps == steps + 1
+    base = decode_logits(model, registry, [None] * 3, states, tokens)
+    assert (fused - base)[1:].abs().mean(-1).min() > 0.1 and torch.equal(fused[0], base[0])
+    diff = (fused - unfused).abs()
+    assert diff.mean() <= 0.005 and diff.max() <= 0.03
+    alone = torch.cat([decode_logits(model, registry, [key], [state], tokens[i : i + 1])
+                       for i, (key, state) in enumerate(zip(keys, states))])
+    if quant == "int4":  # (the base's rows too: 1-2 rows sum each int4 group in two halves, more in one)
+        assert (fused - alone).abs().mean() <= 0.005 and (fused - alone).abs().max() <= 0.03
+    else:
+        assert torch.equal(fused, alone)
+    assert decoder.lora_steps == lora_steps + 3  # the lone adapter rows too
 
 
 def test_prefix_and_vision_caches_are_kept_per_adapter(llm):

@@ -145,7 +145,8 @@ class FastDecoder:
     """LanguageModel.fused_decode: a decode step (every sequence one token) through all layers in one kernel call.
 
     The layer descriptors hold pointers to the packed weights, built once: the model must not be moved or converted
-    afterwards (it is a CPU inference model; nothing here does).
+    afterwards (it is a CPU inference model; nothing here does). ``lora``, set by ``lora.Registry.activate`` for a
+    step with adapter rows: (adapters, their site tables, each row's adapter or -1), added in the kernel.
     """
 
     @classmethod
@@ -177,6 +178,8 @@ class FastDecoder:
                 desc.q_norm, desc.k_norm = m.q_norm.weight.data_ptr(), m.k_norm.weight.data_ptr()
             descs.append(desc)
         self.layers = (kernels.LayerDesc * len(descs))(*descs)
+        self.lora: tuple[int, ctypes.Array, ctypes.Array] | None = None
+        self.steps = self.lora_steps = 0  # calls, and those with adapter rows
         self.widths = {  # workspace row widths
             "proj": max(d.proj.n_out for d in descs),
             "core": max(max(d.hv * d.dv, d.heads * d.head_dim) for d in descs),
@@ -225,9 +228,12 @@ class FastDecoder:
         bufs = [torch.empty(n, width, dtype=dtype) for width, dtype in (
             (d, torch.bfloat16), (w["proj"], torch.bfloat16), (w["core"], torch.bfloat16), (d, torch.bfloat16),
             (w["gu"], torch.bfloat16), (w["scratch"], torch.float32), (w["gsum"], torch.float32))]
+        n_adapters, tables, rows = self.lora or (0, None, None)
+        self.steps += 1
+        self.lora_steps += n_adapters > 0
         kernels._lib.decode_step(len(self.layers), self.layers, n, d, hidden.data_ptr(), lm.norm.weight.data_ptr(),
                                  lm.norm.eps, conv, rec, keys, values, cap, pos, cos.data_ptr(), sin.data_ptr(),
-                                 cos.shape[-1], *[b.data_ptr() for b in bufs])
+                                 cos.shape[-1], *[b.data_ptr() for b in bufs], n_adapters, tables, rows)
         for s in states:
             s.length += 1
         return hidden
@@ -301,6 +307,23 @@ def release_file_pages(tensors: list[torch.Tensor], files: list[tuple[int, int]]
 
 
 _libc = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
+MADV_COLLAPSE = 25  # Linux 6.1+
+
+
+def collapse_huge_pages(tensors: list[torch.Tensor]) -> None:
+    """Back the whole 2 MiB pages of ``tensors`` (packed weights, written once) with transparent huge pages now.
+    ``kernels.huge_empty`` only asks for them; where memory was short or fragmented when the weights were written,
+    pages stay 4 KiB and stream slower (seen: a second model loaded beside a first got 41% of its packed weights
+    on huge pages against the first's 88%). Best effort: a kernel without MADV_COLLAPSE, or no memory for it,
+    leaves them as they are; quick where they are huge already."""
+    if _libc is None:
+        return
+    huge = 2 << 20
+    for t in tensors:
+        start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+        lo, hi = -(-start // huge) * huge, end // huge * huge
+        if hi > lo:
+            _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_COLLAPSE)
 
 
 def _pack_vision(model, source: Source) -> None:
@@ -376,5 +399,6 @@ def optimize(model, quantization: str | None = None, group: int = 64):
                 if isinstance(child, RMSNorm):
                     setattr(parent, name, FastRMSNorm(child))
         lm.fused_decode = FastDecoder.build(lm)  # last: it keeps pointers to the final tensors
+    collapse_huge_pages([m.weight for m in model.modules() if isinstance(m, PackedLinear)])
     model.quantization = quantization
     return model

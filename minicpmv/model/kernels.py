@@ -132,7 +132,9 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.rmsnorm_bf16.argtypes = [ptr, i64, i64, i64, ptr, ctypes.c_float, ctypes.c_float, ptr, i64]
     lib.deltanet_forward.argtypes = [i64, ptr, ptr] + [i64] * 5 + [ptr, i64] * 4 + [ptr] * 6 + [ctypes.c_float, ptr, ptr]
     lib.attention_blocks.argtypes = [i64, ptr, ptr, i64, i64, ptr, ptr, ptr, i64, ptr]
-    lib.decode_step.argtypes = [i64, ptr, i64, i64, ptr, ptr, ctypes.c_float] + [ptr] * 8 + [i64] + [ptr] * 7
+    lib.decode_step.argtypes = ([i64, ptr, i64, i64, ptr, ptr, ctypes.c_float] + [ptr] * 8 + [i64] + [ptr] * 7
+                                + [i64, ptr, ptr])
+    lib.mm_lora.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, ptr, i64]
     lib.kernels_isa.restype = ctypes.c_char_p
 
 
@@ -196,6 +198,7 @@ class LayerDesc(ctypes.Structure):  # struct Layer in csrc/kernels.cpp
                 *((name, ctypes.c_void_p) for name in ("conv_wt", "a_log", "dt_bias", "norm_w")),
                 *((name, ctypes.c_int64) for name in ("heads", "kv_heads", "head_dim")),
                 ("q_norm", ctypes.c_void_p), ("k_norm", ctypes.c_void_p)]
+
 
 
 # -- packing --------------------------------------------------------------------------------------------------------
@@ -436,3 +439,50 @@ def attention_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens:
     _lib.attention_blocks(count, starts, lens, heads, d, q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(0),
                           out.data_ptr())
     return out
+
+
+# -- LoRA in the decode step (csrc/kernels.cpp: linear_lora) --------------------------------------------------
+class LoraSiteDesc(ctypes.Structure):  # struct LoraSite in csrc/kernels.cpp: one adapter on one packed linear
+    _fields_ = [("a", ctypes.c_void_p), ("b", ctypes.c_void_p), ("span", ctypes.c_void_p), ("rank", ctypes.c_int64)]
+
+
+def pack_lora(linear: PackedLinear, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """An adapter's low-rank product on ``linear`` for the decode kernel: A [R, K] and B [width, R] (scale folded
+    in; for silu_mul its rows in the plain [gate | up] order) -> (A [R, K_pad], B^T in the packed column order
+    [nblocks, R, 64], span [nblocks, 2] int32: the ranks with non-zero columns in each block), float32."""
+    r = a.shape[0]
+    a = F.pad(a.float(), (0, linear.k_pad - a.shape[1])).contiguous()
+    b = b.float()
+    if linear.act == "silu_mul":
+        half = b.shape[0] // 2
+        b = interleave_gate_up(b[:half], b[half:])
+    nb = linear.weight.shape[0]
+    bt = _pad(b, nb * BLOCK, r).view(nb, BLOCK, r).transpose(1, 2).contiguous()
+    used = (bt != 0).any(-1)  # [nb, R]
+    ranks = torch.arange(r).expand(nb, r)
+    lo = torch.where(used, ranks, r).amin(1)
+    hi = torch.where(used, ranks + 1, 0).amax(1)
+    span = torch.stack([lo.clamp(max=r), torch.maximum(hi, lo.clamp(max=r))], 1).to(torch.int32).contiguous()
+    return a, bt, span
+
+
+def lora_site(packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> LoraSiteDesc:
+    """The kernel's view of ``pack_lora``'s tensors (they must outlive it); None: an empty site."""
+    if packed is None:
+        return LoraSiteDesc(None, None, None, 0)
+    a, bt, span = packed
+    return LoraSiteDesc(a.data_ptr(), bt.data_ptr(), span.data_ptr(), a.shape[0])
+
+
+def mm_lora(linear: PackedLinear, x: torch.Tensor, adapters: list, rows: list[int]) -> torch.Tensor:
+    """``linear(x)`` (bf16) plus, for each row i with rows[i] >= 0, adapter rows[i] (``pack_lora``'s tensors): the
+    decode step's LoRA path on one linear (tests)."""
+    x = F.pad(x, (0, linear.k_pad - x.shape[1])).contiguous()
+    m = x.shape[0]
+    sites = [(LoraSiteDesc * 1)(lora_site(p)) for p in adapters]
+    table = (ctypes.c_void_p * max(1, len(sites)))(*[ctypes.addressof(s) for s in sites])
+    out = torch.empty(m, linear.out_features, dtype=torch.bfloat16)
+    _lib.mm_lora(ctypes.byref(linear.desc), len(sites), table, (ctypes.c_int32 * m)(*rows), x.data_ptr(), m,
+                 x.stride(0), out.data_ptr(), linear.out_features)
+    return out
+
