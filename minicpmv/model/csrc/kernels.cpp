@@ -494,6 +494,7 @@ struct Linear {
   const float* bias;
   int64_t nblocks, k, group, n_out;
   int32_t quant, act;  // quant: 0 bf16, 1 int8, 2 int4
+  const uint16_t* offset;  // int4 asymmetric (zero points): bf16 [nblocks][K/group][64], w = scale q + offset; or null
 };
 
 namespace {

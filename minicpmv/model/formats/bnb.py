@@ -1,0 +1,12 @@
+"""bnb: see read()."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from minicpmv.errors import CheckpointError
+from minicpmv.model.formats import Loaded
+
+
+def read(source: Path, cfg, dense: bool, progress: bool | None = None) -> Loaded:
+    raise CheckpointError("bnb checkpoints: not implemented yet")
