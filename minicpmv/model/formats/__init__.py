@@ -103,6 +103,10 @@ def load_model(name: str, source: Path, cfg, dtype: torch.dtype, device: torch.d
     dense = dtype != torch.bfloat16 or device.type != "cpu"  # float32: everything dequantized (the exact reference)
     loaded = reader(name).read(source, cfg, dense=dense, progress=progress)
     cfg = loaded.config or cfg
+    embed, head = loaded.tensors.get("model.language_model.embed_tokens.weight"), loaded.tensors.get("lm_head.weight")
+    if cfg.tie_word_embeddings and ("lm_head" in loaded.quantized or (
+            head is not None and embed is not None and not torch.equal(head.to(embed.dtype), embed))):
+        cfg.tie_word_embeddings = False  # a head quantized on its own (GPTQModel's lm_head=True): no longer tied
     with torch.device("meta"):
         net = MiniCPMV(cfg)
     expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
@@ -113,7 +117,7 @@ def load_model(name: str, source: Path, cfg, dtype: torch.dtype, device: torch.d
     found = {k: tuple(v.shape) for k, v in loaded.tensors.items()}
     problems = []
     missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected) - {"lm_head.weight"})
+    unexpected = sorted(n for n in set(found) - set(expected) if not n.startswith("mtp.") and n != "lm_head.weight")
     if missing:
         problems.append(f"missing tensors: {', '.join(missing)}")
     if unexpected:
