@@ -511,3 +511,41 @@ def quantized_checkpoint(kind: str, target: Path, variant: str = "base", **setti
         dense_config["tie_word_embeddings"] = dense_config["text_config"]["tie_word_embeddings"] = False
         (dense_dir / "config.json").write_text(json.dumps(dense_config, indent=2))
     return target, dense_dir
+
+
+def bnb_checkpoint(target: Path, variant: str = "base", double_quant: bool = True) -> tuple[Path, Path]:
+    """The tiny reference checkpoint with every linear but the head quantized to NF4 by bitsandbytes itself
+    (blocksize 64, as transformers' ``load_in_4bit`` + ``save_pretrained`` store it), and its dense twin holding
+    bitsandbytes' own dequantization of those weights."""
+    import json
+    import re
+
+    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+    from safetensors.torch import load_file, save_file
+
+    _, source = reference_checkpoint(variant)
+    weights = load_file(str(source / "model.safetensors"))
+    dense_dir = target.with_name(target.name + "-dense")
+    for d in (target, dense_dir):
+        d.mkdir(parents=True, exist_ok=True)
+        for f in source.iterdir():
+            if f.suffix in (".json", ".jinja"):
+                shutil.copy(f, d / f.name)
+    packed, dense = dict(weights), dict(weights)
+    pattern = re.compile(f"{LM_TARGETS}|{VISION_TARGETS}".replace("$", r"\.weight$"))
+    for name in sorted(n for n in weights if pattern.match(n)):
+        w = weights[name]
+        q, state = quantize_4bit(w, blocksize=64, compress_statistics=double_quant, quant_type="nf4")
+        del packed[name]
+        packed[name] = q
+        packed.update({f"{name}.{k}": v for k, v in state.as_dict(packed=True).items()})
+        dense[name] = dequantize_4bit(q, state).to(w.dtype)
+    save_file(packed, str(target / "model.safetensors"), metadata={"format": "pt"})
+    save_file(dense, str(dense_dir / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((source / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False, "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": double_quant, "bnb_4bit_compute_dtype": "float32",
+        "bnb_4bit_quant_storage": "uint8", "llm_int8_skip_modules": ["lm_head"]}
+    (target / "config.json").write_text(json.dumps(config, indent=2))
+    return target, dense_dir

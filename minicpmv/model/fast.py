@@ -250,6 +250,8 @@ def _foreign_int4(linears: list[nn.Linear], attached: list) -> tuple[list, list,
         values.append(a.values)
         scales.append(a.scales)
         offsets.append(a.offsets if a.offsets is not None else torch.zeros(a.scales.shape))
+    if not any(o.any() for o in offsets):  # symmetric (GPTQ sym: every zero point 8): the plain int4 kernel
+        offsets = None
     return values, scales, offsets, group
 
 
@@ -282,7 +284,7 @@ def _pack(linears: list[nn.Linear], source: Source, quant: str, group: int, gate
 
     weight = join(weights)
     scale = None if scales is None else join(scales)
-    if offsets is not None:
+    if offsets:
         kw["offsets"] = join(offsets)
     if gate_up:
         kw.update(act="silu_mul", out_features=linears[0].out_features)

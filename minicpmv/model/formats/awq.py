@@ -57,7 +57,7 @@ def read(source: Path, cfg, dense: bool, progress: bool | None = None) -> Loaded
                                   f"group_size {group})")
         q, zeros = unpack(qweight, 4, 1, ORDER), unpack(qzeros, 4, 1, ORDER)
         out.types[f"awq int4 g{group} (gemm)"] += 1
-        if not dense and name.startswith(LM) and group in KERNEL_GROUPS:
+        if not dense and (name.startswith(LM) or name == "lm_head") and group in KERNEL_GROUPS:
             out.quantized[name] = to_int4(q, zeros, scales, group)
         else:
             out.tensors[f"{name}.weight"] = dequantize(q, zeros, scales, torch.arange(k) // group)

@@ -37,6 +37,11 @@ def settings(section: dict, where: Path) -> tuple[int, int, int]:
     fmt = str(section.get("checkpoint_format") or section.get("format") or "gptq").lower()
     if fmt not in FORMATS:
         raise CheckpointError(f"{where}: GPTQ checkpoint_format {fmt!r} is not supported (supported: {list(FORMATS)})")
+    if section.get("dynamic"):
+        raise CheckpointError(f"{where}: GPTQ per-module overrides (quantization_config.dynamic) are not supported")
+    pack = str(section.get("pack_dtype", "int32")).replace("torch.", "")
+    if pack != "int32":
+        raise CheckpointError(f"{where}: GPTQ pack_dtype {pack!r} is not supported (only int32)")
     group = section.get("group_size", 128)
     if not isinstance(group, int) or (group <= 0 and group != -1):
         raise CheckpointError(f"{where}: GPTQ group_size must be a positive integer or -1, got {group!r}")
@@ -54,6 +59,8 @@ def read(source: Path, cfg, dense: bool, progress: bool | None = None) -> Loaded
     kind = f"gptq int{bits} g{group_size}{' act-order' if section.get('desc_act') else ''}{'' if section.get('sym', True) else ' asym'} ({fmt})"
     for name in tqdm(linears, desc="unpacking GPTQ", unit="linear", disable=None if progress is None else not progress):
         qweight = files.get(f"{name}.qweight")
+        if qweight.dtype != torch.int32:
+            raise CheckpointError(f"GPTQ checkpoint {source}: {name}.qweight is {qweight.dtype}, not int32")
         per = 32 // bits
         k, n = qweight.shape[0] * per, qweight.shape[1]
         for part in ("qzeros", "scales"):
@@ -73,7 +80,7 @@ def read(source: Path, cfg, dense: bool, progress: bool | None = None) -> Loaded
                                   f"{list(scales.shape)}, g_idx {groups.numel()})")
         out.types[kind] += 1
         contiguous = contiguous_groups(groups, k)
-        if not dense and bits == 4 and name.startswith(LM) and contiguous in KERNEL_GROUPS:
+        if not dense and bits == 4 and (name.startswith(LM) or name == "lm_head") and contiguous in KERNEL_GROUPS:
             out.quantized[name] = to_int4(q, zeros, scales, contiguous)
         else:
             out.tensors[f"{name}.weight"] = dequantize(q, zeros, scales, groups)
