@@ -402,17 +402,16 @@ def rtn_groups(w: torch.Tensor, groups: torch.Tensor, n_groups: int, bits: int, 
     """Round-to-nearest (q [N, K] ints, zeros [N, G] ints, scales [N, G] fp16) with W ~= (q - z) s per group."""
     maxq = (1 << bits) - 1
     wf = w.double()
-    scales, zeros = torch.zeros(w.shape[0], n_groups), torch.zeros(w.shape[0], n_groups)
-    for g in range(n_groups):
-        cols = wf[:, groups == g]
-        lo, hi = cols.amin(1).clamp(max=0), cols.amax(1).clamp(min=0)
-        if sym:
-            top = torch.maximum(lo.abs(), hi)
-            s, z = (2 * top / maxq).clamp(min=1e-6), torch.full_like(top, (maxq + 1) / 2)
-        else:
-            s = ((hi - lo) / maxq).clamp(min=1e-6)
-            z = torch.round(-lo / s).clamp(min_zero, maxq)
-        scales[:, g], zeros[:, g] = s.half().float(), z
+    index = groups.expand(w.shape[0], -1)
+    lo = torch.zeros(w.shape[0], n_groups, dtype=torch.double).scatter_reduce(1, index, wf, "amin")  # (includes 0)
+    hi = torch.zeros(w.shape[0], n_groups, dtype=torch.double).scatter_reduce(1, index, wf, "amax")
+    if sym:
+        top = torch.maximum(lo.abs(), hi)
+        scales, zeros = (2 * top / maxq).clamp(min=1e-6), torch.full_like(top, (maxq + 1) / 2)
+    else:
+        scales = ((hi - lo) / maxq).clamp(min=1e-6)
+        zeros = torch.round(-lo / scales).clamp(min_zero, maxq)
+    scales = scales.half().double()
     s_k, z_k = scales[:, groups].double(), zeros[:, groups].double()
     q = torch.round(wf / s_k + z_k).clamp(0, maxq)
     return q.long(), zeros.long(), scales.half()
@@ -535,11 +534,12 @@ def bnb_checkpoint(target: Path, variant: str = "base", double_quant: bool = Tru
     pattern = re.compile(f"{LM_TARGETS}|{VISION_TARGETS}".replace("$", r"\.weight$"))
     for name in sorted(n for n in weights if pattern.match(n)):
         w = weights[name]
-        q, state = quantize_4bit(w, blocksize=64, compress_statistics=double_quant, quant_type="nf4")
+        with torch._dynamo.config.patch(disable=True):  # (bitsandbytes would torch.compile its CPU ops: slow)
+            q, state = quantize_4bit(w, blocksize=64, compress_statistics=double_quant, quant_type="nf4")
+            dense[name] = dequantize_4bit(q, state).to(w.dtype)
         del packed[name]
         packed[name] = q
         packed.update({f"{name}.{k}": v for k, v in state.as_dict(packed=True).items()})
-        dense[name] = dequantize_4bit(q, state).to(w.dtype)
     save_file(packed, str(target / "model.safetensors"), metadata={"format": "pt"})
     save_file(dense, str(dense_dir / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((source / "config.json").read_text())
