@@ -20,7 +20,7 @@ from minicpmv.checkpoint import load_model
 from minicpmv.errors import CheckpointError
 from minicpmv.model import formats, kernels
 from minicpmv.model.kernels import PackedLinear
-from tests.tiny import LM_TARGETS, bnb_checkpoint, quantized_checkpoint
+from tests.tiny import LM_TARGETS, REAL, bnb_checkpoint, link_tree, quantized_checkpoint
 
 VARIANTS = {  # name -> (kind, settings)
     "gptq_v1_sym_g32": ("gptq", {"group": 32}),
@@ -177,3 +177,23 @@ def test_a_damaged_gptq_linear_is_named(tmp_path):
         load_model(quantized)
     with pytest.raises(CheckpointError, match="already quantized"):
         load_model(quantized, dtype="bfloat16", quantization="int4")
+
+
+def test_llm_serves_a_gptq_checkpoint_and_says_what_was_loaded(tmp_path, tokenizer_dir):
+    from minicpmv import LLM, SamplingParams
+    from minicpmv.serve.app import model_card_extras
+    from minicpmv.serve.config import ServerConfig
+    from minicpmv.serve.logs import startup_summary
+
+    quantized, _ = quantized_checkpoint("gptq", tmp_path / "gptq", vocab=REAL, group=32, sym=False)
+    link_tree(tokenizer_dir, quantized, dirs_exist_ok=True)
+    with LLM(quantized, progress=False) as llm:
+        result = llm.chat([{"role": "user", "content": "Hello"}], SamplingParams(max_tokens=4, ignore_eos=True))[0]
+        assert len(result.token_ids) == 4
+        config = ServerConfig(model_name="tiny-gptq")
+        card = model_card_extras(llm, config)["weights_format"]
+        assert card["format"] == "gptq" and card["types"]["gptq int4 g32 asym (gptq)"] == 25
+        summary = startup_summary(llm, config)
+        assert "quantization=gptq" in summary and "gptq int4 g32 asym (gptq) x25" in summary
+        if kernels.available():
+            assert llm.dtype == "bfloat16" and card["quantized_linears"] == 25 and card["dequantized"] == ""

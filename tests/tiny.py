@@ -456,7 +456,8 @@ def awq_tensors(w: torch.Tensor, group: int):
     return tensors, ((q - z[:, g_idx]).double() * s.double()[:, g_idx]).float()
 
 
-def quantized_checkpoint(kind: str, target: Path, variant: str = "base", **settings) -> tuple[Path, Path]:
+def quantized_checkpoint(kind: str, target: Path, variant: str = "base", vocab: Vocab = SMALL,
+                         **settings) -> tuple[Path, Path]:
     """The tiny reference checkpoint with its language model's linears quantized as ``kind`` ("gptq" or "awq",
     ``settings``: bits, group, sym, v2, act_order / group), written to ``target``; and beside it (``target``-dense)
     the same model with those weights replaced by their dequantized values, as a plain checkpoint."""
@@ -464,7 +465,7 @@ def quantized_checkpoint(kind: str, target: Path, variant: str = "base", **setti
 
     from safetensors.torch import load_file, save_file
 
-    _, source = reference_checkpoint(variant)
+    _, source = reference_checkpoint(variant, vocab)
     weights = load_file(str(source / "model.safetensors"))
     dense_dir = target.with_name(target.name + "-dense")
     for d in (target, dense_dir):
