@@ -27,10 +27,11 @@ VARIANTS = {  # name -> (kind, settings)
     "gptq_v2_asym_g64": ("gptq", {"group": 64, "sym": False, "v2": True}),
     "gptq_v1_asym_act_order": ("gptq", {"group": 32, "sym": False, "act_order": True}),
     "gptq_8bit": ("gptq", {"bits": 8, "group": 32, "sym": False}),
+    "gptq_g16": ("gptq", {"group": 16, "sym": False}),
     "gptq_head": ("gptq", {"group": 32, "head": True}),
     "awq_gemm_g32": ("awq", {"group": 32}),
 }
-KERNEL_VARIANTS = ["gptq_v1_sym_g32", "gptq_v2_asym_g64", "gptq_head", "awq_gemm_g32"]  # all LM int4 in kernels
+KERNEL_VARIANTS = ["gptq_v1_sym_g32", "gptq_v2_asym_g64", "gptq_v1_asym_act_order", "gptq_head", "awq_gemm_g32"]
 PROMPT = torch.randint(0, 1000, (24,), generator=torch.Generator().manual_seed(3))
 
 
@@ -74,7 +75,10 @@ def test_bfloat16_load_runs_the_int4_kernels_with_zero_points_and_stays_with_the
         assert all(m.offset is None for m in packed)
     else:  # zero points in use, as per-group offsets in the kernels
         assert all(m.offset is not None and m.offset.float().abs().max() > 0 for m in packed)
-    assert lm.fused_decode is not None  # the whole-step kernel takes the offsets too
+    if VARIANTS[name][1].get("act_order"):  # inputs permuted at load, gathered before each matmul
+        assert all(m.in_perm is not None for m in packed) and lm.fused_decode is None
+    else:
+        assert lm.fused_decode is not None  # the whole-step kernel takes the offsets too
     assert model.checkpoint_format["quantized_linears"] > 0 and not model.checkpoint_format["dequantized"]
     # bf16 weights (the twin) vs int4 values with bf16 scales and offsets: the same weights up to bf16 rounding of
     # the scales and offsets; logits within 2% (relative norm), and the same greedy tokens.
@@ -84,8 +88,8 @@ def test_bfloat16_load_runs_the_int4_kernels_with_zero_points_and_stays_with_the
 
 
 @needs_kernels
-def test_act_order_and_8bit_linears_are_dequantized_and_say_so(checkpoints, caplog):
-    for name in ("gptq_v1_asym_act_order", "gptq_8bit"):
+def test_8bit_and_other_group_sizes_are_dequantized_and_say_so(checkpoints, caplog):
+    for name in ("gptq_8bit", "gptq_g16"):
         quantized, dense = checkpoints[name]
         with caplog.at_level("INFO", logger="minicpmv.model.formats"):
             model = load_model(quantized, dtype="bfloat16")

@@ -417,6 +417,18 @@ def rtn_groups(w: torch.Tensor, groups: torch.Tensor, n_groups: int, bits: int, 
     return q.long(), zeros.long(), scales.half()
 
 
+ACT_ORDER_INPUTS = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj", "in_proj_z": "in_proj_qkv"}
+
+
+def act_order_seed(name: str) -> int:
+    """One permutation per input: GPTQ orders a linear's inputs by its inputs' Hessian, the same for every linear
+    reading that input (q/k/v, gate/up, in_proj_qkv/z)."""
+    import zlib
+
+    base, _, last = name.rpartition(".")
+    return zlib.crc32(f"{base.rpartition('.')[0]}.{ACT_ORDER_INPUTS.get(last, last)}".encode())
+
+
 def gptq_tensors(w: torch.Tensor, bits: int, group: int, sym: bool, v2: bool, act_order: bool, seed: int = 0):
     """One linear's GPTQ tensors and its dequantized float32 weight."""
     n, k = w.shape
@@ -479,12 +491,12 @@ def quantized_checkpoint(kind: str, target: Path, variant: str = "base", vocab: 
     if settings.get("head"):  # GPTQModel's lm_head=True (a tied head is quantized from the embedding)
         weights.setdefault("lm_head.weight", weights["model.language_model.embed_tokens.weight"])
         names.append("lm_head")
-    for i, name in enumerate(sorted(names)):
+    for name in sorted(names):
         w = weights[f"{name}.weight"]
         if kind == "gptq":
             tensors, deq = gptq_tensors(w.float(), settings.get("bits", 4), settings.get("group", 32),
                                         settings.get("sym", True), settings.get("v2", False),
-                                        settings.get("act_order", False), seed=i)
+                                        settings.get("act_order", False), seed=act_order_seed(name))
         else:
             tensors, deq = awq_tensors(w.float(), settings.get("group", 32))
         packed.update({f"{name}.{p}": t.contiguous() for p, t in tensors.items()})

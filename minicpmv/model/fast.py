@@ -12,6 +12,7 @@ reference's.
 from __future__ import annotations
 
 import ctypes
+import logging
 import mmap
 import os
 import sys
@@ -27,6 +28,7 @@ from minicpmv.model.kernels import PackedLinear, interleave_gate_up, unpack_int4
 from minicpmv.model.language import RMSNorm
 
 QUANTIZATIONS = (None, *quant.METHODS)
+log = logging.getLogger(__name__)
 
 
 def physical_cores() -> int:
@@ -155,6 +157,8 @@ class FastDecoder:
         deltanets = [layer.linear_attn for layer in lm.layers if layer.layer_type == "linear_attention"]
         if any(m.fused_forward is None for m in deltanets):
             return None
+        if any(getattr(m, "in_perm", None) is not None for m in lm.layers.modules()):
+            return None  # (GPTQ act-order: inputs are gathered per matmul, outside the kernel)
         decoder = cls(lm)
         return decoder if decoder.supported else None
 
@@ -234,7 +238,7 @@ class FastDecoder:
         return hidden
 
 
-def _foreign_int4(linears: list[nn.Linear], attached: list) -> tuple[list, list, list, int]:
+def _foreign_int4(linears: list[nn.Linear], attached: list) -> tuple[list, list, list | None, int, torch.Tensor | None] | None:
     """Values, scales and offsets of linears another tool's checkpoint quantized (``quant.Int4``, model/formats).
     A linear it left in bf16 but that is fused with quantized ones here (DeltaNet's in_proj_b / in_proj_a beside
     in_proj_qkv / in_proj_z) is quantized by us, symmetrically, in the same groups."""
@@ -242,17 +246,22 @@ def _foreign_int4(linears: list[nn.Linear], attached: list) -> tuple[list, list,
     if len(groups) != 1:
         raise ValueError(f"linears fused into one have different int4 group sizes {sorted(groups)}")
     group = groups.pop()
+    perms = [a.perm for a in attached if a is not None]
+    perm = perms[0]
+    if any((p is None) != (perm is None) or (p is not None and not torch.equal(p, perm)) for p in perms):
+        return None  # (act-order linears of one input normally share their order: it comes from that input)
     values, scales, offsets = [], [], []
     for a, lin in zip(attached, linears):
         if a is None:
-            q, s = kernels.quantize_int4(lin.weight.detach(), group)
+            w = lin.weight.detach()
+            q, s = kernels.quantize_int4(w if perm is None else w[:, perm], group)
             a = quant.Int4(q, s, None, group)
         values.append(a.values)
         scales.append(a.scales)
         offsets.append(a.offsets if a.offsets is not None else torch.zeros(a.scales.shape))
     if not any(o.any() for o in offsets):  # symmetric (GPTQ sym: every zero point 8): the plain int4 kernel
         offsets = None
-    return values, scales, offsets, group
+    return values, scales, offsets, group, perm
 
 
 def _weights(linears: list[nn.Linear], quant: str) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
@@ -269,9 +278,17 @@ def _weights(linears: list[nn.Linear], quant: str) -> tuple[list[torch.Tensor], 
 def _pack(linears: list[nn.Linear], source: Source, quant: str, group: int, gate_up: bool = False, **kw) -> PackedLinear:
     attached = [getattr(lin, "quantized", None) for lin in linears]
     offsets = None
-    if any(isinstance(a, quant_mod.Int4) for a in attached):  # another tool's checkpoint (model/formats)
-        weights, scales, offsets, group = _foreign_int4(linears, attached)
+    foreign = _foreign_int4(linears, attached) if any(isinstance(a, quant_mod.Int4) for a in attached) else None
+    if foreign is not None:  # another tool's checkpoint (model/formats)
+        weights, scales, offsets, group, perm = foreign
         quant = "int4"
+        if perm is not None:
+            kw["in_perm"] = perm
+    elif any(isinstance(a, quant_mod.Int4) for a in attached):  # act-order orders that differ: one matmul in bf16
+        names = [source.names[id(lin)] for lin in linears]
+        log.warning("%s: different act-order input orders cannot share one int4 matmul: dequantized to bf16", names)
+        weights = [lin.weight.detach() if a is None else a.dequantize(torch.bfloat16) for a, lin in zip(attached, linears)]
+        scales, quant, group = None, "bf16", 0
     elif source.keep_dense and all(a is None for a in attached):  # left in bf16 by that tool: stays so
         weights, scales, quant, group = [lin.weight.detach() for lin in linears], None, "bf16", 0
     else:

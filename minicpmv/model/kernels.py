@@ -260,11 +260,14 @@ class PackedLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, quant: str = "bf16",
                  group: int = 64, act: str | None = None, out_features: int | None = None,
                  scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
-                 parts: list[tuple[str, int]] | None = None, offsets: torch.Tensor | None = None):
+                 parts: list[tuple[str, int]] | None = None, offsets: torch.Tensor | None = None,
+                 in_perm: torch.Tensor | None = None):
         """``weight`` [N, K] in any float dtype (quantized here), or already-quantized int8 values [N, K] with
         ``scale`` ([N] for int8, [N, K/group] for int4). ``parts`` names the (checkpoint name, rows) of the linears
         fused into this one, in order, for saving. ``offsets`` [N, K/group] (int4 with ``scale`` only) makes the
-        weight asymmetric: w = scale * q + offset per group, q in -8..7 (the zero points of GPTQ, AWQ, GGUF)."""
+        weight asymmetric: w = scale * q + offset per group, q in -8..7 (the zero points of GPTQ, AWQ, GGUF).
+        ``in_perm`` [K]: the weight's columns are the inputs in that order (GPTQ act-order); inputs are gathered in
+        it before the matmul."""
         super().__init__()
         n, k = weight.shape
         self.quant, self.act, self.in_features, self.out_dtype = quant, act, k, out_dtype
@@ -293,6 +296,7 @@ class PackedLinear(nn.Module):
             self._pack_rows(r // BLOCK, weight[r : r + rows], None if scale is None else scale[r : r + rows], k_pad,
                             None if offsets is None else offsets[r : r + rows])
         self.register_buffer("bias", None if bias is None else bias.float())
+        self.register_buffer("in_perm", None if in_perm is None else in_perm.long())
         self.n_rows, self.k_pad = n, k_pad
         self._refresh()
 
@@ -353,8 +357,18 @@ class PackedLinear(nn.Module):
             return None
         return self.offset.transpose(1, 2).reshape(-1, self.offset.shape[1])[: self.n_rows]
 
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with its last dim in the weight's input order (itself unless ``in_perm``)."""
+        return x if self.in_perm is None else x.index_select(-1, self.in_perm)
+
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``ids`` of the weight, dequantized to float32 [len(ids), K] (embedding lookups from a tied head)."""
+        if self.in_perm is not None:
+            w = self._rows(ids)
+            return torch.empty_like(w).index_copy_(1, self.in_perm, w)
+        return self._rows(ids)
+
+    def _rows(self, ids: torch.Tensor) -> torch.Tensor:
         b, c = ids // BLOCK, ids % BLOCK
         if self.quant in ("bf16", "int8"):
             w = self.weight[b, :, c].reshape(len(ids), -1)[:, : self.in_features].float()
@@ -382,6 +396,7 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         out_dtype = out_dtype or self.out_dtype or x.dtype
+        x = self.gather(x)
         k = x.shape[-1]
         x2 = x.reshape(-1, k)
         m = x2.shape[0]

@@ -7,9 +7,10 @@ W[n, k] = (q[k, n] - z[g_idx[k], n]) * scales[g_idx[k], n]. The v1 format (``che
 default) stores each zero point minus one; ``gptq_v2`` stores it as is. config.json's ``quantization_config``
 gives ``bits``, ``group_size``, ``desc_act``, ``sym`` and ``checkpoint_format``.
 
-4-bit linears of the language model in groups of 32, 64 or 128 with contiguous groups go into our int4 kernels
-(zero points as per-group offsets); act-order (a g_idx that is not k // group), other group sizes, 2- and 8-bit
-and anything outside the language model are dequantized; 3-bit and other packings are refused by name.
+4-bit linears of the language model in groups of 32, 64 or 128 go into our int4 kernels (zero points as per-group
+offsets); with act-order (a g_idx that is not k // group) the inputs are permuted at load so that each group is
+contiguous, and the activations are gathered in that order before each such matmul. Other group sizes, 2- and
+8-bit and anything outside the language model are dequantized; 3-bit and other packings are refused by name.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from tqdm import tqdm
 
 from minicpmv.errors import CheckpointError
 from minicpmv.model.formats import Loaded, SafetensorsFiles, quantization_config
-from minicpmv.model.formats.packed import KERNEL_GROUPS, contiguous_groups, dequantize, to_int4, unpack
+from minicpmv.model.formats.packed import KERNEL_GROUPS, contiguous_groups, dequantize, group_order, to_int4, unpack
 
 BITS = (2, 4, 8)  # 3-bit fields straddle words: refused
 FORMATS = {"gptq": 1, "gptq_v2": 0}  # checkpoint_format -> what is added to the stored zero points
@@ -79,9 +80,11 @@ def read(source: Path, cfg, dense: bool, progress: bool | None = None) -> Loaded
                                   f"{list(qweight.shape)}, qzeros {list(files.shapes[name + '.qzeros'])}, scales "
                                   f"{list(scales.shape)}, g_idx {groups.numel()})")
         out.types[kind] += 1
-        contiguous = contiguous_groups(groups, k)
+        contiguous, perm = contiguous_groups(groups, k), None
+        if contiguous is None:  # act-order: the inputs permuted at load so that groups are contiguous
+            contiguous, perm = group_order(groups, k) or (None, None)
         if not dense and bits == 4 and (name.startswith(LM) or name == "lm_head") and contiguous in KERNEL_GROUPS:
-            out.quantized[name] = to_int4(q, zeros, scales, contiguous)
+            out.quantized[name] = to_int4(q, zeros, scales, contiguous, perm)
         else:
             out.tensors[f"{name}.weight"] = dequantize(q, zeros, scales, groups)
             if not dense:
@@ -90,7 +93,7 @@ def read(source: Path, cfg, dense: bool, progress: bool | None = None) -> Loaded
             out.tensors[f"{name}.bias"] = files.get(f"{name}.bias")
             parts.add(f"{name}.bias")
     if out.dequantized:
-        why = "act-order groups, a group size other than 32/64/128, not 4-bit, or outside the language model"
+        why = "a group size other than 32/64/128 (or groups of unequal size), not 4-bit, or outside the language model"
         out.notes.append(f"dequantized linears: {why}")
     for name in files.names():
         if name not in parts:

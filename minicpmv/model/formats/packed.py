@@ -38,9 +38,23 @@ def contiguous_groups(groups: torch.Tensor, k: int) -> int | None:
     return size
 
 
-def to_int4(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group: int) -> quant.Int4:
+def to_int4(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group: int,
+            perm: torch.Tensor | None = None) -> quant.Int4:
     """(q - z) s in groups of ``group`` inputs as our asymmetric int4: values q - 8, scales s, offsets s (8 - z)
-    (q [K, N] in 0..15, zeros and scales [G, N])."""
+    (q [K, N] in 0..15, zeros and scales [G, N]). ``perm``: the inputs in group order (act-order), q's rows taken
+    in that order."""
     s = scales.float()
+    if perm is not None:
+        q = q[perm]
     return quant.Int4(values=(q.t() - 8).to(torch.int8).contiguous(), scales=s.t().contiguous(),
-                      offsets=(s * (8 - zeros.float())).t().contiguous(), group=group)
+                      offsets=(s * (8 - zeros.float())).t().contiguous(), group=group, perm=perm)
+
+
+def group_order(groups: torch.Tensor, k: int) -> tuple[int, torch.Tensor] | None:
+    """For act-order groups (each input's group in any order, every group the same size): (size, the inputs in
+    group order) so that the groups become contiguous; None when the groups are not of one size."""
+    if groups.numel() != k:
+        return None
+    perm = torch.argsort(groups, stable=True)
+    size = contiguous_groups(groups[perm], k)
+    return None if size is None else (size, perm)
