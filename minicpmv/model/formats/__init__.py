@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,8 +57,6 @@ class Loaded:
 
 def _summarize(names: list[str]) -> str:
     """Layer-indexed names folded: 'model.language_model.layers.*.mlp.down_proj (24)'."""
-    import re
-
     folded = Counter(re.sub(r"\.\d+\.", ".*.", n) for n in names)
     return ", ".join(n if c == 1 else f"{n} ({c})" for n, c in sorted(folded.items()))
 

@@ -15,7 +15,6 @@ contiguous, and the activations are gathered in that order before each such matm
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
 import torch

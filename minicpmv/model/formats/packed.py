@@ -13,7 +13,6 @@ KERNEL_GROUPS = (32, 64, 128)  # group sizes the int4 path takes (others are deq
 def unpack(words: torch.Tensor, bits: int, dim: int, order: list[int] | None = None) -> torch.Tensor:
     """The unsigned ``bits``-bit fields of int32 ``words``, slot s of each word at index word * (32 / bits) + s
     along ``dim`` (or at ``order[s]`` within the word's run: AWQ's interleave). int16 result."""
-    per = 32 // bits
     shifts = torch.arange(0, 32, bits, dtype=torch.int32)
     w = words.to(torch.int32).movedim(dim, -1)
     fields = ((w.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).to(torch.int16)  # [..., words, per]
