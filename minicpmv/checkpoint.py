@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from minicpmv.config import ModelConfig
 from minicpmv.errors import CheckpointError
-from minicpmv.model import fast, quant
+from minicpmv.model import fast, formats, quant
 from minicpmv.model.minicpmv import MiniCPMV
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -96,6 +96,11 @@ def load_model(
     device = torch.device(device)
     directory = resolve(model)
     cfg = ModelConfig.from_file(directory)
+    foreign = formats.detect(directory)
+    if foreign:  # GPTQ, AWQ, bitsandbytes, GGUF: model/formats
+        if quantization:
+            raise CheckpointError(f"checkpoint {directory} is already quantized ({foreign}); drop quantization={quantization!r}")
+        return formats.load_model(foreign, directory, cfg, dtype, device, progress, optimize)
     try:
         stored = quant.checkpoint_quantization(cfg.quantization)
     except ValueError as exc:

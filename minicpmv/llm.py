@@ -185,6 +185,10 @@ class LLM:
         self.demo = bool(raw_config.get("demo_random_weights", False))
         stored = raw_config.get("quantization")
         self.quantization = quantization or (stored.get("method") if isinstance(stored, dict) else None)
+        # another tool's quantized checkpoint (model/formats): its format, stored types and what was dequantized
+        self.weights_format: dict | None = getattr(self.model, "checkpoint_format", None)
+        if self.weights_format:
+            self.quantization = self.weights_format["format"]
         if self.demo:
             log.warning("%s is a demo checkpoint with RANDOM weights: its answers are noise (and stop at %d tokens "
                         "unless max_tokens says otherwise)", directory, DEMO_MAX_TOKENS)

@@ -100,7 +100,10 @@ def mm_case(cases: Cases, lin: PackedLinear, x: torch.Tensor, fp32: bool) -> Non
     xp = F.pad(x, (0, lin.k_pad - x.shape[1]))
     ints = [QUANTS.index(lin.quant), ACTS[lin.act], lin.weight.shape[0], lin.k_pad, lin.group, lin.out_features,
             x.shape[0], int(fp32)]
-    cases.add(1, ints, [], [lin.weight, lin.scale, lin.bias, xp], [torch.float32 if fp32 else torch.bfloat16])
+    if lin.offset is None:
+        cases.add(1, ints, [], [lin.weight, lin.scale, lin.bias, xp], [torch.float32 if fp32 else torch.bfloat16])
+    else:  # asymmetric int4 (zero points)
+        cases.add(5, ints, [], [lin.weight, lin.scale, lin.bias, xp, lin.offset], [torch.float32 if fp32 else torch.bfloat16])
 
 
 def build_cases() -> tuple[Cases, list]:
@@ -140,6 +143,30 @@ def build_cases() -> tuple[Cases, list]:
             expected = (x.double() @ lin.dequantized(torch.float64).T).float()
             mm_case(cases, lin, x, True)
             checks.append(lambda out, ref, e=expected: torch.equal(out[0].view(e.shape), e))
+    # Asymmetric int4 (w = scale q + offset per group: GPTQ / AWQ / GGUF zero points) for each group size, decode
+    # and prefill row counts, silu_mul; exact on integers as above, close to float32 on random weights.
+    for group in (32, 64, 128):
+        for m in (1, 4, 9, 21):
+            n, k = 130, 256
+            q = torch.randint(-8, 8, (n, k), generator=g).to(torch.int8)
+            scale = (2.0 ** torch.randint(-6, 0, (n, k // group), generator=g)).bfloat16()
+            offsets = torch.randint(-16, 17, (n, k // group), generator=g) * 2.0**-5
+            lin = PackedLinear(q, quant="int4", group=group, scale=scale, offsets=offsets)
+            x = torch.randint(-8, 9, (m, k), generator=g).bfloat16()
+            expected = (x.double() @ lin.dequantized(torch.float64).T).float()
+            mm_case(cases, lin, x, True)
+            checks.append(lambda out, ref, e=expected: torch.equal(out[0].view(e.shape), e))
+        w = torch.randn(100, 192, generator=g) * 0.05
+        q, s = kernels.quantize_int4(w, group)
+        offsets = torch.randn(100, -(-192 // group), generator=g) * 0.01
+        gate_up = PackedLinear(interleave_gate_up(q, q.flip(0)), quant="int4", group=group, act="silu_mul",
+                               out_features=100, scale=interleave_gate_up(s, s.flip(0)),
+                               offsets=interleave_gate_up(offsets, -offsets))
+        for m in (1, 6):
+            x = torch.randn(m, 192, generator=g).bfloat16()
+            expected = gate_up._reference(x.float(), torch.float32)
+            mm_case(cases, gate_up, x, True)
+            checks.append(lambda out, ref, e=expected: rel_err(out[0].view(e.shape), e) < 1e-5)
     for m, d in ((1, 1024), (5, 72)):  # RMSNorm, zero-centred weights
         x, w = torch.randn(m, d, generator=g).bfloat16(), (torch.randn(d, generator=g) * 0.1).bfloat16()
         xf = x.float()

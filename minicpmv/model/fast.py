@@ -12,6 +12,7 @@ reference's.
 from __future__ import annotations
 
 import ctypes
+import logging
 import mmap
 import os
 import sys
@@ -22,10 +23,12 @@ import torch
 from torch import nn
 
 from minicpmv.model import kernels, quant
+from minicpmv.model import quant as quant_mod  # (``quant`` is also a common parameter name below)
 from minicpmv.model.kernels import PackedLinear, interleave_gate_up, unpack_int4_rows
 from minicpmv.model.language import RMSNorm
 
 QUANTIZATIONS = (None, *quant.METHODS)
+log = logging.getLogger(__name__)
 
 
 def physical_cores() -> int:
@@ -155,6 +158,8 @@ class FastDecoder:
         deltanets = [layer.linear_attn for layer in lm.layers if layer.layer_type == "linear_attention"]
         if any(m.fused_forward is None for m in deltanets):
             return None
+        if any(getattr(m, "in_perm", None) is not None for m in lm.layers.modules()):
+            return None  # (GPTQ act-order: inputs are gathered per matmul, outside the kernel)
         decoder = cls(lm)
         return decoder if decoder.supported else None
 
@@ -239,6 +244,32 @@ class FastDecoder:
         return hidden
 
 
+def _foreign_int4(linears: list[nn.Linear], attached: list) -> tuple[list, list, list | None, int, torch.Tensor | None] | None:
+    """Values, scales and offsets of linears another tool's checkpoint quantized (``quant.Int4``, model/formats).
+    A linear it left in bf16 but that is fused with quantized ones here (DeltaNet's in_proj_b / in_proj_a beside
+    in_proj_qkv / in_proj_z) is quantized by us, symmetrically, in the same groups."""
+    groups = {a.group for a in attached if a is not None}
+    if len(groups) != 1:
+        raise ValueError(f"linears fused into one have different int4 group sizes {sorted(groups)}")
+    group = groups.pop()
+    perms = [a.perm for a in attached if a is not None]
+    perm = perms[0]
+    if any((p is None) != (perm is None) or (p is not None and not torch.equal(p, perm)) for p in perms):
+        return None  # (act-order linears of one input normally share their order: it comes from that input)
+    values, scales, offsets = [], [], []
+    for a, lin in zip(attached, linears):
+        if a is None:
+            w = lin.weight.detach()
+            q, s = kernels.quantize_int4(w if perm is None else w[:, perm], group)
+            a = quant.Int4(q, s, None, group)
+        values.append(a.values)
+        scales.append(a.scales)
+        offsets.append(a.offsets if a.offsets is not None else torch.zeros(a.scales.shape))
+    if not any(o.any() for o in offsets):  # symmetric (GPTQ sym: every zero point 8): the plain int4 kernel
+        offsets = None
+    return values, scales, offsets, group, perm
+
+
 def _weights(linears: list[nn.Linear], quant: str) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     """Each linear's weight, or its int8 values and scales when a quantized checkpoint attached them."""
     attached = [getattr(lin, "quantized", None) for lin in linears]
@@ -251,23 +282,48 @@ def _weights(linears: list[nn.Linear], quant: str) -> tuple[list[torch.Tensor], 
 
 
 def _pack(linears: list[nn.Linear], source: Source, quant: str, group: int, gate_up: bool = False, **kw) -> PackedLinear:
-    weights, scales = _weights(linears, quant)
+    attached = [getattr(lin, "quantized", None) for lin in linears]
+    offsets = None
+    foreign = _foreign_int4(linears, attached) if any(isinstance(a, quant_mod.Int4) for a in attached) else None
+    if foreign is not None:  # another tool's checkpoint (model/formats)
+        weights, scales, offsets, group, perm = foreign
+        quant = "int4"
+        if perm is not None:
+            kw["in_perm"] = perm
+    elif any(isinstance(a, quant_mod.Int4) for a in attached):  # act-order orders that differ: one matmul in bf16
+        names = [source.names[id(lin)] for lin in linears]
+        log.warning("%s: different act-order input orders cannot share one int4 matmul: dequantized to bf16", names)
+        weights = [lin.weight.detach() if a is None else a.dequantize(torch.bfloat16) for a, lin in zip(attached, linears)]
+        scales, quant, group = None, "bf16", 0
+    elif source.keep_dense and all(a is None for a in attached):  # left in bf16 by that tool: stays so
+        weights, scales, quant, group = [lin.weight.detach() for lin in linears], None, "bf16", 0
+    else:
+        weights, scales = _weights(linears, quant)
+
+    def join(parts):
+        if gate_up:  # int8 scales [N] or int4 scales [N, K/group]: interleaved like the rows
+            return interleave_gate_up(*(s.view(s.shape[0], -1) for s in parts)).view(-1, *parts[0].shape[1:])
+        return torch.cat(parts) if len(parts) > 1 else parts[0]  # (a single weight is not copied: the head is big)
+
+    weight = join(weights)
+    scale = None if scales is None else join(scales)
+    if offsets:
+        kw["offsets"] = join(offsets)
     if gate_up:
-        weight = interleave_gate_up(*weights)
-        scale = None
-        if scales is not None:  # int8 scales [N] or int4 scales [N, K/group]: interleaved like the rows
-            scale = interleave_gate_up(*(s.view(s.shape[0], -1) for s in scales)).view(-1, *scales[0].shape[1:])
         kw.update(act="silu_mul", out_features=linears[0].out_features)
-    else:  # (a single weight is not copied: the head is big)
-        weight = torch.cat(weights) if len(weights) > 1 else weights[0]
-        scale = None if scales is None else torch.cat(scales) if len(scales) > 1 else scales[0]
     biases = [lin.bias for lin in linears]
     bias = torch.cat(biases) if all(b is not None for b in biases) else None
     parts = [(source.names[id(lin)], lin.out_features) for lin in linears]
     packed = PackedLinear(weight, bias, quant=quant, group=group, scale=scale, parts=parts, **kw)
-    read = [getattr(lin, "quantized", (w,))[0] for lin, w in zip(linears, weights)]  # the tensors as loaded
+    read = [_loaded(getattr(lin, "quantized", None), w) for lin, w in zip(linears, weights)]  # the tensors as loaded
     release_file_pages([*read, *(scales or [])], source.files)
     return packed
+
+
+def _loaded(attached, weight: torch.Tensor) -> torch.Tensor:
+    if attached is None:
+        return weight
+    return attached.values if isinstance(attached, quant_mod.Int4) else attached[0]
 
 
 @dataclass
@@ -276,6 +332,7 @@ class Source:
 
     names: dict[int, str]
     files: list[tuple[int, int]]
+    keep_dense: bool = False  # another tool's checkpoint: what it left unquantized is packed in bf16
 
 
 def file_ranges() -> list[tuple[int, int]]:
@@ -360,7 +417,8 @@ def optimize(model, quantization: str | None = None, group: int = 64):
     if quantization is None and not kernels.available():
         return model
     quant = quantization or "bf16"
-    source = Source({id(m): n for n, m in model.named_modules()}, file_ranges())
+    foreign = any(isinstance(getattr(m, "quantized", None), quant_mod.Int4) for m in model.modules())
+    source = Source({id(m): n for n, m in model.named_modules()}, file_ranges(), keep_dense=foreign)
     lm = model.model.language_model
     for layer in lm.layers:
         mlp = layer.mlp

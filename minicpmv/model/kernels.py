@@ -187,7 +187,7 @@ def available() -> bool:
 class LinearDesc(ctypes.Structure):  # struct Linear in csrc/kernels.cpp
     _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
                 ("nblocks", ctypes.c_int64), ("k", ctypes.c_int64), ("group", ctypes.c_int64), ("n_out", ctypes.c_int64),
-                ("quant", ctypes.c_int32), ("act", ctypes.c_int32)]
+                ("quant", ctypes.c_int32), ("act", ctypes.c_int32), ("offset", ctypes.c_void_p)]
 
 
 class LayerDesc(ctypes.Structure):  # struct Layer in csrc/kernels.cpp
@@ -263,10 +263,14 @@ class PackedLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, quant: str = "bf16",
                  group: int = 64, act: str | None = None, out_features: int | None = None,
                  scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
-                 parts: list[tuple[str, int]] | None = None):
+                 parts: list[tuple[str, int]] | None = None, offsets: torch.Tensor | None = None,
+                 in_perm: torch.Tensor | None = None):
         """``weight`` [N, K] in any float dtype (quantized here), or already-quantized int8 values [N, K] with
         ``scale`` ([N] for int8, [N, K/group] for int4). ``parts`` names the (checkpoint name, rows) of the linears
-        fused into this one, in order, for saving."""
+        fused into this one, in order, for saving. ``offsets`` [N, K/group] (int4 with ``scale`` only) makes the
+        weight asymmetric: w = scale * q + offset per group, q in -8..7 (the zero points of GPTQ, AWQ, GGUF).
+        ``in_perm`` [K]: the weight's columns are the inputs in that order (GPTQ act-order); inputs are gathered in
+        it before the matmul."""
         super().__init__()
         n, k = weight.shape
         self.quant, self.act, self.in_features, self.out_dtype = quant, act, k, out_dtype
@@ -277,23 +281,30 @@ class PackedLinear(nn.Module):
             raise ValueError(f"the int4 group size must be a multiple of 4, got {group}")
         if quant not in QUANTS:
             raise ValueError(f"unknown weight format {quant!r}")
+        if offsets is not None and (quant != "int4" or scale is None):
+            raise ValueError("offsets need int4 values with their scales")
         nb = -(-n // BLOCK)
         k_pad = -(-k // group) * group if quant == "int4" else k + k % 2
         if quant == "int4":
             shape, dtype = (nb, k_pad // group, group // 4, 4, 16, 2), torch.uint8
             self.register_buffer("scale", huge_empty((nb, k_pad // group, BLOCK), torch.bfloat16))
+            self.register_buffer("offset", None if offsets is None else torch.empty((nb, k_pad // group, BLOCK), dtype=torch.bfloat16))
         else:
             shape, dtype = (nb, k_pad // 2, BLOCK, 2), torch.int8 if quant == "int8" else torch.bfloat16
             self.register_buffer("scale", huge_empty((nb * BLOCK,), torch.float32) if quant == "int8" else None)
+            self.register_buffer("offset", None)
         self.register_buffer("weight", huge_empty(shape, dtype))
         rows = 64 * BLOCK  # packed a slice of rows at a time: bounded temporary memory even for the 248k-row head
         for r in range(0, n, rows):
-            self._pack_rows(r // BLOCK, weight[r : r + rows], None if scale is None else scale[r : r + rows], k_pad)
+            self._pack_rows(r // BLOCK, weight[r : r + rows], None if scale is None else scale[r : r + rows], k_pad,
+                            None if offsets is None else offsets[r : r + rows])
         self.register_buffer("bias", None if bias is None else bias.float())
+        self.register_buffer("in_perm", None if in_perm is None else in_perm.long())
         self.n_rows, self.k_pad = n, k_pad
         self._refresh()
 
-    def _pack_rows(self, block: int, w: torch.Tensor, scale: torch.Tensor | None, k_pad: int) -> None:
+    def _pack_rows(self, block: int, w: torch.Tensor, scale: torch.Tensor | None, k_pad: int,
+                   offsets: torch.Tensor | None = None) -> None:
         """Quantize (unless ``scale`` is given) and pack rows of the weight into the blocks from ``block`` on."""
         n, k = w.shape
         nb, group = -(-n // BLOCK), self.group
@@ -312,13 +323,17 @@ class PackedLinear(nn.Module):
             self.weight[block : block + nb] = u[..., 0] | (u[..., 1] << 4)
             s = _pad(scale.to(torch.bfloat16), nb * BLOCK, k_pad // group)
             self.scale[block : block + nb] = s.view(nb, BLOCK, -1).transpose(1, 2)
+            if offsets is not None:
+                o = _pad(offsets.to(torch.bfloat16), nb * BLOCK, k_pad // group)
+                self.offset[block : block + nb] = o.view(nb, BLOCK, -1).transpose(1, 2)
             return
         self.weight[block : block + nb] = q.view(nb, BLOCK, k_pad // 2, 2).transpose(1, 2)
 
     def _refresh(self) -> None:
         """The kernel's view of this weight (pointers: refreshed whenever the module's tensors are replaced)."""
         self.desc = LinearDesc(self.weight.data_ptr(), _ptr(self.scale), _ptr(self.bias), self.weight.shape[0],
-                               self.k_pad, self.group, self.out_features, QUANTS.index(self.quant), ACTS[self.act])
+                               self.k_pad, self.group, self.out_features, QUANTS.index(self.quant), ACTS[self.act],
+                               _ptr(getattr(self, "offset", None)))
         self._kernel = None if library() is None else _lib.mm
 
     def _apply(self, fn, recurse=True):
@@ -339,8 +354,24 @@ class PackedLinear(nn.Module):
         s = self.scale.transpose(1, 2).reshape(nb * BLOCK, -1)
         return q[:n, :k], s[:n]
 
+    def offsets(self) -> torch.Tensor | None:
+        """An asymmetric int4 weight's offsets [N, K/group] in the plain layout (None when symmetric)."""
+        if getattr(self, "offset", None) is None:
+            return None
+        return self.offset.transpose(1, 2).reshape(-1, self.offset.shape[1])[: self.n_rows]
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with its last dim in the weight's input order (itself unless ``in_perm``)."""
+        return x if self.in_perm is None else x.index_select(-1, self.in_perm)
+
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``ids`` of the weight, dequantized to float32 [len(ids), K] (embedding lookups from a tied head)."""
+        if self.in_perm is not None:
+            w = self._rows(ids)
+            return torch.empty_like(w).index_copy_(1, self.in_perm, w)
+        return self._rows(ids)
+
+    def _rows(self, ids: torch.Tensor) -> torch.Tensor:
         b, c = ids // BLOCK, ids % BLOCK
         if self.quant in ("bf16", "int8"):
             w = self.weight[b, :, c].reshape(len(ids), -1)[:, : self.in_features].float()
@@ -348,7 +379,10 @@ class PackedLinear(nn.Module):
         p = self.weight[b, :, :, c // 16, c % 16]  # [len, ng, g/4, 2 k] bytes
         u = torch.stack([p & 15, p >> 4], 2)  # [len, ng, 2 halves, g/4, 2 k]
         q = u.reshape(len(ids), -1, self.group).float() - 8
-        return (q * self.scale[b, :, c].float()[..., None]).reshape(len(ids), -1)[:, : self.in_features]
+        w = q * self.scale[b, :, c].float()[..., None]
+        if self.offset is not None:
+            w = w + self.offset[b, :, c].float()[..., None]
+        return w.reshape(len(ids), -1)[:, : self.in_features]
 
     def dequantized(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         q, s = self.quantized()
@@ -358,10 +392,14 @@ class PackedLinear(nn.Module):
             return (q.float() * s[:, None]).to(dtype)
         n, k = q.shape
         q = _pad(q.float(), n, s.shape[1] * self.group).view(n, -1, self.group)
-        return (q * s.float()[..., None]).view(n, -1)[:, :k].to(dtype)
+        w = q * s.float()[..., None]
+        if self.offset is not None:
+            w = w + self.offsets().float()[..., None]
+        return w.view(n, -1)[:, :k].to(dtype)
 
     def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         out_dtype = out_dtype or self.out_dtype or x.dtype
+        x = self.gather(x)
         k = x.shape[-1]
         x2 = x.reshape(-1, k)
         m = x2.shape[0]

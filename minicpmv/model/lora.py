@@ -267,6 +267,7 @@ class LoRALinear(nn.Module):
         """The packed matmul without its fused activation, in the plain layout ([gate | up] for silu_mul)."""
         base = self.base
         y = None
+        x = base.gather(x)  # (a GPTQ act-order weight's input order)
         if base._kernel is not None and x.dtype == torch.bfloat16 and x.shape[-1] == base.k_pad:
             desc = kernels.LinearDesc.from_buffer_copy(base.desc)
             desc.act, desc.n_out = kernels.ACTS[None], base.n_rows

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,35 @@ from minicpmv.model.kernels import BLOCK, PackedLinear, pack_int4_rows
 
 METHODS = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
+
+
+@dataclass
+class Int4:
+    """A linear's int4 weight from another tool's checkpoint (model/formats), in our plain layout: ``values``
+    [N, K] int8 in -8..7, ``scales`` [N, ceil(K/group)] and, for asymmetric formats, ``offsets`` of the same shape
+    (float32): w[n, k] = scales[n, g] * values[n, k] + offsets[n, g] with g = k // group. Attached to an (empty)
+    nn.Linear as ``.quantized``; fast.optimize packs it. With ``perm`` (GPTQ act-order) the columns are in that
+    order of the inputs: column j multiplies input perm[j], so each group is contiguous."""
+
+    values: torch.Tensor
+    scales: torch.Tensor
+    offsets: torch.Tensor | None
+    group: int
+    perm: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.values.shape)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        n, k = self.values.shape
+        groups = torch.arange(k) // self.group
+        w = self.values.float() * self.scales.float()[:, groups]
+        if self.offsets is not None:
+            w += self.offsets.float()[:, groups]
+        if self.perm is not None:
+            w = torch.empty_like(w).index_copy_(1, self.perm, w)
+        return w.to(dtype)
 
 
 def checkpoint_quantization(section: Any) -> tuple[str, int] | None:

@@ -37,8 +37,11 @@ access_log = logging.getLogger("minicpmv.access")
 def model_card_extras(llm: LLM, config: ServerConfig) -> dict:
     """What /v1/models says beyond OpenAI's fields: the context (as vLLM does) and whether the weights are a
     random-weight demo (the web chat shows a banner then)."""
-    return {"max_model_len": llm.engine.max_model_len, "demo_random_weights": llm.demo,
-            "default_max_tokens": config.default_max_tokens}
+    extras = {"max_model_len": llm.engine.max_model_len, "demo_random_weights": llm.demo,
+              "default_max_tokens": config.default_max_tokens}
+    if getattr(llm, "weights_format", None):  # a GPTQ / AWQ / bitsandbytes / GGUF checkpoint: what was loaded how
+        extras["weights_format"] = llm.weights_format
+    return extras
 
 
 class BodyLimit:

@@ -68,6 +68,17 @@ int main(int argc, char** argv) {
       std::vector<char> y(M * L.n_out * (fp32 ? 4 : 2));
       mm(&L, x, M, L.k, y.data(), L.n_out, (int)fp32);
       write_array(out, y.data(), y.size());
+    } else if (op == 5) {  // mm, asymmetric int4: op 1's fields and arrays, then the offsets
+      Linear L{};
+      L.quant = (int32_t)in.i64(), L.act = (int32_t)in.i64();
+      L.nblocks = in.i64(), L.k = in.i64(), L.group = in.i64(), L.n_out = in.i64();
+      const int64_t M = in.i64(), fp32 = in.i64();
+      L.w = ptr<void>(array()), L.scale = ptr<void>(array()), L.bias = ptr<float>(array());
+      const uint16_t* x = ptr<uint16_t>(array());
+      L.offset = ptr<uint16_t>(array());
+      std::vector<char> y(M * L.n_out * (fp32 ? 4 : 2));
+      mm(&L, x, M, L.k, y.data(), L.n_out, (int)fp32);
+      write_array(out, y.data(), y.size());
     } else if (op == 2) {  // rmsnorm: M, D, offset, eps; x, w
       const int64_t M = in.i64(), D = in.i64();
       const float offset = (float)in.f64(), eps = (float)in.f64();

@@ -501,9 +501,25 @@ struct Linear {
   const float* bias;
   int64_t nblocks, k, group, n_out;
   int32_t quant, act;  // quant: 0 bf16, 1 int8, 2 int4
+  const uint16_t* offset;  // int4 asymmetric (zero points): bf16 [nblocks][K/group][64], w = scale q + offset; or null
 };
 
 namespace {
+
+// Asymmetric int4 (zero points, w = scale q + offset per group): the offsets' share of a block's outputs after the
+// symmetric tile, acc[m][j] += sum_i offset[i][j] xsum(m, i), xsum the sum of row m's activations over group i.
+// K/group terms per output: a small epilogue beside the K of the tile.
+template <class GroupSum>
+inline void add_int4_offsets(float* acc, int rows, const uint16_t* off, int64_t ng, GroupSum xsum) {
+  for (int m = 0; m < rows; ++m) {
+    float* a = acc + m * BLOCK;
+    for (int64_t i = 0; i < ng; ++i) {
+      const float s = xsum(m, i);
+      const uint16_t* o = off + i * BLOCK;
+      for (int j = 0; j < BLOCK; ++j) a[j] += s * bf16_to_f32(o[j]);
+    }
+  }
+}
 
 // y = x W^T for rows that fit one panel (below); x bf16 or (the portable tiles) float32.
 template <class X>
@@ -554,6 +570,8 @@ void linear_blocks(const Linear& L, const X* x, int64_t M, int64_t ldx, void* ou
       with_rows(rows, [&](auto R) {
         tile_int4<R()>(x + m0 * ldx, ldx, K, g, w + b * K * BLOCK / 2, scale + b * ng * BLOCK, gsum + m0 * ng, ng, acc);
       });
+      if (L.offset)
+        add_int4_offsets(acc, rows, L.offset + b * ng * BLOCK, ng, [&](int m, int64_t i) { return gsum[(m0 + m) * ng + i]; });
     });
   }
 }
@@ -590,6 +608,11 @@ void linear_panel(const Linear& L, const uint16_t* x, int64_t M, int64_t ldx, vo
         tile_int4_i16<R()>(xq + m0 * K, K, K, g, w + b * K * BLOCK / 2, scale + b * ng * BLOCK, gsum + m0 * 2 * ng,
                            2 * ng, acc);
       });
+      if (L.offset)  // (the group sums of the int16 activations times their scales)
+        add_int4_offsets(acc, rows, L.offset + b * ng * BLOCK, ng, [&](int m, int64_t i) {
+          const float* gs = gsum + (m0 + m) * 2 * ng;
+          return gs[i] * gs[ng + i];
+        });
     });
     return;
   }
