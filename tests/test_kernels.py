@@ -243,7 +243,7 @@ def lora_cases(cases: Cases, checks: list, g: torch.Generator) -> None:
                 for tensors in packed:
                     arrays += list(tensors)
                 ints = [QUANTS.index(quant), ACTS[act], lin.weight.shape[0], lin.k_pad, lin.group, n, m, len(packed)]
-                cases.add(5, ints, [], arrays, [torch.bfloat16])
+                cases.add(6, ints, [], arrays, [torch.bfloat16])
 
                 def check(out, ref, e=expected, b=base, rows=rows):
                     y = out[0].view(e.shape).float()

@@ -120,7 +120,7 @@ int main(int argc, char** argv) {
         write_array(out, conv[b], conv_dim * (kernel - 1) * 2);
         write_array(out, rec[b], hv * dk * dv * 4);
       }
-    } else if (op == 5) {  // mm_lora: quant, act, nblocks, k, group, n_out, M, n; w, scale, bias, x, rows [M] int32,
+    } else if (op == 6) {  // mm_lora: quant, act, nblocks, k, group, n_out, M, n; w, scale, bias, x, rows [M] int32,
                            // then per adapter a, b, span (kernels.pack_lora's)
       Linear L{};
       L.quant = (int32_t)in.i64(), L.act = (int32_t)in.i64();
