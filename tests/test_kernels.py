@@ -111,7 +111,8 @@ def build_cases() -> tuple[Cases, list]:
     cases, checks = Cases(), []
     g = torch.Generator().manual_seed(0)
     for quant in QUANTS:
-        for m, k, n in [(1, 64, 64), (3, 96, 200), (5, 130, 70), (16, 256, 192), (21, 64, 130), (70, 128, 100)]:
+        for m, k, n in [(1, 64, 64), (3, 96, 200), (5, 130, 70), (16, 256, 192), (21, 64, 130), (32, 64, 130),
+                        (70, 128, 100)]:
             w, bias = torch.randn(n, k, generator=g) * 0.05, torch.randn(n, generator=g)
             act = "gelu_tanh" if (m, quant) == (3, "bf16") else None
             lin = PackedLinear(w, bias if quant == "bf16" else None, quant=quant, group=32, act=act)
@@ -129,7 +130,7 @@ def build_cases() -> tuple[Cases, list]:
     # Integer weights and activations with power-of-two scales: every product and sum is exact in float32, so
     # each variant must give exactly the float64 result (the int8 / int4 decoding and the nibble offset included).
     for quant, (lo, hi) in (("bf16", (-64, 64)), ("int8", (-127, 128)), ("int4", (-8, 8))):
-        for m in (1, 4, 9):
+        for m in (1, 4, 9, 16):
             n, k = 130, 192
             q = torch.randint(lo, hi, (n, k), generator=g)
             scale = None
@@ -186,9 +187,9 @@ def build_cases() -> tuple[Cases, list]:
         checks.append(lambda out, ref, e=expected: rel_err(out[0].view(e.shape), e) < 6e-3)
     # Gated DeltaNet from its projections to the gated norm: decode (one token each) and prefill chunks, from
     # non-zero states; checked against the plain C++ build (float32 throughout: only the summation order differs).
-    hk, hv, dk, dv, kernel = 2, 4, 32, 32, 4
-    conv_dim = 2 * hk * dk + hv * dv
-    for lens in ([1, 1, 1], [5, 1, 9]):
+    for (hk, hv, dk, dv, kernel), lens in (((2, 4, 32, 32, 4), [1, 1, 1]), ((2, 4, 32, 32, 4), [5, 1, 9]),
+                                            ((1, 2, 128, 128, 4), [1, 1])):  # (decode: whole 128-wide rows)
+        conv_dim = 2 * hk * dk + hv * dv
         n, b = sum(lens), len(lens)
         arrays = [torch.randn(n, conv_dim, generator=g).bfloat16(), torch.randn(n, hv * dv, generator=g).bfloat16(),
                   torch.randn(n, hv, generator=g).bfloat16(), torch.randn(n, hv, generator=g).bfloat16(),
