@@ -17,6 +17,7 @@ import ctypes
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,25 +27,40 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import demo_checkpoint  # noqa: E402
 
 
-def build_variant(isa: str, defines: list[str], tag: str):
+def build_variant(isa: str, spec: str, tag: str):
+    """A build of the kernels: ``spec`` is compiler flags (comma-separated) for this tree's source, or ``git:REV``
+    for the source at a git revision (flags after a comma)."""
     from minicpmv.model import kernels
 
-    command = kernels.compile_command(isa)
-    out = kernels._cache_dir() / f"bench_{isa}_{tag}_{os.getpid()}.so"
-    subprocess.run([*command[:-1], *defines, "-o", str(out)], check=True)
+    source, *flags = spec.split(",")
+    command = kernels.compile_command(isa)[:-1]
+    tmp = Path(tempfile.mkdtemp())
+    if source.startswith("git:"):
+        for f in (kernels.SOURCE, *kernels.HEADERS):
+            rel = f.relative_to(Path(__file__).resolve().parent.parent)
+            (tmp / f.name).write_bytes(subprocess.run(["git", "show", f"{source[4:]}:{rel}"], check=True,
+                                                      capture_output=True).stdout)
+        command = [f"-I{tmp}" if c.startswith("-I") else str(tmp / kernels.SOURCE.name) if c == str(kernels.SOURCE) else c
+                   for c in command]
+    elif source:
+        flags = [source, *flags]
+    out = tmp / f"bench_{isa}_{tag}.so"
+    subprocess.run([*command, *flags, "-o", str(out)], check=True)
     lib = ctypes.CDLL(str(out))
     kernels._bind(lib)
-    out.unlink()
     return lib
+
+
+CLOCK = time.perf_counter
 
 
 def best(fn, repeats: int) -> float:
     fn()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = CLOCK()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(CLOCK() - start)
     return min(times)
 
 
@@ -55,10 +71,16 @@ def main() -> None:
     parser.add_argument("--isa", help="MINICPMV_ISA for the default build")
     parser.add_argument("--quantization", choices=["int8", "int4"])
     parser.add_argument("--context", type=int, default=64, help="tokens already in each stream")
-    parser.add_argument("--variant", action="append", default=[], help="name=-DFLAG,-DFLAG2 (an extra build)")
+    parser.add_argument("--variant", action="append", default=[],
+                        help="an extra build: name=-DFLAG,-DFLAG2 or name=git:REV (that revision's source)")
     parser.add_argument("--parts", action="store_true", help="time each kind of matmul alone too")
     parser.add_argument("--full", action="store_true", help="time the whole fused step too (noisy on a busy machine)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time by this thread's CPU time (with OMP_NUM_THREADS=1: robust to other processes)")
     args = parser.parse_args()
+    if args.cpu_time:
+        global CLOCK
+        CLOCK = time.thread_time
     if args.isa:
         os.environ["MINICPMV_ISA"] = args.isa
     from minicpmv.checkpoint import load_model
@@ -72,7 +94,7 @@ def main() -> None:
     libs = {"default": kernels._lib}
     for spec in args.variant:
         name, flags = spec.split("=", 1)
-        libs[name] = build_variant(isa, [f for f in flags.split(",") if f], name)
+        libs[name] = build_variant(isa, flags, name)
     print(f"isa {isa}, {threads} threads, quantization {args.quantization or 'bf16'}, variants {list(libs)}")
 
     probe = torch.empty(int(1e9) // 4, dtype=torch.float32).fill_(1.0)
@@ -136,9 +158,9 @@ def main() -> None:
                 r = rows[name]
                 r["deltanet"] = min(r["deltanet"], best(calls[name]["deltanet"], 1))
                 r["attention"] = min(r["attention"], best(calls[name]["attention"], 1))
-                kernels._lib = lib
+                model.lm_head._kernel = lib.mm
                 r["head"] = min(r["head"], best(lambda: model.lm_head(xh), 1))
-        kernels._lib = libs["default"]
+        model.lm_head._kernel = libs["default"].mm
         total = lambda r: counts[0] * r["deltanet"] + counts[1] * r["attention"] + r["head"]  # noqa: E731
         base = total(rows["default"])
         for name, r in rows.items():
@@ -150,7 +172,7 @@ def main() -> None:
             full = {name: 1e9 for name in libs}
 
             def step(lib):
-                kernels._lib = lib
+                kernels._lib, model.lm_head._kernel = lib, lib.mm
                 for s in states:
                     s.length = args.context  # (the same position each time: the step overwrites its key)
                 h = lm.fused_decode(lm, hidden0.clone(), states)
@@ -159,7 +181,7 @@ def main() -> None:
             for _ in range(args.repeats):
                 for name, lib in libs.items():
                     full[name] = min(full[name], best(lambda: step(lib), 1))
-            kernels._lib = libs["default"]
+            kernels._lib, model.lm_head._kernel = libs["default"], libs["default"].mm
             for name, t in full.items():
                 print(f"B={B:2d} {name:>10}: whole step + head {1e3 * t:6.1f} ms, {B / t:6.1f} tok/s "
                       f"({full['default'] / t:.2f}x default)")
@@ -180,13 +202,14 @@ def main() -> None:
                             lib.mm(ctypes.byref(desc), x.data_ptr(), B, desc.k, outs.data_ptr(), outs.shape[1], 0)
 
                     parts[kind] = best(mms, args.repeats)
+                model.lm_head._kernel = lib.mm
                 t_head = best(lambda: model.lm_head(xh), args.repeats)
                 t_all = total(rows[name])
                 flops = {kind: 2 * B * sum(getattr(l, kind).k * getattr(l, kind).nblocks * 64 for l in lm.fused_decode.layers) for kind in kinds}
                 head_flops = 2 * B * model.lm_head.desc.k * model.lm_head.desc.nblocks * 64
                 print(f"B={B:2d} {name:>10}: " + ", ".join(f"{k} {1e3 * t:5.1f} ms ({flops[k] / t / 1e9:4.0f} GF/s)" for k, t in parts.items())
                       + f", head {1e3 * t_head:5.1f} ms ({head_flops / t_head / 1e9:4.0f} GF/s), rest {1e3 * (t_all - sum(parts.values()) - t_head):5.1f} ms")
-            kernels._lib = libs["default"]
+            kernels._lib, model.lm_head._kernel = libs["default"], libs["default"].mm
 
 
 if __name__ == "__main__":
