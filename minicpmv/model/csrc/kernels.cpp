@@ -466,10 +466,11 @@ void tile_int4(const X* x, int64_t ldx, int64_t k, int64_t g, const uint8_t* w, 
 // Rows per register tile for a batch of decode streams (up to DECODE_M rows): the tile shape that uses the registers
 // best (rows x column vectors of accumulators, few loads per FMA), not all rows at once. Each block's weights
 // stream from memory once per step, with the first row group; the others read them again from L2 (a block is
-// K x 128 bytes), the activations of a group staying in L1. Measured on Zen 4 (bench/decode_step.py): 16 rows as
-// 6 + 6 + 4 (AVX-512 BF16, 4 chunks each) and 4 x 4 (AVX2, 2 column vectors) beat one tile of all 16 rows (one
-// chunk or column vector: a broadcast per FMA, the activations re-read from L2 by every column pass).
-// NEON (32 registers): 4 rows x 4 column vectors by the same count, not measured.
+// K x 128 bytes), the activations of a group staying in L1. Measured on Zen 4 at 16 rows (bench/decode_step.py,
+// a loaded machine, interleaved, best of N): AVX-512 BF16 as 6 + 6 + 4 rows x 4 chunks 1.12x the matmul rate of
+// one 16-row tile of 1 chunk (2 threads); AVX2 as 4 x 4 rows x 2 column vectors 1.22x two 8-row tiles of 1 (1
+// thread; 2 rows x 4 vectors: within noise of it). One tall tile costs a broadcast per FMA and re-reads the
+// activations from L2 in every column pass. NEON (32 registers): 4 rows x 4 column vectors by the same count.
 #ifndef MAXR
 #if defined(MINICPMV_DPBF16)
 #define MAXR 6
@@ -885,7 +886,7 @@ void deltanet_team(int64_t B, const int64_t* starts, const int64_t* lens, int64_
   }
   // The recurrence is independent per column of the state: each task keeps a [dk, width] slice in L1 for all tokens.
   // Decode (one token per sequence) reads each state once, from memory: whole heads (rows of 128), one sequential
-  // stream per task, measured 1.25x faster than slices of 64 at 16 streams.
+  // stream per task (measured 1.25x faster than slices of 64 at 16 streams, one thread).
   const bool decode = n == B;
   const int64_t width = decode && dv % 128 == 0 ? 128 : dv % 64 == 0 ? 64 : 16, slices = dv / width;
 #pragma omp for schedule(dynamic, 1)
