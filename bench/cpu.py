@@ -17,8 +17,11 @@ transformers and our float32 fallback (``MINICPMV_ISA=none``). The AVX2 rows run
 and oneDNN are held to AVX2 too (``ATEN_CPU_CAPABILITY``, ``ONEDNN_MAX_CPU_ISA``), and transformers runs in float32
 (its bf16 matmuls have no hardware support there: what its users get).
 
+Each child process prints the kernel variant it actually runs (its ``kernels:`` line). ``--quick`` is the short
+run (16 decode tokens, best of 1, one round, no 1344x1344 image).
+
 Usage: python bench/cpu.py [--decode-tokens 64] [--repeats 2] [--rounds 3]
-                           [--engines ours-bf16,ours-int8,ours-int4,transformers] [--isa all] [--streams 16]
+                           [--engines ours-bf16,ours-int8,ours-int4,transformers] [--isa all] [--streams 16] [--quick]
 """
 
 from __future__ import annotations
@@ -44,6 +47,11 @@ from bench.common import CACHE, demo_checkpoint, image, proc_status, table, user
 
 PREFILL_TOKENS = 512
 IMAGES = (("TTFT 448 s", 448, 1), ("TTFT 1344 s", 1344, 2))
+
+
+def images(args) -> tuple:
+    """The time-to-first-token images measured: --quick keeps the 448x448 one."""
+    return IMAGES[:1] if getattr(args, "quick", False) else IMAGES
 
 
 
@@ -177,7 +185,7 @@ def measure_ours(ckpt: Path, method: str | None, args, baseline: int, dtype: str
             out[f"{args.streams} streams tok/s"] = max(streams(args.streams) for _ in range(args.repeats))
         ids = torch.randint(0, 150000, (PREFILL_TOKENS,), generator=torch.Generator().manual_seed(0)).tolist()
         out["prefill 512 s"] = min(run(Sequence(list(ids), greedy(1), []))[0] for _ in range(args.repeats))
-        for name, size, seed in IMAGES:
+        for name, size, seed in images(args):
             seqs = [prepared(user("Describe the image.", image(size, size, seed)), 1) for _ in range(args.repeats)]
             out[name] = min(run(seq)[0] for seq in seqs)
     out["peak RSS GB"] = rss.peak
@@ -226,7 +234,7 @@ def measure_transformers(ckpt: Path, args, baseline: int, dtype: torch.dtype = t
         out["decode tok/s"] = max(decode() for _ in range(args.repeats))
         ids = torch.randint(0, 150000, (PREFILL_TOKENS,), generator=torch.Generator().manual_seed(0))
         out["prefill 512 s"] = min(seconds({"input_ids": ids[None]}, 1) for _ in range(args.repeats))
-        for name, size, seed in IMAGES:
+        for name, size, seed in images(args):
             batch = inputs(user("Describe the image.", image(size, size, seed)))
             out[name] = min(seconds(batch, 1) for _ in range(1 if size > 448 else args.repeats))
     out["peak RSS GB"] = rss.peak
@@ -362,7 +370,8 @@ def run_variants(args) -> None:
     results: dict[str, dict[str, dict]] = {}
     for group, engines, env, _ in variant_groups(isas):
         command = [sys.executable, __file__, "--engines", engines, "--decode-tokens", str(args.decode_tokens),
-                   "--repeats", str(args.repeats), "--rounds", str(args.rounds), "--streams", str(args.streams), "--json"]
+                   "--repeats", str(args.repeats), "--rounds", str(args.rounds), "--streams", str(args.streams), "--json",
+                   *(["--quick"] if args.quick else [])]
         print(f"[{group}] {' '.join(f'{k}={v}' for k, v in env.items())} {engines}", flush=True)
         # The child reports its figures after every engine: what it measured counts even if it fails later.
         child = subprocess.Popen(command, env={**os.environ, **env}, stdout=subprocess.PIPE, text=True)
@@ -370,7 +379,7 @@ def run_variants(args) -> None:
         for line in child.stdout:
             if line.startswith("RESULT "):
                 last = line
-            elif line.startswith("{") or line.startswith("decode round"):
+            elif line.startswith("{") or line.startswith("decode round") or "kernels:" in line:  # (the variant run)
                 print(f"[{group}] {line.rstrip()}", flush=True)
         child.wait()
         if child.returncode or last is None:
@@ -404,7 +413,15 @@ def main() -> None:
     parser.add_argument("--isa", help="kernel variants to measure, each in a process of its own: a list or 'all'")
     parser.add_argument("--streams", type=int, default=16, help="streams decoding together for the aggregate rate")
     parser.add_argument("--json", action="store_true", help="(internal) end with a RESULT line of JSON")
+    parser.add_argument("--quick", action="store_true",
+                        help="a short run (~10 min for --isa avx512bf16,avx2): 16 decode tokens, best of 1, one decode "
+                             "round, no 1344x1344 image (explicit --decode-tokens / --repeats / --rounds still apply)")
     args = parser.parse_args()
+    if args.quick:
+        given = " ".join(sys.argv)
+        args.decode_tokens = args.decode_tokens if "--decode-tokens" in given else 16
+        args.repeats = args.repeats if "--repeats" in given else 1
+        args.rounds = args.rounds if "--rounds" in given else 1
     if args.isa:
         return run_variants(args)
     from minicpmv.model import fast, kernels
