@@ -146,7 +146,8 @@ def main() -> None:
             hidden = hidden0.clone()
             layer = ctypes.byref(fd.layers, l * ctypes.sizeof(kernels.LayerDesc))
             args_ = (1, layer, B, d, hidden.data_ptr(), lm.norm.weight.data_ptr(), lm.norm.eps, conv, rec, keys, values,
-                     cap, pos, cos.data_ptr(), sin.data_ptr(), cos.shape[-1], *[b.data_ptr() for b in bufs])
+                     cap, pos, cos.data_ptr(), sin.data_ptr(), cos.shape[-1], *[b.data_ptr() for b in bufs],
+                     0, None, None)  # no LoRA adapters (a build from before them ignores the extra arguments)
             keep = (bufs, cos, sin, hidden)  # alive while the call is
             return lambda: keep and lib.decode_step(*args_)
 

@@ -16,8 +16,9 @@
 // the group sum is sum((136 + q) x) and 136 * sum(x) over the group is subtracted before scaling. On AVX2 they are
 // multiplied as integers instead, with the activations as int16 (group_int4_i16).
 //
-// A batch of decode streams (up to 16 rows, 8 on AVX2) shares one register tile: each weight vector is loaded once
-// per step for all rows, the block's columns taken in as many passes as the accumulators need (run_blocks).
+// A batch of decode streams (up to 32 rows) goes through each block in row groups of the tile shape that uses the
+// registers best (MAXR rows: 6 x 4 chunks with AVX-512 BF16, 4 x 2 vectors on AVX2): the block streams from memory
+// with the first group and stays in L2 for the others (run_blocks).
 //
 // The epilogue adds a bias and applies gelu (act = 2, tanh form), or (act = 1) computes silu(gate) * up where each
 // 64-column block holds 32 gate and the matching 32 up columns; it writes bf16 (round to nearest even) or float32.
@@ -124,8 +125,8 @@ inline __m512bh int8_pairs(const int8_t* p) {
 
 // acc_out[R][64] columns of chunks [c0, c0 + C) (16 columns each) = x[R, 2 k2] . those columns of the block's k2
 // k-pairs; W = uint16_t (bf16) or int8_t (converted to bf16 in registers as it streams by; the column scales come
-// later). R x C accumulators: up to 4 rows take the whole block in one pass, 16 rows (a batch of decode streams)
-// one chunk at a time, so each weight vector loaded serves every row.
+// later). R x C accumulators: up to 6 rows take the whole block in one pass (12 rows in two, more one chunk at a
+// time), so each weight vector loaded serves every row of the group.
 template <int R, int C, class W>
 void matmul_cols(const uint16_t* x, int64_t ldx, int64_t k2, const W* w, float* acc_out, int c0) {
   const int pf = pf_mode;
