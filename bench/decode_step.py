@@ -1,13 +1,16 @@
 """Micro-benchmark of one decode step on the full-size random checkpoint: where a batch of B streams' time goes.
 
-For each batch size: the whole fused step (``decode_step``) plus the head, and its parts timed alone with the same
-inputs: every layer's matmuls (``mm`` on each packed linear), the head, and the rest (DeltaNet / attention steps,
-norms, glue: the step less its matmuls). Kernel builds given with ``--variant name=-DFLAG,...`` are compiled beside
-the default one and measured interleaved with it, best of ``--repeats``, so a noisy shared machine falls on every
-variant alike. A memory-bandwidth probe (the same threads) gives each step's roofline.
+For each batch size: one DeltaNet layer and one attention layer of the fused step (``decode_step`` over that layer
+alone, norms and mixer included) and the head, each timed alone; the step is estimated as 18 x DeltaNet + 6 x
+attention + head. ``--full`` also times the whole fused step (noisy on a busy machine: every barrier waits for the
+slowest thread), ``--parts`` each kind of matmul alone. Kernel builds given with ``--variant`` (compiler flags for
+this tree's source, or ``git:REV`` for a revision's source: its packed layouts and structs must match this tree's)
+are measured interleaved with the default one, best of ``--repeats``, so a noisy shared machine falls on every
+variant alike. ``--cpu-time`` with OMP_NUM_THREADS=1 times by CPU time (robust to other processes). A
+memory-bandwidth probe (the same threads) gives the roofline.
 
-Usage: python bench/decode_step.py [--batch 1,16] [--repeats 5] [--isa avx2] [--quantization int8]
-                                   [--variant old=-DSOME_FLAG]
+Usage: python bench/decode_step.py [--batch 1,16] [--repeats 5] [--isa avx2] [--quantization int8] [--full]
+                                   [--variant main=git:main] [--variant r8=-DMAXR=8] [--cpu-time]
 """
 
 from __future__ import annotations
