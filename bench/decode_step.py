@@ -43,7 +43,8 @@ def build_variant(isa: str, spec: str, tag: str):
             rel = f.relative_to(Path(__file__).resolve().parent.parent)
             (tmp / f.name).write_bytes(subprocess.run(["git", "show", f"{source[4:]}:{rel}"], check=True,
                                                       capture_output=True).stdout)
-        command = [f"-I{tmp}" if c.startswith("-I") else str(tmp / kernels.SOURCE.name) if c == str(kernels.SOURCE) else c
+        source_file = str(kernels.SOURCE)
+        command = [f"-I{tmp}" if c.startswith("-I") else str(tmp / kernels.SOURCE.name) if c == source_file else c
                    for c in command]
     elif source:
         flags = [source, *flags]
@@ -105,7 +106,8 @@ def main() -> None:
     del probe
     packed = {id(m): m for m in [*lm.modules(), model.lm_head] if isinstance(m, kernels.PackedLinear)}
     wbytes = sum(t.numel() * t.element_size() for m in packed.values() for t in (m.weight, m.scale) if t is not None)
-    print(f"memory bandwidth {bw:.1f} GB/s; weights per step {wbytes / 1e9:.2f} GB: roofline {bw * 1e9 / wbytes:.1f} steps/s")
+    print(f"memory bandwidth {bw:.1f} GB/s; weights per step {wbytes / 1e9:.2f} GB: "
+          f"roofline {bw * 1e9 / wbytes:.1f} steps/s")
 
     d = lm.cfg.hidden_size
     for B in [int(b) for b in args.batch.split(",")]:
@@ -191,7 +193,9 @@ def main() -> None:
                       f"({full['default'] / t:.2f}x default)")
         if args.parts:
             kinds = ("proj", "out", "gate_up", "down")
-            xs = {k: (torch.randn(B, k) * 0.1).to(torch.bfloat16) for k in {getattr(l, n).k for l in lm.fused_decode.layers for n in kinds}}
+            layers = list(lm.fused_decode.layers)
+            widths = {getattr(layer, kind).k for layer in layers for kind in kinds}
+            xs = {k: (torch.randn(B, k) * 0.1).to(torch.bfloat16) for k in widths}
             outs = torch.empty(B, 8224, dtype=torch.bfloat16)
             xh = (torch.randn(B, d) * 0.1).to(torch.bfloat16)
             for name, lib in libs.items():
@@ -209,10 +213,13 @@ def main() -> None:
                 model.lm_head._kernel = lib.mm
                 t_head = best(lambda: model.lm_head(xh), args.repeats)
                 t_all = total(rows[name])
-                flops = {kind: 2 * B * sum(getattr(l, kind).k * getattr(l, kind).nblocks * 64 for l in lm.fused_decode.layers) for kind in kinds}
+                flops = {kind: 2 * B * 64 * sum(getattr(layer, kind).k * getattr(layer, kind).nblocks for layer in layers)
+                         for kind in kinds}
                 head_flops = 2 * B * model.lm_head.desc.k * model.lm_head.desc.nblocks * 64
-                print(f"B={B:2d} {name:>10}: " + ", ".join(f"{k} {1e3 * t:5.1f} ms ({flops[k] / t / 1e9:4.0f} GF/s)" for k, t in parts.items())
-                      + f", head {1e3 * t_head:5.1f} ms ({head_flops / t_head / 1e9:4.0f} GF/s), rest {1e3 * (t_all - sum(parts.values()) - t_head):5.1f} ms")
+                rest = t_all - sum(parts.values()) - t_head
+                cells = [f"{k} {1e3 * t:5.1f} ms ({flops[k] / t / 1e9:4.0f} GF/s)" for k, t in parts.items()]
+                print(f"B={B:2d} {name:>10}: " + ", ".join(cells) + f", head {1e3 * t_head:5.1f} ms "
+                      f"({head_flops / t_head / 1e9:4.0f} GF/s), rest {1e3 * rest:5.1f} ms")
             kernels._lib, model.lm_head._kernel = libs["default"], libs["default"].mm
 
 
