@@ -213,7 +213,7 @@ def main() -> None:
                 model.lm_head._kernel = lib.mm
                 t_head = best(lambda: model.lm_head(xh), args.repeats)
                 t_all = total(rows[name])
-                flops = {kind: 2 * B * 64 * sum(getattr(layer, kind).k * getattr(layer, kind).nblocks for layer in layers)
+                flops = {kind: 2 * B * 64 * sum(getattr(lr, kind).k * getattr(lr, kind).nblocks for lr in layers)
                          for kind in kinds}
                 head_flops = 2 * B * model.lm_head.desc.k * model.lm_head.desc.nblocks * 64
                 rest = t_all - sum(parts.values()) - t_head
