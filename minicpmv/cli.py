@@ -40,7 +40,10 @@ def _size(text: str) -> int:
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="checkpoint directory or Hugging Face repo id (e.g. openbmb/MiniCPM-V-4.6)")
+    p.add_argument("model", help="checkpoint directory, Hugging Face repo id (e.g. openbmb/MiniCPM-V-4.6) or llama.cpp "
+                                 ".gguf language model")
+    p.add_argument("--mmproj", type=Path, default=None, metavar="FILE",
+                   help="the vision projector GGUF of a .gguf model (default: the mmproj GGUF beside it)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when present)")
     p.add_argument("--max-num-seqs", type=_int_in(1), default=16, help="sequences decoded together")
@@ -240,7 +243,7 @@ def _llm(args, **options):
     return LLM(
         args.model, dtype=args.dtype, device=args.device, engine_config=config, quantization=args.quantization,
         lora_modules=dict(args.lora_modules), max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
-        merge_lora=args.merge_lora, **options
+        merge_lora=args.merge_lora, mmproj=args.mmproj, **options
     )
 
 
@@ -408,6 +411,7 @@ def _serve_on_ray(args, requested: str) -> int:
     engine = {"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len, "max_waiting": args.max_waiting,
               "max_state_bytes": args.max_state_memory}
     llm = {"model": args.model, "dtype": args.dtype, "device": args.device, "quantization": args.quantization,
+           "mmproj": args.mmproj,
            "engine_config": engine}
     # (each replica's LLM caps a demo checkpoint's answers itself)
     spec = ray_serve.ReplicaSpec(llm, _server_config(args, requested, demo=False), args.threads_per_replica,

@@ -37,8 +37,12 @@ access_log = logging.getLogger("minicpmv.access")
 def model_card_extras(llm: LLM, config: ServerConfig) -> dict:
     """What /v1/models says beyond OpenAI's fields: the context (as vLLM does) and whether the weights are a
     random-weight demo (the web chat shows a banner then)."""
-    return {"max_model_len": llm.engine.max_model_len, "demo_random_weights": llm.demo,
-            "default_max_tokens": config.default_max_tokens}
+    extras = {"max_model_len": llm.engine.max_model_len, "demo_random_weights": llm.demo,
+              "default_max_tokens": config.default_max_tokens}
+    weights = getattr(llm.model, "checkpoint_format", None)  # a GPTQ / AWQ / BNB / GGUF checkpoint: what was loaded
+    if weights:
+        extras["weights"] = weights
+    return extras
 
 
 class BodyLimit:

@@ -27,6 +27,15 @@ def kernel_isa(llm) -> str:
     return "avx512_bf16 (C++ kernels)"
 
 
+def _weights(llm) -> list[str]:
+    """A foreign checkpoint's format, stored types and what was dequantized (model/formats)."""
+    info = getattr(llm.model, "checkpoint_format", None)
+    if not info:
+        return []
+    types = ",".join(f"{t}x{n}" for t, n in info["types"].items())
+    return [f"format={info['format']} types={types} dequantized={info['dequantized'] or 'none'}"]
+
+
 def startup_summary(llm, config) -> str:
     engine = llm.engine
     ec = engine.config
@@ -36,6 +45,7 @@ def startup_summary(llm, config) -> str:
         f"device={llm.model.device}",
         f"dtype={llm.dtype}",
         f"quantization={llm.quantization or 'none'}",
+        *_weights(llm),
         f"kernels={kernel_isa(llm)}",
         f"threads={torch.get_num_threads()}",
         f"context={engine.max_model_len}",

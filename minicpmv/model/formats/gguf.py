@@ -99,26 +99,96 @@ def is_gguf(path: str | os.PathLike) -> bool:
     return str(path).endswith(".gguf")
 
 
+class Tensor:
+    """One tensor of a GGUF file: its type, llama.cpp shape (ne0 first) and raw bytes (memory-mapped)."""
+
+    def __init__(self, name: str, shape: tuple[int, ...], kind: int, data: np.ndarray):
+        self.name, self.shape, self.kind, self.raw = name, shape, kind, data
+
+    @property
+    def type_name(self) -> str:
+        gguf = _gguf()
+        try:
+            return gguf.GGMLQuantizationType(self.kind).name
+        except ValueError:
+            return f"type {self.kind}"
+
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
 class File:
-    """One GGUF file's metadata and tensors (memory-mapped)."""
+    """One GGUF file's metadata and tensors. The header is parsed here (gguf.GGUFReader takes most of a minute over
+    the 750k vocabulary strings); the tensor data is memory-mapped and dequantized by the gguf package."""
 
     def __init__(self, path: Path):
-        gguf = _gguf()
+        import struct
+
         self.path = path
         if not path.is_file():
             raise CheckpointError(f"{path}: no such GGUF file")
         try:
-            self.reader = gguf.GGUFReader(str(path))
-        except Exception as exc:  # the reader raises ValueError, struct errors, ... on a bad file
-            raise CheckpointError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc})") from None
-        self.tensors = {t.name: t for t in self.reader.tensors}
+            buf = np.memmap(path, dtype=np.uint8, mode="r")
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: cannot read ({exc})") from None
+        mv = memoryview(buf)
+        pos = 0
+
+        def take(fmt: str):
+            nonlocal pos
+            value = struct.unpack_from(fmt, mv, pos)[0]
+            pos += struct.calcsize(fmt)
+            return value
+
+        def string() -> str:
+            nonlocal pos
+            n = take("<Q")
+            value = bytes(mv[pos : pos + n]).decode("utf-8", errors="replace")
+            pos += n
+            return value
+
+        def value(kind: int):
+            if kind == 8:
+                return string()
+            if kind == 9:
+                item, count = take("<I"), take("<Q")
+                return [value(item) for _ in range(count)]
+            return take(_SCALARS[kind])
+
+        try:
+            if bytes(mv[:4]) != b"GGUF":
+                raise ValueError("no GGUF magic number")
+            pos = 4
+            version, n_tensors, n_kv = take("<I"), take("<Q"), take("<Q")
+            if version not in (2, 3):
+                raise ValueError(f"GGUF version {version}")
+            self.fields: dict = {}
+            for _ in range(n_kv):
+                key = string()
+                self.fields[key] = value(take("<I"))
+            infos = []
+            for _ in range(n_tensors):
+                name = string()
+                dims = tuple(take("<Q") for _ in range(take("<I")))
+                infos.append((name, dims, take("<I"), take("<Q")))
+            align = int(self.fields.get("general.alignment", 32))
+            start = -(-pos // align) * align
+            gguf = _gguf()
+            self.tensors = {}
+            for name, dims, kind, offset in infos:
+                known = kind in gguf.GGMLQuantizationType._value2member_map_
+                block, size = gguf.GGML_QUANT_SIZES.get(gguf.GGMLQuantizationType(kind), (1, 0)) if known else (1, 0)
+                rows = int(np.prod(dims[1:])) if len(dims) > 1 else 1
+                row_bytes = dims[0] // block * size
+                data = buf[start + offset : start + offset + rows * row_bytes] if size else buf[:0]
+                if size and data.size != rows * row_bytes:
+                    raise ValueError(f"tensor {name} runs past the end of the file")
+                self.tensors[name] = Tensor(name, dims, kind, data.reshape(rows, row_bytes) if size else data)
+        except (ValueError, struct.error, KeyError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{path}: not a readable GGUF file ({exc}; truncated or corrupt download?)") from None
 
     def get(self, key: str, default=None):
-        field = self.reader.fields.get(key)
-        if field is None:
-            return default
-        value = field.contents()
-        return value
+        return self.fields.get(key, default)
 
     def need(self, key: str):
         value = self.get(key)
@@ -131,24 +201,19 @@ class File:
         return str(self.get("general.type", "model"))
 
     def type_name(self, name: str) -> str:
-        return self.tensors[name].tensor_type.name
+        return self.tensors[name].type_name
 
     def array(self, name: str) -> np.ndarray:
         """The tensor as float32 in its logical shape (numpy order: the last dimension is llama.cpp's ne0)."""
         gguf = _gguf()
         t = self.tensors[name]
-        kind = t.tensor_type.name
+        kind = t.type_name
         if kind not in DENSE + INT4 + DEQUANTIZED:
             raise CheckpointError(f"{self.path}: tensor {name} has GGUF type {kind}, which minicpmv does not read "
                                   f"(supported: {', '.join(DENSE + INT4 + DEQUANTIZED)})")
         shape = tuple(int(d) for d in reversed(t.shape))
-        if kind == "F32":
-            data = np.asarray(t.data, dtype=np.float32)
-        elif kind == "F16":
-            data = np.asarray(t.data).astype(np.float32)
-        else:
-            data = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
-        return data.reshape(shape)
+        data = gguf.quants.dequantize(np.ascontiguousarray(t.raw), gguf.GGMLQuantizationType(t.kind))
+        return np.asarray(data, dtype=np.float32).reshape(shape)
 
 
 # --- the int4 kernels' view of Q4_0 / Q4_1 / Q4_K -----------------------------------------------------------------
@@ -256,7 +321,7 @@ def restore(name: str, x: np.ndarray, cfg) -> np.ndarray:
         x = x[rows]
     if cols is not None:
         x = x[:, cols]
-    return np.ascontiguousarray(x)
+    return np.array(x, dtype=np.float32)  # a writable copy (the file is mapped read-only)
 
 
 # --- config, tokenizer and the checkpoint directory ---------------------------------------------------------------
@@ -471,7 +536,7 @@ def read(source: Path, cfg, dense: bool, progress: bool | None = None) -> Loaded
         if int4:
             t = f.tensors[n]
             cols, rows = int(t.shape[0]), int(t.shape[1]) if len(t.shape) > 1 else 1
-            q, s, o = int4_parts(kind, np.asarray(t.data), rows, cols)
+            q, s, o = int4_parts(kind, t.raw, rows, cols)
             perm = rows_permutation(ours, cfg)
             if perm is not None:
                 q, s, o = q[perm], s[perm], o[perm]
@@ -484,8 +549,7 @@ def read(source: Path, cfg, dense: bool, progress: bool | None = None) -> Loaded
             else:
                 loaded.quantized[linear] = packed
             continue
-        x = restore(ours, f.array(n), cfg)
-        loaded.tensors[ours] = torch.from_numpy(x)
+        loaded.tensors[ours] = torch.from_numpy(restore(ours, f.array(n), cfg))
         if kind not in DENSE:
             loaded.dequantized.append(f"{ours.removesuffix('.weight')} ({kind})")
     if "16x" not in files.get("downsample_modes", ["16x"]):
