@@ -111,7 +111,7 @@ class Tensor:
         try:
             return gguf.GGMLQuantizationType(self.kind).name
         except ValueError:
-            return f"type {self.kind}"
+            return f"#{self.kind} (unknown)"
 
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -462,6 +462,7 @@ def prepare(path: str | os.PathLike, mmproj: str | os.PathLike | None = None) ->
     target = cache_dir() / "gguf" / _key(lm_path, mm_path)
     if (target / "config.json").exists():
         return target
+    _prune(target.parent)
     mm = File(mm_path)
     vocab_rows = int(lm.tensors["token_embd.weight"].shape[1]) if "token_embd.weight" in lm.tensors else 0
     raw = model_config(lm, mm, vocab_rows)
@@ -491,6 +492,16 @@ def prepare(path: str | os.PathLike, mmproj: str | os.PathLike | None = None) ->
     except OSError:  # another process built it first
         pass
     return target if (target / "config.json").exists() else tmp
+
+
+def _prune(root: Path) -> None:
+    """Drop prepared directories whose GGUF files are gone (they hold a tokenizer.json of ~10 MB each)."""
+    import shutil
+
+    for d in root.glob("*") if root.is_dir() else []:
+        files = source_files(d)
+        if files is not None and not (Path(files["model"]).exists() and Path(files["mmproj"]).exists()):
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def _mkdir(p: Path) -> Path:
