@@ -32,10 +32,12 @@ def files(tiny_dir, tmp_path_factory):
     mm16 = convert_to_gguf(tiny_dir, root / "mmproj-16x.gguf", mmproj=True)
     four = root / "ckpt-4x"  # the converter takes the mode from preprocessor_config.json
     link_tree(tiny_dir, four)
-    pre = four / "preprocessor_config.json"
-    config = {**json.loads(pre.read_text()), "downsample_mode": "4x"}
-    pre.unlink()  # (a hard link to the shared file)
-    pre.write_text(json.dumps(config))
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        config = json.loads((four / name).read_text())
+        section = config.setdefault("image_processor", {}) if name == "processor_config.json" else config
+        section["downsample_mode"] = "4x"
+        (four / name).unlink()  # (a hard link to the shared file)
+        (four / name).write_text(json.dumps(config))
     mm4 = convert_to_gguf(four, root / "mmproj-4x.gguf", mmproj=True)
     out = {}
     for kind in KINDS:
@@ -44,6 +46,8 @@ def files(tiny_dir, tmp_path_factory):
         path = d / f"lm-{kind}.gguf"
         if kind == "F32":
             os.link(lm, path)
+        elif kind == "Q8_0":  # the converter writes Q8_0 itself
+            convert_to_gguf(tiny_dir, path, outtype="q8_0")
         else:
             llama_quantize(lm, path, kind)
         os.link(mm16, d / "mmproj-16x.gguf")
@@ -156,6 +160,7 @@ def test_both_projector_modes(files, tiny_dir):
 
 
 def test_llm_over_a_4x_gguf(files):
+    from minicpmv.engine.sampling import SamplingParams
     from minicpmv.llm import LLM
     from minicpmv.serve.app import model_card_extras
     from minicpmv.serve.config import ServerConfig
@@ -166,10 +171,10 @@ def test_llm_over_a_4x_gguf(files):
     lm = ours.File(files["4x"])
     assert (directory / "chat_template.jinja").read_text() == lm.get("tokenizer.chat_template")  # the embedded one
     with LLM(files["4x"], dtype="float32", progress=False) as llm:
-        result = llm.chat([user(image(60, 40), "what is this?")], max_tokens=3)
+        [result] = llm.chat([[user(image(60, 40), "what is this?")]], SamplingParams(max_tokens=3, ignore_eos=True))
         assert len(result.token_ids) == 3 and result.usage.image_tokens > 0
         with pytest.raises(InvalidInputError, match="16x") as err:
-            llm.chat([user(image(60, 40), "hi")], max_tokens=2, downsample_mode="16x")
+            llm.chat([[user(image(60, 40), "hi")]], SamplingParams(max_tokens=2), downsample_mode="16x")
         assert err.value.param == "downsample_mode"
         config = ServerConfig(model_name="m")
         card = model_card_extras(llm, config)["weights"]

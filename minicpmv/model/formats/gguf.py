@@ -483,9 +483,12 @@ def prepare(path: str | os.PathLike, mmproj: str | os.PathLike | None = None) ->
         (tmp / "chat_template.jinja").write_bytes(template.read_bytes())
     elif lm.get("tokenizer.chat_template"):
         (tmp / "chat_template.jinja").write_text(str(lm.get("tokenizer.chat_template")), encoding="utf-8")
+    mode = "16x" if "16x" in modes else "4x"  # the default; processor_config.json's image_processor wins
     pre = json.loads((tmp / "preprocessor_config.json").read_text())
-    pre["downsample_mode"] = "16x" if "16x" in modes else "4x"
-    (tmp / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
+    (tmp / "preprocessor_config.json").write_text(json.dumps({**pre, "downsample_mode": mode}, indent=2))
+    processor = json.loads((tmp / "processor_config.json").read_text())
+    processor["image_processor"] = {**processor.get("image_processor", {}), "downsample_mode": mode}
+    (tmp / "processor_config.json").write_text(json.dumps(processor, indent=2))
     (tmp / "config.json").write_text(json.dumps(raw, indent=2))
     try:
         os.replace(tmp, target)
