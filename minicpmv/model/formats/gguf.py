@@ -577,5 +577,5 @@ def read(source: Path, cfg, dense: bool, progress: bool | None = None) -> Loaded
     loaded.notes.append(f"files: {Path(files['model']).name} + {Path(files['mmproj']).name}")
     if loaded.dequantized:
         log.warning("GGUF: %d quantized tensors have no matching kernel and were dequantized at load (%s)",
-                    len(loaded.dequantized), ", ".join(sorted(Counter(d.rsplit(" ", 1)[1] for d in loaded.dequantized))))
+                    len(loaded.dequantized), ", ".join(sorted({d.rsplit(" ", 1)[1].strip("()") for d in loaded.dequantized})))
     return loaded
