@@ -3,8 +3,9 @@ answers of the same length, in the same run.
 
 An extraction schema (13 fields: strings with bounds, enums, numbers, a nested array of line items). For 1 and 16
 concurrent streams it prints tokens/s of free decoding, of constrained decoding step by step (jump-forward off) and
-of constrained decoding with jump-forward, the ratios to free decoding, the mask time per token (filled on a worker
-thread while the forward runs, and applied to the logits), and the compile time per schema.
+of constrained decoding with jump-forward, the ratios to free decoding, the mask time per token (filled, and applied
+to the logits), and the compile time per schema. Masks are filled before the forward when it takes every core (the
+engine's default here); the row "masks beside forward" fills them on a thread during the forward instead.
 Usage: python bench/structured.py [--streams 1 16] [--dtype bfloat16]
 """
 
@@ -102,6 +103,10 @@ def main() -> None:
         count = masks.count - before[0]
         fill_us = (masks.fill_seconds - before[1]) / max(count, 1) * 1e6
         apply_us = (masks.apply_seconds - before[2]) / max(count, 1) * 1e6
+        # The same with the masks filled on a thread beside the forward (what the engine does when a core is free).
+        llm.engine.config.overlap_masks = True
+        beside, _, _ = run(llm, n, constrained)
+        llm.engine.config.overlap_masks = None
         llm.engine.config.jump_forward = True
         forced_before = masks.forced
         fast, fast_tokens, fast_results = run(llm, n, constrained)
@@ -112,17 +117,20 @@ def main() -> None:
         for r in [*fast_results, *slow_results]:
             assert r.finish_reason == "stop", r.text
             jsonschema.validate(json.loads(r.text), EXTRACTION)
-        # Free decoding of the same number of tokens per request.
-        per_request = max(1, round(fast_tokens / n))
-        free, _, _ = run(llm, n, SamplingParams(temperature=0, max_tokens=per_request, ignore_eos=True))
-        rows.append([n, per_request, free, slow, fast, slow / free, fast / free, fill_us, apply_us,
+        # Free decoding of the same number of tokens, request by request (equal lengths would keep a full batch
+        # to the end, while constrained answers of different lengths leave it one by one).
+        lengths = [len(r.token_ids) for r in slow_results]
+        free, _, _ = run(llm, n, [SamplingParams(temperature=0, max_tokens=k, ignore_eos=True) for k in lengths])
+        per_request = round(sum(lengths) / n)
+        rows.append([n, per_request, free, slow, fast, slow / free, fast / free, beside / free, fill_us, apply_us,
                      f"{forced}/{fast_tokens}", f"{same}/{n}"])
         print(f"{n} streams: " + " ".join(f"{c:.2f}" if isinstance(c, float) else str(c) for c in rows[-1]), flush=True)
         figures[n] = dict(free=free, constrained=slow, jump_forward=fast)
     print(f"\nfull-size random checkpoint, {args.dtype}, CPU threads {torch.get_num_threads()}; "
           f"schema: {len(EXTRACTION['properties'])} fields, line items; greedy")
     print(table(rows, ["streams", "tokens/req", "free tok/s", "constrained tok/s", "jump-fwd tok/s",
-                       "constrained/free", "jump-fwd/free", "mask fill us/tok", "mask apply us/tok", "forced/total",
+                       "constrained/free", "jump-fwd/free",
+                       "masks beside forward/free", "mask fill us/tok", "mask apply us/tok", "forced/total",
                        "same as step-by-step"]))
     print(f"grammar tokenizer build {tok_build.seconds:.2f} s (once per process); compile per schema "
           f"{compile_t.seconds * 1e3:.1f} ms + first mask {first_mask.seconds * 1e3:.1f} ms; cached {cached.seconds * 1e3:.2f} ms")

@@ -75,6 +75,15 @@ def _lora_module(text: str) -> tuple[str, str]:
     return name, path
 
 
+def _constraint_args(p: argparse.ArgumentParser) -> None:
+    """The answer's form (a row's own response_format overrides it in batch)."""
+    constrain = p.add_mutually_exclusive_group()
+    constrain.add_argument("--json-schema", type=Path, metavar="FILE", help="answer with JSON valid against this schema")
+    constrain.add_argument("--regex", help="answer with text matching this regular expression")
+    constrain.add_argument("--choice", action="append", help="answer with exactly one of these (repeatable)")
+    constrain.add_argument("--grammar", type=Path, metavar="FILE", help="answer in this Lark grammar")
+
+
 def _processing_args(p: argparse.ArgumentParser) -> None:
     low, high = RANGES["max_slice_nums"]
     p.add_argument("--mode", dest="downsample_mode", choices=DOWNSAMPLE_MODES, default=None,
@@ -165,11 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--image", action="append", default=[], help="image file (repeatable)")
     run.add_argument("--video", action="append", default=[], help="video file (repeatable)")
     run.add_argument("--json", action="store_true", help="print the full result as JSON")
-    constrain = run.add_mutually_exclusive_group()
-    constrain.add_argument("--json-schema", type=Path, metavar="FILE", help="answer with JSON valid against this schema")
-    constrain.add_argument("--regex", help="answer with text matching this regular expression")
-    constrain.add_argument("--choice", action="append", help="answer with exactly one of these (repeatable)")
-    constrain.add_argument("--grammar", type=Path, metavar="FILE", help="answer in this Lark grammar")
+    _constraint_args(run)
     _processing_args(run)
     _sampling_args(run)
 
@@ -215,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--workers", type=_int_in(1), default=1, help="Ray: engine actors")
     batch.add_argument("--threads-per-worker", type=_int_in(1), default=1, help="Ray: CPUs (torch threads) per actor")
     batch.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    _constraint_args(batch)
     _processing_args(batch)
     _sampling_args(batch)
 
@@ -229,22 +235,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _llm_kwargs(args) -> dict:
+    """``LLM(**...)`` from the engine flags (engine_config as a dict, so it also travels to Ray Serve replicas)."""
+    config = {"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
+              "max_state_bytes": args.max_state_memory}
+    if hasattr(args, "max_waiting"):  # serve only
+        config["max_waiting"] = args.max_waiting
+    names = [name for name, _ in args.lora_modules]
+    if len(set(names)) != len(names):
+        raise MiniCPMVError(f"--lora-modules names must be unique, got {names}")
+    return {"model": args.model, "dtype": args.dtype, "device": args.device, "engine_config": config,
+            "quantization": args.quantization, "lora_modules": {n: str(p) for n, p in args.lora_modules},
+            "max_loras": args.max_loras, "max_lora_rank": args.max_lora_rank,
+            "merge_lora": None if args.merge_lora is None else str(args.merge_lora),
+            "mmproj": None if args.mmproj is None else str(args.mmproj)}
+
+
 def _llm(args, **options):
     from minicpmv.engine.engine import EngineConfig
     from minicpmv.llm import LLM
 
-    config = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                          max_state_bytes=args.max_state_memory)
-    if hasattr(args, "max_waiting"):  # serve only
-        config.max_waiting = args.max_waiting
-    names = [name for name, _ in args.lora_modules]
-    if len(set(names)) != len(names):
-        raise MiniCPMVError(f"--lora-modules names must be unique, got {names}")
-    return LLM(
-        args.model, dtype=args.dtype, device=args.device, engine_config=config, quantization=args.quantization,
-        lora_modules=dict(args.lora_modules), max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
-        merge_lora=args.merge_lora, mmproj=args.mmproj, **options
-    )
+    kwargs = _llm_kwargs(args)
+    return LLM(**{**kwargs, "engine_config": EngineConfig(**kwargs["engine_config"])}, **options)
 
 
 def _structured(args):
@@ -408,13 +420,10 @@ def _server_config(args, requested: str, demo: bool):
 def _serve_on_ray(args, requested: str) -> int:
     from minicpmv.batch import ray_serve
 
-    engine = {"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len, "max_waiting": args.max_waiting,
-              "max_state_bytes": args.max_state_memory}
-    llm = {"model": args.model, "dtype": args.dtype, "device": args.device, "quantization": args.quantization,
-           "mmproj": args.mmproj,
-           "engine_config": engine}
+    if args.enable_lora_loading:  # an adapter loaded through one replica would be missing from the others
+        raise MiniCPMVError("--enable-lora-loading does not work with --ray-replicas; name the adapters with --lora-modules")
     # (each replica's LLM caps a demo checkpoint's answers itself)
-    spec = ray_serve.ReplicaSpec(llm, _server_config(args, requested, demo=False), args.threads_per_replica,
+    spec = ray_serve.ReplicaSpec(_llm_kwargs(args), _server_config(args, requested, demo=False), args.threads_per_replica,
                                  args.max_image_pixels)
     print(f"serving {requested} on http://{args.host}:{args.port} with {args.ray_replicas} Ray Serve replicas",
           file=sys.stderr)

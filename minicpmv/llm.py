@@ -191,6 +191,10 @@ class LLM:
         self.quantization = quantization or (stored.get("method") if isinstance(stored, dict) else None)
         gguf = raw_config.get("gguf")  # a llama.cpp file: a 4x vision projector serves 4x only
         self.downsample_modes = tuple(gguf.get("downsample_modes", ())) if isinstance(gguf, dict) else ("16x", "4x")
+        # another tool's quantized checkpoint (model/formats): its format, stored types and what was dequantized
+        self.weights_format: dict | None = getattr(self.model, "checkpoint_format", None)
+        if self.weights_format:
+            self.quantization = self.weights_format["format"]
         if self.demo:
             log.warning("%s is a demo checkpoint with RANDOM weights: its answers are noise (and stop at %d tokens "
                         "unless max_tokens says otherwise)", directory, DEMO_MAX_TOKENS)
@@ -238,10 +242,11 @@ class LLM:
         seq.constraint = self._constraint(params, options, prefix, thinking)
         return seq
 
-    def prepare_ids(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
-        """A raw prompt (no chat template) -> a Sequence; ``params.structured`` constrains it as in ``prepare``."""
+    def prepare_ids(self, prompt_ids: list[int], params: SamplingParams, lora: str | None = None) -> Sequence:
+        """A raw prompt (no chat template) -> a Sequence; ``params.structured`` constrains it and ``lora`` picks an
+        adapter as in ``prepare``."""
         params.validate()
-        seq = Sequence(list(prompt_ids), params)
+        seq = Sequence(list(prompt_ids), params, lora=self.lora.key(lora))
         if params.structured is not None:
             seq.constraint = self.grammars.constraint(params.structured, after_think=False)
         return seq

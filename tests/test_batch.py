@@ -56,6 +56,8 @@ def test_rows_stream_and_results_match_chat(llm, tmp_path):
     path = write_jsonl(tmp_path / "in.jsonl", [{**r, "image": "media/" + r["image"]} if "image" in r else r for r in rows])
     summary = run_job(llm, path, tmp_path / "out.jsonl", JobSpec(sampling=GREEDY), window=3, progress=False)
     assert (summary.rows, summary.failed) == (5, 0)
+    assert summary.first_output_rows == 1 and 0 < summary.first_output_seconds <= summary.seconds
+    assert summary.steady_rows_per_second() > 0
     out = by_id(read_output(tmp_path / "out.jsonl"))
     assert set(out) == {"r0", "r1", "r2", "r3", "m"}
     expected = llm.chat([user(str(tmp_path / "media" / names[1]), "What is this?")], GREEDY)[0]
@@ -99,6 +101,39 @@ def test_bad_rows_carry_their_error_and_the_rest_complete(llm, tmp_path):
     assert "prompt" in out["no-prompt"]["error"]
     for r in out.values():
         assert (r["error"] is None) == (r["text"] is not None or r["finish_reason"] is not None)
+
+
+def test_json_schema_flag_and_per_row_response_format(llm, tmp_path):
+    import jsonschema
+
+    from minicpmv.cli import main
+
+    colour = {"type": "object", "additionalProperties": False, "required": ["colour"],
+              "properties": {"colour": {"enum": ["red", "green", "blue"]}}}
+    count = {"type": "object", "additionalProperties": False, "required": ["n"],
+             "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}}
+    (tmp_path / "schema.json").write_text(json.dumps(colour))
+    names = write_images(tmp_path, 1)
+    rows = [
+        {"id": "flag", "image": names[0], "prompt": "Colour?"},
+        {"id": "own", "image": names[0], "prompt": "Count?",
+         "response_format": {"type": "json_schema", "json_schema": {"name": "count", "schema": count}}},
+        {"id": "free", "image": names[0], "prompt": "Say anything.", "response_format": {"type": "text"}},
+        {"id": "bad-type", "prompt": "x", "response_format": {"type": "xml"}},
+        {"id": "bad-schema", "prompt": "x", "response_format": json.dumps(
+            {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "strin"}}})},
+    ]
+    out_path = tmp_path / "out.jsonl"
+    code = main(["batch", str(llm.name), str(write_jsonl(tmp_path / "in.jsonl", rows)), str(out_path), "--dtype",
+                 "float32", "--max-tokens", "40", "--json-schema", str(tmp_path / "schema.json"), "--no-progress"])
+    assert code == 1
+    out = by_id(read_output(out_path))
+    jsonschema.validate(json.loads(out["flag"]["text"]), colour)
+    jsonschema.validate(json.loads(out["own"]["text"]), count)
+    assert out["flag"]["finish_reason"] == out["own"]["finish_reason"] == "stop"
+    assert out["free"]["error"] is None and out["free"]["usage"]["completion_tokens"] == 40  # not constrained
+    assert "response_format.type" in out["bad-type"]["error"] and "param: response_format" in out["bad-type"]["error"]
+    assert "strin" in out["bad-schema"]["error"]
 
 
 def test_folder_input_and_parquet_in_and_out(llm, tmp_path):

@@ -179,9 +179,9 @@ def test_llm_over_a_4x_gguf(files):
             llm.chat([[user(image(60, 40), "hi")]], SamplingParams(max_tokens=2), downsample_mode="16x")
         assert err.value.param == "downsample_mode"
         config = ServerConfig(model_name="m")
-        card = model_card_extras(llm, config)["weights"]
+        card = model_card_extras(llm, config)["weights_format"]
         assert card["format"] == "gguf" and card["types"] == {"F32": 130}  # (the 4x projector: no window merger)
-        assert "format=gguf types=F32x130" in startup_summary(llm, config)
+        assert "weights=[gguf: F32 x130; 0 linears in the int4 kernels]" in startup_summary(llm, config)
 
 
 def test_tokenizer_beside_the_file_is_checked_against_the_embedded_one(files, tiny_dir, tmp_path):

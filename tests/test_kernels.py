@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from minicpmv.checkpoint import load_model
 from minicpmv.model import kernels
-from minicpmv.model.kernels import ACTS, ISAS, QUANTS, PackedLinear, interleave_gate_up
+from minicpmv.model.kernels import ACTS, BLOCK, ISAS, QUANTS, PackedLinear, interleave_gate_up
 from tests.tiny import REAL, SMALL, prompt_with_placeholders, reference_checkpoint, to_patches, tokens_per_unit
 
 DRIVER = Path(__file__).with_name("csrc") / "check_kernels.cpp"
@@ -100,7 +100,10 @@ def mm_case(cases: Cases, lin: PackedLinear, x: torch.Tensor, fp32: bool) -> Non
     xp = F.pad(x, (0, lin.k_pad - x.shape[1]))
     ints = [QUANTS.index(lin.quant), ACTS[lin.act], lin.weight.shape[0], lin.k_pad, lin.group, lin.out_features,
             x.shape[0], int(fp32)]
-    cases.add(1, ints, [], [lin.weight, lin.scale, lin.bias, xp], [torch.float32 if fp32 else torch.bfloat16])
+    if lin.offset is None:
+        cases.add(1, ints, [], [lin.weight, lin.scale, lin.bias, xp], [torch.float32 if fp32 else torch.bfloat16])
+    else:  # asymmetric int4 (zero points)
+        cases.add(5, ints, [], [lin.weight, lin.scale, lin.bias, xp, lin.offset], [torch.float32 if fp32 else torch.bfloat16])
 
 
 def build_cases() -> tuple[Cases, list]:
@@ -140,6 +143,30 @@ def build_cases() -> tuple[Cases, list]:
             expected = (x.double() @ lin.dequantized(torch.float64).T).float()
             mm_case(cases, lin, x, True)
             checks.append(lambda out, ref, e=expected: torch.equal(out[0].view(e.shape), e))
+    # Asymmetric int4 (w = scale q + offset per group: GPTQ / AWQ / GGUF zero points) for each group size, decode
+    # and prefill row counts, silu_mul; exact on integers as above, close to float32 on random weights.
+    for group in (32, 64, 128):
+        for m in (1, 4, 9, 21):
+            n, k = 130, 256
+            q = torch.randint(-8, 8, (n, k), generator=g).to(torch.int8)
+            scale = (2.0 ** torch.randint(-6, 0, (n, k // group), generator=g)).bfloat16()
+            offsets = torch.randint(-16, 17, (n, k // group), generator=g) * 2.0**-5
+            lin = PackedLinear(q, quant="int4", group=group, scale=scale, offsets=offsets)
+            x = torch.randint(-8, 9, (m, k), generator=g).bfloat16()
+            expected = (x.double() @ lin.dequantized(torch.float64).T).float()
+            mm_case(cases, lin, x, True)
+            checks.append(lambda out, ref, e=expected: torch.equal(out[0].view(e.shape), e))
+        w = torch.randn(100, 192, generator=g) * 0.05
+        q, s = kernels.quantize_int4(w, group)
+        offsets = torch.randn(100, -(-192 // group), generator=g) * 0.01
+        gate_up = PackedLinear(interleave_gate_up(q, q.flip(0)), quant="int4", group=group, act="silu_mul",
+                               out_features=100, scale=interleave_gate_up(s, s.flip(0)),
+                               offsets=interleave_gate_up(offsets, -offsets))
+        for m in (1, 6):
+            x = torch.randn(m, 192, generator=g).bfloat16()
+            expected = gate_up._reference(x.float(), torch.float32)
+            mm_case(cases, gate_up, x, True)
+            checks.append(lambda out, ref, e=expected: rel_err(out[0].view(e.shape), e) < 1e-5)
     for m, d in ((1, 1024), (5, 72)):  # RMSNorm, zero-centred weights
         x, w = torch.randn(m, d, generator=g).bfloat16(), (torch.randn(d, generator=g) * 0.1).bfloat16()
         xf = x.float()
@@ -176,7 +203,55 @@ def build_cases() -> tuple[Cases, list]:
             return rel_err(out[0], ref[0]) < 4e-3 and all(rel_err(o, r) < 1e-5 for o, r in zip(out[1:], ref[1:]))
 
         checks.append(same_as_plain)
+    lora_cases(cases, checks, g)
     return cases, checks
+
+
+def lora_cases(cases: Cases, checks: list, g: torch.Generator) -> None:
+    """The decode step's LoRA path (mm_lora): rows of two adapters (one with a part of its own ranks, as in a fused
+    linear) and base rows, on each format, plain and silu_mul, with x A^T per thread (few rows) and shared (16
+    rows of rank 64): adapter rows within bf16 rounding of PyTorch's x W^T + (x A^T) B^T (the adapters' effect is
+    of the order of x W^T: a skipped one fails), base rows x W^T."""
+    n = 130
+    for rows, k, ranks in (([0, -1, 1, 0, -1, 1], 96, (4, 6)), ([i % 3 - 1 for i in range(16)], 1088, (64, 40))):
+        m = len(rows)
+        for quant in QUANTS:
+            for act in (None, "silu_mul"):
+                width = 2 * n if act else n
+                w = torch.randn(width, k, generator=g) * 0.05
+                lin = PackedLinear(interleave_gate_up(w[:n], w[n:]) if act else w, quant=quant, group=32, act=act,
+                                   out_features=n)
+                adapters, packed = [], []
+                for r in ranks:
+                    a = torch.randn(r, k, generator=g) * 2 / k**0.5
+                    b = torch.randn(width, r, generator=g) * 0.4 / r**0.5
+                    b[:70, : r // 2] = 0
+                    adapters.append((a, b))
+                    packed.append(kernels.pack_lora(lin, a, b))
+                x = torch.randn(m, k, generator=g).bfloat16()
+                pre = x.float() @ lin.dequantized(torch.float32).T  # the packed column order
+                if act:  # -> [gate | up]
+                    pre = pre.view(m, -1, 2, BLOCK // 2).transpose(1, 2).reshape(m, 2, -1)[:, :, :n].reshape(m, -1)
+                plain = pre if act else pre[:, :n]
+                for i, j in enumerate(rows):
+                    if j >= 0:
+                        plain[i] += (x[i].float() @ adapters[j][0].T) @ adapters[j][1].T
+                expected = F.silu(plain[:, :n]) * plain[:, n:] if act else plain
+                base = lin._reference(x.float(), torch.float32)
+                arrays = [lin.weight, lin.scale, lin.bias, F.pad(x, (0, lin.k_pad - k)),
+                          torch.tensor(rows, dtype=torch.int32)]
+                for tensors in packed:
+                    arrays += list(tensors)
+                ints = [QUANTS.index(quant), ACTS[act], lin.weight.shape[0], lin.k_pad, lin.group, n, m, len(packed)]
+                cases.add(6, ints, [], arrays, [torch.bfloat16])
+
+                def check(out, ref, e=expected, b=base, rows=rows):
+                    y = out[0].view(e.shape).float()
+                    lora_rows = [i for i, j in enumerate(rows) if j >= 0]
+                    base_rows = [i for i, j in enumerate(rows) if j < 0]
+                    return rel_err(y[lora_rows], e[lora_rows]) < 6e-3 and rel_err(y[base_rows], b[base_rows]) < 4e-3
+
+                checks.append(check)
 
 
 @pytest.fixture(scope="module")

@@ -146,13 +146,81 @@ def test_base_and_two_adapters_in_one_batch_give_their_tokens_alone(llm):
 
 
 def test_bf16_packed_batch_mixes_adapters_like_each_alone(tiny_dir, adapters):
+    """Through the LLM on the packed bf16 model: decode steps with adapter rows run in the fused decode kernel,
+    a mixed batch gives each conversation its tokens alone, and those are the layer-by-layer path's tokens."""
     llm = LLM(tiny_dir, dtype="bfloat16", progress=False,
               lora_modules={"small": adapters["small"][0], "rs": adapters["rs"][0]})
+    lm = llm.model.model.language_model
+    decoder = lm.fused_decode
     convs = [{"messages": conversation(with_image=i == 1, text=f"Question {i}"), "lora": name}
              for i, name in enumerate([None, "small", "rs", "small"])]
     together = [r.token_ids for r in llm.chat(convs, GREEDY)]
+    assert decoder.lora_steps >= GREEDY.max_tokens - 1  # every decode step of the batch, fused
     alone = [llm.chat(c["messages"], GREEDY, lora=c["lora"])[0].token_ids for c in convs]
     assert together == alone
+    steps = decoder.steps
+    lm.fused_decode = None  # the layer-by-layer path, the low-rank products in LoRALinear
+    try:
+        unfused = [r.token_ids for r in llm.chat(convs, GREEDY)]
+    finally:
+        lm.fused_decode = decoder
+    assert decoder.steps == steps and unfused == together
+
+
+def prefilled(model, registry, keys, prompts):
+    """A state per prompt, prefilled (layer by layer) with its adapter."""
+    states = []
+    for key, ids in zip(keys, prompts):
+        states.append(model.new_state())
+        with registry.activate([key], [len(ids)]):
+            model(ids, states[-1:])
+    return states
+
+
+def decode_logits(model, registry, keys, states, tokens, fused=True):
+    """One decode step of copies of ``states`` (each one token) with adapters ``keys``: logits [len(keys), vocab]."""
+    lm = model.model.language_model
+    decoder, states = lm.fused_decode, [s.clone() for s in states]
+    if not fused:
+        lm.fused_decode = None
+    try:
+        with registry.activate(keys, [1] * len(keys)):
+            return model(tokens, states, lengths=[1] * len(keys))
+    finally:
+        lm.fused_decode = decoder
+
+
+@pytest.mark.parametrize("quant", [None, "int8", "int4"])
+def test_adapter_rows_decode_in_the_fused_step(adapters, quant):
+    """Packed bf16 / int8 / int4 models (float32 ones have no fused step: their layers are the reference's): a
+    decode step with the base and two adapters (every LM linear type; attention + MLP with rsLoRA) runs in the one
+    kernel call, gives the layer-by-layer path's logits within bf16 noise (mean |diff| <= 0.005, max <= 0.03, where
+    the adapters change them by > 0.1 on average), and gives each row what it gets alone: the same bits (int4:
+    within the same bf16 noise; its tiles of 1-2 rows sum in another order)."""
+    model = load_model(reference_checkpoint("base")[1], dtype="bfloat16", quantization=quant)
+    registry = lora.registry(model)
+    keys = [None, registry.load("small", adapters["small"][0]).key, registry.load("rs", adapters["rs"][0]).key]
+    decoder = model.model.language_model.fused_decode
+    assert decoder is not None and set(registry.tables) == set(keys[1:])
+    g = torch.Generator().manual_seed(5)
+    states = prefilled(model, registry, keys, [torch.randint(0, SMALL.text, (n,), generator=g) for n in (7, 12, 5)])
+    tokens = torch.tensor([5, 6, 7])
+    steps, lora_steps = decoder.steps, decoder.lora_steps
+    fused = decode_logits(model, registry, keys, states, tokens)
+    assert (decoder.steps, decoder.lora_steps) == (steps + 1, lora_steps + 1)
+    unfused = decode_logits(model, registry, keys, states, tokens, fused=False)
+    assert decoder.steps == steps + 1
+    base = decode_logits(model, registry, [None] * 3, states, tokens)
+    assert (fused - base)[1:].abs().mean(-1).min() > 0.1 and torch.equal(fused[0], base[0])
+    diff = (fused - unfused).abs()
+    assert diff.mean() <= 0.005 and diff.max() <= 0.03
+    alone = torch.cat([decode_logits(model, registry, [key], [state], tokens[i : i + 1])
+                       for i, (key, state) in enumerate(zip(keys, states))])
+    if quant == "int4":  # (the base's rows too: 1-2 rows sum each int4 group in two halves, more in one)
+        assert (fused - alone).abs().mean() <= 0.005 and (fused - alone).abs().max() <= 0.03
+    else:
+        assert torch.equal(fused, alone)
+    assert decoder.lora_steps == lora_steps + 3  # the lone adapter rows too
 
 
 def test_prefix_and_vision_caches_are_kept_per_adapter(llm):
@@ -318,6 +386,45 @@ def test_adapters_load_and_unload_at_runtime_behind_the_api_key(server, adapters
     assert client.chat.completions.create(model="all", messages=conversation(), max_tokens=2).choices[0].message
 
 
+def test_every_protocol_picks_the_adapter_its_model_names(server):
+    """Completions, Responses, Ollama and Anthropic route ``model`` to the adapter as the chat route does."""
+    import httpx2 as httpx
+
+    from minicpmv.engine.sampling import SamplingParams
+
+    llm, url, client = server
+    auth = {"Authorization": f"Bearer {KEY}"}
+    text = "Which colour?"
+    chat = lambda model: client.chat.completions.create(model=model, messages=[{"role": "user", "content": text}],
+                                                        max_tokens=4, temperature=0).choices[0].message.content
+    adapter, base = chat("all"), chat("tiny")
+    assert adapter != base
+    answers = {
+        "responses": lambda m: post(url, "responses", {"model": m, "input": text, "max_output_tokens": 4,
+                                                       "temperature": 0}).json()["output"][-1]["content"][0]["text"],
+        "ollama": lambda m: httpx.post(f"{url}/api/chat", timeout=60, headers=auth, json={
+            "model": m, "messages": [{"role": "user", "content": text}], "stream": False,
+            "options": {"temperature": 0, "num_predict": 4}}).json()["message"]["content"],
+        "anthropic": lambda m: post(url, "messages", {"model": m, "max_tokens": 4, "temperature": 0,
+                                                      "messages": [{"role": "user", "content": text}]}).json()["content"][0]["text"],
+    }
+    for name, answer in answers.items():
+        assert (answer("all"), answer("tiny")) == (adapter, base), name
+    assert answers["ollama"]("all:latest") == adapter
+    tags = httpx.get(f"{url}/api/tags", headers=auth, timeout=60).json()["models"]
+    assert [(t["name"], t["details"]["parent_model"]) for t in tags] == [("tiny", ""), ("all", "tiny")]
+    # raw completions: the adapter's tokens for the same ids
+    ids = llm.processor.tokenizer.encode(text)
+    seq = llm.prepare_ids(ids, SamplingParams(temperature=0, max_tokens=4), lora="all")
+    list(llm.outputs(seq))
+    got = post(url, "completions", {"model": "all", "prompt": text, "max_tokens": 4, "temperature": 0}).json()
+    assert got["model"] == "all" and got["choices"][0]["text"] == llm.result(seq).text
+    for route, body in [("completions", {"prompt": text, "max_tokens": 1}), ("responses", {"input": text}),
+                        ("messages", {"max_tokens": 1, "messages": [{"role": "user", "content": text}]})]:
+        missing = post(url, route, {"model": "nope", **body})
+        assert missing.status_code == 404 and "'all'" in missing.text, route
+
+
 def test_runtime_loading_is_off_unless_enabled(server):
     from minicpmv.serve.app import ServerConfig, create_app
 
@@ -336,6 +443,17 @@ def test_cli_lora_flags():
     assert (args.max_loras, args.max_lora_rank, args.merge_lora) == (2, 16, None)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "m", "--lora-modules", "no-equals-sign"])
+
+
+def test_ray_serve_replicas_get_the_adapters(tmp_path, capsys):
+    import pickle
+
+    from minicpmv.cli import _llm_kwargs, build_parser, main
+
+    kwargs = _llm_kwargs(build_parser().parse_args(["serve", "m", "--lora-modules", "a=/x", "--ray-replicas", "2"]))
+    assert pickle.loads(pickle.dumps(kwargs))["lora_modules"] == {"a": "/x"}  # what each replica's LLM is built with
+    assert main(["serve", str(tmp_path), "--ray-replicas", "2", "--enable-lora-loading"]) == 1
+    assert "--enable-lora-loading does not work with --ray-replicas" in capsys.readouterr().err
 
 
 def test_every_choice_of_a_request_uses_its_adapter(llm):

@@ -14,7 +14,7 @@ from minicpmv.engine.engine import EngineConfig
 from minicpmv.engine.sampling import SamplingParams, StructuredOutputs
 from minicpmv.errors import InvalidInputError
 from minicpmv.llm import LLM
-from minicpmv.output.constraints import allowed_tokens, fill_bitmask, mask_words
+from minicpmv.output.constraints import allowed_tokens, apply_bitmask, fill_bitmask, mask_words
 from minicpmv.output.tool_grammar import tool_call_grammar
 from tests.tiny import user
 
@@ -101,14 +101,19 @@ def test_streamed_equals_non_streamed_for_the_same_seed(llm):
         assert deltas[-1].result.token_ids == whole.token_ids and deltas[-1].finish_reason == "stop"
 
 
-def test_a_mixed_batch_gives_each_the_same_greedy_tokens_as_alone(llm):
+@pytest.mark.parametrize("overlap_masks", [True, False])  # masks filled beside the forward, or before it
+def test_a_mixed_batch_gives_each_the_same_greedy_tokens_as_alone(llm, overlap_masks):
+    llm.engine.config.overlap_masks = overlap_masks
     free = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     constrained = [SamplingParams(temperature=0, max_tokens=60, structured=StructuredOutputs(json=SCHEMAS[i]))
                    for i in (1, 6, 14)]
     convs = [[user("One.")], [user("Two, a bit longer.")], [user("Three.")], [user("Four!")], [user("Five.")]]
     params = [free, constrained[0], free, constrained[1], constrained[2]]
-    alone = [llm.chat(c, p)[0].token_ids for c, p in zip(convs, params)]
-    together = [r.token_ids for r in llm.chat(convs, params)]
+    try:
+        alone = [llm.chat(c, p)[0].token_ids for c, p in zip(convs, params)]
+        together = [r.token_ids for r in llm.chat(convs, params)]
+    finally:
+        llm.engine.config.overlap_masks = None
     assert together == alone
     assert json.loads(llm.processor.tokenizer.decode(alone[1], skip_special_tokens=True)) is not None
 
@@ -158,6 +163,24 @@ def test_thinking_is_free_and_the_constraint_starts_after_think(llm, monkeypatch
     assert r.token_ids[5] == think_end
     jsonschema.validate(json.loads(r.text), schema)
     assert llm.processor.tokenizer.decode(r.token_ids[6:8]) .startswith("\n")  # the template's gap, then JSON
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_apply_bitmask_forbids_exactly_the_cleared_bits(dtype):
+    vocab = 32 * 5 + 7  # a partly used last word
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (3, mask_words(vocab)), dtype=torch.int32)
+    bitmask[1] = 0
+    bitmask[1, 2] = -(2**31)  # only the top bit: token 95
+    bitmask[2] = -1
+    logits = torch.randn(3, vocab).to(dtype)
+    masked = logits.clone()
+    apply_bitmask(masked, bitmask)
+    for row in range(3):
+        for token in range(vocab):
+            allowed = (int(bitmask[row, token // 32]) >> (token % 32)) & 1
+            assert masked[row, token] == (logits[row, token] if allowed else float("-inf")), (row, token)
+    assert torch.isfinite(masked[1]).nonzero().flatten().tolist() == [95]
+    assert torch.equal(allowed_tokens(bitmask, vocab), torch.isfinite(masked))
 
 
 def test_special_tokens_stay_out_of_free_text(llm):

@@ -378,6 +378,192 @@ def metric(text: str, name: str) -> float:
     raise KeyError(name)
 
 
+# -- other tools' quantized checkpoints (test_quant_formats) -----------------------------------------------------------
+# Reference packers written from the libraries' documented layouts (AutoGPTQ / GPTQModel, AutoAWQ's GEMM): they
+# pack; minicpmv.model.formats unpacks. Round-to-nearest quantization is enough: the loader's job is the layout.
+GPTQ_SKIP = ("in_proj_a", "in_proj_b")  # GPTQModel's MiniCPM-V 4.6 definition leaves these in bf16
+
+
+def _pack_fields(values: np.ndarray, bits: int, axis: int, order: list[int] | None = None) -> np.ndarray:
+    """Unsigned ``bits``-bit values packed into int32 words along ``axis`` (slot s of word j: index
+    j * 32/bits + s, or j * 8 + order[s])."""
+    per = 32 // bits
+    v = np.moveaxis(values.astype(np.uint32), axis, -1)
+    v = v.reshape(*v.shape[:-1], -1, per)
+    if order is not None:
+        v = v[..., order]
+    words = np.zeros(v.shape[:-1], dtype=np.uint32)
+    for slot in range(per):
+        words |= (v[..., slot] & ((1 << bits) - 1)) << np.uint32(bits * slot)
+    return np.moveaxis(words.view(np.int32), -1, axis)
+
+
+def rtn_groups(w: torch.Tensor, groups: torch.Tensor, n_groups: int, bits: int, sym: bool, min_zero: int = 0):
+    """Round-to-nearest (q [N, K] ints, zeros [N, G] ints, scales [N, G] fp16) with W ~= (q - z) s per group."""
+    maxq = (1 << bits) - 1
+    wf = w.double()
+    index = groups.expand(w.shape[0], -1)
+    lo = torch.zeros(w.shape[0], n_groups, dtype=torch.double).scatter_reduce(1, index, wf, "amin")  # (includes 0)
+    hi = torch.zeros(w.shape[0], n_groups, dtype=torch.double).scatter_reduce(1, index, wf, "amax")
+    if sym:
+        top = torch.maximum(lo.abs(), hi)
+        scales, zeros = (2 * top / maxq).clamp(min=1e-6), torch.full_like(top, (maxq + 1) / 2)
+    else:
+        scales = ((hi - lo) / maxq).clamp(min=1e-6)
+        zeros = torch.round(-lo / scales).clamp(min_zero, maxq)
+    scales = scales.half().double()
+    s_k, z_k = scales[:, groups].double(), zeros[:, groups].double()
+    q = torch.round(wf / s_k + z_k).clamp(0, maxq)
+    return q.long(), zeros.long(), scales.half()
+
+
+ACT_ORDER_INPUTS = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj", "in_proj_z": "in_proj_qkv"}
+
+
+def act_order_seed(name: str) -> int:
+    """One permutation per input: GPTQ orders a linear's inputs by its inputs' Hessian, the same for every linear
+    reading that input (q/k/v, gate/up, in_proj_qkv/z)."""
+    import zlib
+
+    base, _, last = name.rpartition(".")
+    return zlib.crc32(f"{base.rpartition('.')[0]}.{ACT_ORDER_INPUTS.get(last, last)}".encode())
+
+
+def gptq_tensors(w: torch.Tensor, bits: int, group: int, sym: bool, v2: bool, act_order: bool, seed: int = 0):
+    """One linear's GPTQ tensors and its dequantized float32 weight."""
+    n, k = w.shape
+    size = k if group == -1 else group
+    n_groups = -(-k // size)
+    if act_order:  # GPTQ quantizes inputs in a permuted order: g_idx follows the permutation
+        perm = torch.randperm(k, generator=torch.Generator().manual_seed(seed))
+        g_idx = torch.empty(k, dtype=torch.long)
+        g_idx[perm] = torch.arange(k) // size
+    else:
+        g_idx = torch.arange(k) // size
+    q, z, s = rtn_groups(w, g_idx, n_groups, bits, sym, min_zero=0 if v2 else 1)  # v1 cannot store a zero of 0
+    stored_z = z if v2 else z - 1
+    stored_z = torch.cat([stored_z, stored_z.new_zeros(-n % 8, n_groups)])  # outputs padded to whole words
+    tensors = {
+        "qweight": torch.from_numpy(_pack_fields(q.t().numpy(), bits, 0)),
+        "qzeros": torch.from_numpy(_pack_fields(stored_z.t().numpy(), bits, 1)),
+        "scales": s.t().contiguous(),
+        "g_idx": g_idx.int(),
+    }
+    return tensors, ((q - z[:, g_idx]).double() * s.double()[:, g_idx]).float()
+
+
+AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
+
+
+def awq_tensors(w: torch.Tensor, group: int):
+    """One linear's AWQ GEMM tensors and its dequantized float32 weight."""
+    n, k = w.shape
+    g_idx = torch.arange(k) // group
+    q, z, s = rtn_groups(w, g_idx, -(-k // group), 4, sym=False)
+    tensors = {
+        "qweight": torch.from_numpy(_pack_fields(q.t().numpy(), 4, 1, AWQ_ORDER)),
+        "qzeros": torch.from_numpy(_pack_fields(z.t().numpy(), 4, 1, AWQ_ORDER)),
+        "scales": s.t().contiguous(),
+    }
+    return tensors, ((q - z[:, g_idx]).double() * s.double()[:, g_idx]).float()
+
+
+def quantized_checkpoint(kind: str, target: Path, variant: str = "base", vocab: Vocab = SMALL,
+                         **settings) -> tuple[Path, Path]:
+    """The tiny reference checkpoint with its language model's linears quantized as ``kind`` ("gptq" or "awq",
+    ``settings``: bits, group, sym, v2, act_order / group), written to ``target``; and beside it (``target``-dense)
+    the same model with those weights replaced by their dequantized values, as a plain checkpoint."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    _, source = reference_checkpoint(variant, vocab)
+    weights = load_file(str(source / "model.safetensors"))
+    dense_dir = target.with_name(target.name + "-dense")
+    for d in (target, dense_dir):
+        d.mkdir(parents=True, exist_ok=True)
+        for f in source.iterdir():
+            if f.suffix == ".json" or f.suffix == ".jinja":
+                shutil.copy(f, d / f.name)
+    packed, dense = {}, {}
+    names = [n[: -len(".weight")] for n in weights if n.endswith(".weight") and weights[n].dim() == 2]
+    names = [n for n in names if n.startswith("model.language_model.layers.") and not n.endswith(GPTQ_SKIP)]
+    if settings.get("head"):  # GPTQModel's lm_head=True (a tied head is quantized from the embedding)
+        weights.setdefault("lm_head.weight", weights["model.language_model.embed_tokens.weight"])
+        names.append("lm_head")
+    for name in sorted(names):
+        w = weights[f"{name}.weight"]
+        if kind == "gptq":
+            tensors, deq = gptq_tensors(w.float(), settings.get("bits", 4), settings.get("group", 32),
+                                        settings.get("sym", True), settings.get("v2", False),
+                                        settings.get("act_order", False), seed=act_order_seed(name))
+        else:
+            tensors, deq = awq_tensors(w.float(), settings.get("group", 32))
+        packed.update({f"{name}.{p}": t.contiguous() for p, t in tensors.items()})
+        dense[f"{name}.weight"] = deq.to(w.dtype)
+    for name, t in weights.items():
+        base = name[: -len(".weight")]
+        if f"{base}.qweight" not in packed:
+            packed[name] = t
+        dense[name] = dense.get(name, t)
+    save_file(packed, str(target / "model.safetensors"), metadata={"format": "pt"})
+    save_file(dense, str(dense_dir / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((source / "config.json").read_text())
+    if kind == "gptq":
+        section = {"quant_method": "gptq", "bits": settings.get("bits", 4), "group_size": settings.get("group", 32),
+                   "desc_act": settings.get("act_order", False), "sym": settings.get("sym", True),
+                   "checkpoint_format": "gptq_v2" if settings.get("v2") else "gptq", "damp_percent": 0.01}
+    else:
+        section = {"quant_method": "awq", "bits": 4, "group_size": settings.get("group", 32), "version": "gemm",
+                   "zero_point": True}
+    config["quantization_config"] = section
+    (target / "config.json").write_text(json.dumps(config, indent=2))
+    if settings.get("head"):  # the dense twin holds the dequantized head beside the embedding: untied
+        dense_config = json.loads((source / "config.json").read_text())
+        dense_config["tie_word_embeddings"] = dense_config["text_config"]["tie_word_embeddings"] = False
+        (dense_dir / "config.json").write_text(json.dumps(dense_config, indent=2))
+    return target, dense_dir
+
+
+def bnb_checkpoint(target: Path, variant: str = "base", double_quant: bool = True) -> tuple[Path, Path]:
+    """The tiny reference checkpoint with every linear but the head quantized to NF4 by bitsandbytes itself
+    (blocksize 64, as transformers' ``load_in_4bit`` + ``save_pretrained`` store it), and its dense twin holding
+    bitsandbytes' own dequantization of those weights."""
+    import json
+    import re
+
+    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+    from safetensors.torch import load_file, save_file
+
+    _, source = reference_checkpoint(variant)
+    weights = load_file(str(source / "model.safetensors"))
+    dense_dir = target.with_name(target.name + "-dense")
+    for d in (target, dense_dir):
+        d.mkdir(parents=True, exist_ok=True)
+        for f in source.iterdir():
+            if f.suffix in (".json", ".jinja"):
+                shutil.copy(f, d / f.name)
+    packed, dense = dict(weights), dict(weights)
+    pattern = re.compile(f"{LM_TARGETS}|{VISION_TARGETS}".replace("$", r"\.weight$"))
+    for name in sorted(n for n in weights if pattern.match(n)):
+        w = weights[name]
+        with torch._dynamo.config.patch(disable=True):  # (bitsandbytes would torch.compile its CPU ops: slow)
+            q, state = quantize_4bit(w, blocksize=64, compress_statistics=double_quant, quant_type="nf4")
+            dense[name] = dequantize_4bit(q, state).to(w.dtype)
+        del packed[name]
+        packed[name] = q
+        packed.update({f"{name}.{k}": v for k, v in state.as_dict(packed=True).items()})
+    save_file(packed, str(target / "model.safetensors"), metadata={"format": "pt"})
+    save_file(dense, str(dense_dir / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((source / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False, "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": double_quant, "bnb_4bit_compute_dtype": "float32",
+        "bnb_4bit_quant_storage": "uint8", "llm_int8_skip_modules": ["lm_head"]}
+    (target / "config.json").write_text(json.dumps(config, indent=2))
+    return target, dense_dir
+
+
 # llama.cpp's GGUF tools (scripts/fetch_llama_cpp.sh: the converter and llama-quantize from the llama-cpp-python
 # sdist), for tests/test_gguf.py.
 @functools.cache

@@ -38,12 +38,26 @@ class Summary:
     duplicates: int = 0  # ids seen twice in the input (the first one wins)
     completion_tokens: int = 0
     seconds: float = 0.0
+    first_output_seconds: float | None = None  # when the first rows were committed (start-up and model load before)
+    first_output_rows: int = 0
+
+    def committed(self, rows: int, start: float) -> None:
+        if self.first_output_seconds is None and rows:
+            self.first_output_seconds = time.perf_counter() - start
+            self.first_output_rows = rows
+
+    def steady_rows_per_second(self) -> float:
+        """Rows/s after the first commit: throughput without start-up (worker start, model load, the first wave)."""
+        if self.first_output_seconds is None or self.seconds <= self.first_output_seconds:
+            return 0.0
+        return (self.rows - self.first_output_rows) / (self.seconds - self.first_output_seconds)
 
     def line(self) -> str:
         rate = self.rows / self.seconds if self.seconds else 0.0
         tps = self.completion_tokens / self.seconds if self.seconds else 0.0
         return (f"{self.rows} rows done ({self.failed} failed), {self.skipped} already done, "
-                f"{self.duplicates} duplicate ids; {rate:.2f} rows/s, {tps:.1f} tokens/s in {self.seconds:.1f} s")
+                f"{self.duplicates} duplicate ids; {rate:.2f} rows/s, {tps:.1f} tokens/s in {self.seconds:.1f} s"
+                + (f" (first rows after {self.first_output_seconds:.1f} s)" if self.first_output_seconds else ""))
 
 
 def error_record(row_id: str, exc: BaseException) -> dict:
@@ -179,6 +193,7 @@ def run_job(llm, input_path: Path, output_path: Path, spec: JobSpec, prompt: str
             buffer.append(record)
             if len(buffer) >= commit_rows:
                 sink.write(buffer)
+                summary.committed(len(buffer), start)
                 buffer = []
             bar.update(record)
         sink.write(buffer)

@@ -159,6 +159,7 @@ def run_ray_job(job: RayJob, input_path: Path, output_path: Path, spec: JobSpec,
                     summary.completion_tokens += record["usage"]["completion_tokens"]
                 bar.update(record)
             sink.write(fresh)
+            summary.committed(len(fresh), start)
     finally:
         sink.close()
         bar.close()

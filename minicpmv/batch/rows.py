@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from minicpmv.engine.sampling import StructuredOutputs
 from minicpmv.errors import InvalidInputError, MiniCPMVError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -23,7 +24,7 @@ INPUT_FORMATS = ("jsonl", "parquet", "csv", "folder")
 # per-row options: where each goes, and how a CSV cell (always text) is read
 ROW_CHAT_OPTIONS = {"downsample_mode": str, "max_slice_nums": int, "enable_thinking": None}
 ROW_SAMPLING_OPTIONS = {"max_tokens": int, "temperature": float, "top_p": float, "top_k": int, "seed": int}
-ROW_FIELDS = {"id", "messages", "image", "video", "prompt", *ROW_CHAT_OPTIONS, *ROW_SAMPLING_OPTIONS}
+ROW_FIELDS = {"id", "messages", "image", "video", "prompt", "response_format", *ROW_CHAT_OPTIONS, *ROW_SAMPLING_OPTIONS}
 
 
 class BatchInputError(MiniCPMVError):
@@ -183,6 +184,14 @@ def to_request(row: dict, base: Path | None = None, prompt: str | None = None) -
         messages = [{"role": "user", "content": content}]
     options = {k: _typed(k, row[k], t) for k, t in ROW_CHAT_OPTIONS.items() if k in row}
     sampling = {k: _typed(k, row[k], t) for k, t in ROW_SAMPLING_OPTIONS.items() if k in row}
+    if "response_format" in row:  # OpenAI's shape; JSON text in a CSV cell
+        value = row["response_format"]
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise InvalidInputError(f"response_format is not valid JSON: {exc}", param="response_format") from None
+        sampling["structured"] = StructuredOutputs.from_response_format(value)
     return RowRequest(row["id"], _resolve_media(messages, base), options, sampling)
 
 

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
@@ -37,6 +38,10 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     # Constrained decoding: tokens a grammar forces (a long key, '","') are fed as one chunk with the next forward.
     jump_forward: bool = True
+    # Fill grammar masks on a worker thread while the forward runs. None: only where the forward leaves a core free
+    # (CUDA, or fewer torch threads than cores); with every core in the forward, a mask thread preempts one of them
+    # and the whole forward waits for it at the next barrier, which costs more than filling the masks first.
+    overlap_masks: bool | None = None
     max_state_bytes: int | None = None  # sequence state memory (KV + DeltaNet); default: a share of what is free
 
     def __post_init__(self) -> None:
@@ -48,8 +53,10 @@ class EngineConfig:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise InvalidInputError(f"{name} must be an integer >= {low}, got {value!r}", param=name)
-        if not isinstance(self.jump_forward, bool):
-            raise InvalidInputError(f"jump_forward must be True or False, got {self.jump_forward!r}", param="jump_forward")
+        for name in ("jump_forward", "overlap_masks"):
+            value = getattr(self, name)
+            if not isinstance(value, bool) and not (name == "overlap_masks" and value is None):
+                raise InvalidInputError(f"{name} must be True or False, got {value!r}", param=name)
 
 
 @dataclass
@@ -289,24 +296,33 @@ class Engine:
         return [self._emit(*args) for args in zip(seqs, tokens, sampled.logprobs)]
 
     # -- constrained decoding ---------------------------------------------------------------------------------
+    def _overlap_masks(self) -> bool:
+        if self.config.overlap_masks is not None:
+            return self.config.overlap_masks
+        return self.model.device.type != "cpu" or torch.get_num_threads() < (os.cpu_count() or 1)
+
     def _start_masks(self, batch: list[tuple[Sequence, int]]) -> Future | None:
-        """Fill the grammar masks of the sequences that sample after this forward, on a worker thread (llguidance
-        releases the GIL), so the cost hides behind the forward. The matchers are not touched until it is done."""
+        """Fill the grammar masks of the sequences that sample after this forward: on a worker thread (llguidance
+        releases the GIL), so the cost hides behind the forward, or here and now (see ``overlap_masks``). The
+        matchers are not touched until it is done."""
         seqs = [seq for seq, n in batch if seq.num_pending == n and _masked(seq)]
         if not seqs:
             return None
+        if not self._overlap_masks():
+            done: Future = Future()
+            done.set_result(self._fill_masks(seqs))
+            return done
         if self._mask_thread is None:
             self._mask_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="minicpmv-masks")
+        return self._mask_thread.submit(self._fill_masks, seqs)
+
+    def _fill_masks(self, seqs: list[Sequence]) -> tuple[list[Sequence], torch.Tensor]:
+        start = time.perf_counter()
         bitmask = torch.empty((len(seqs), mask_words(self.vocab_size)), dtype=torch.int32)
-
-        def fill() -> tuple[list[Sequence], torch.Tensor]:
-            start = time.perf_counter()
-            fill_bitmask([s.constraint for s in seqs], bitmask, self._mask_executor())
-            self.masks.fill_seconds += time.perf_counter() - start
-            self.masks.count += len(seqs)
-            return seqs, bitmask
-
-        return self._mask_thread.submit(fill)
+        fill_bitmask([s.constraint for s in seqs], bitmask, self._mask_executor())
+        self.masks.fill_seconds += time.perf_counter() - start
+        self.masks.count += len(seqs)
+        return seqs, bitmask
 
     def _apply_masks(self, rows: torch.Tensor, seqs: list[Sequence], masked: list[Sequence], bitmask: torch.Tensor):
         """Each constrained row gets its sequence's mask; a fork started this step shares its parent's (both are

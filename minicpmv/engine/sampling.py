@@ -66,6 +66,38 @@ class StructuredOutputs:
             raise InvalidInputError(f"{param}: unknown field(s) {unknown}; known: {sorted(names)}", param=param)
         return cls(**values, param=param)
 
+    @classmethod
+    def from_response_format(cls, value: dict, param: str = "response_format") -> StructuredOutputs | None:
+        """OpenAI ``response_format``: ``{"type": "text"}`` (free), ``{"type": "json_object"}``, or
+        ``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ..., "description": ...}}``."""
+        if not isinstance(value, dict):
+            raise InvalidInputError(f"{param} must be an object with a 'type', got {type(value).__name__}", param=param)
+        kind = value.get("type")
+        extra = sorted(set(value) - {"type", "json_schema"})
+        if extra or (kind != "json_schema" and "json_schema" in value):
+            raise InvalidInputError(f"{param}: unexpected field(s) {extra or ['json_schema']}", param=param)
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return cls(json_object=True, param=param)
+        if kind != "json_schema":
+            raise InvalidInputError(f"{param}.type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+                                    param=param)
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict):
+            raise InvalidInputError(f"{param}.json_schema must be an object with 'name' and 'schema'", param=param)
+        unknown = sorted(set(spec) - {"name", "schema", "strict", "description"})
+        if unknown:
+            raise InvalidInputError(f"{param}.json_schema: unknown field(s) {unknown}", param=param)
+        if not isinstance(spec.get("name"), str) or not spec["name"]:
+            raise InvalidInputError(f"{param}.json_schema.name must be a non-empty string", param=param)
+        if spec.get("strict") not in (None, True, False):
+            raise InvalidInputError(f"{param}.json_schema.strict must be a boolean", param=param)
+        schema = spec.get("schema")
+        if not isinstance(schema, dict):
+            raise InvalidInputError(f"{param}.json_schema.schema must be a JSON-schema object", param=param)
+        return cls(json=schema, param=param)
+
     @property
     def kind(self) -> str:
         return next(k for k in self.KINDS if getattr(self, k) not in (None, False))

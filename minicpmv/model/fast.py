@@ -12,6 +12,7 @@ reference's.
 from __future__ import annotations
 
 import ctypes
+import logging
 import mmap
 import os
 import sys
@@ -27,6 +28,7 @@ from minicpmv.model.kernels import PackedLinear, interleave_gate_up, unpack_int4
 from minicpmv.model.language import RMSNorm
 
 QUANTIZATIONS = (None, *quant.METHODS)
+log = logging.getLogger(__name__)
 
 
 def physical_cores() -> int:
@@ -146,7 +148,8 @@ class FastDecoder:
     """LanguageModel.fused_decode: a decode step (every sequence one token) through all layers in one kernel call.
 
     The layer descriptors hold pointers to the packed weights, built once: the model must not be moved or converted
-    afterwards (it is a CPU inference model; nothing here does).
+    afterwards (it is a CPU inference model; nothing here does). ``lora``, set by ``lora.Registry.activate`` for a
+    step with adapter rows: (adapters, their site tables, each row's adapter or -1), added in the kernel.
     """
 
     @classmethod
@@ -155,6 +158,8 @@ class FastDecoder:
         deltanets = [layer.linear_attn for layer in lm.layers if layer.layer_type == "linear_attention"]
         if any(m.fused_forward is None for m in deltanets):
             return None
+        if any(getattr(m, "in_perm", None) is not None for m in lm.layers.modules()):
+            return None  # (GPTQ act-order: inputs are gathered per matmul, outside the kernel)
         decoder = cls(lm)
         return decoder if decoder.supported else None
 
@@ -178,6 +183,8 @@ class FastDecoder:
                 desc.q_norm, desc.k_norm = m.q_norm.weight.data_ptr(), m.k_norm.weight.data_ptr()
             descs.append(desc)
         self.layers = (kernels.LayerDesc * len(descs))(*descs)
+        self.lora: tuple[int, ctypes.Array, ctypes.Array] | None = None
+        self.steps = self.lora_steps = 0  # calls, and those with adapter rows
         self.widths = {  # workspace row widths
             "proj": max(d.proj.n_out for d in descs),
             "core": max(max(d.hv * d.dv, d.heads * d.head_dim) for d in descs),
@@ -226,15 +233,18 @@ class FastDecoder:
         bufs = [torch.empty(n, width, dtype=dtype) for width, dtype in (
             (d, torch.bfloat16), (w["proj"], torch.bfloat16), (w["core"], torch.bfloat16), (d, torch.bfloat16),
             (w["gu"], torch.bfloat16), (w["scratch"], torch.float32), (w["gsum"], torch.float32))]
+        n_adapters, tables, rows = self.lora or (0, None, None)
+        self.steps += 1
+        self.lora_steps += n_adapters > 0
         kernels._lib.decode_step(len(self.layers), self.layers, n, d, hidden.data_ptr(), lm.norm.weight.data_ptr(),
                                  lm.norm.eps, conv, rec, keys, values, cap, pos, cos.data_ptr(), sin.data_ptr(),
-                                 cos.shape[-1], *[b.data_ptr() for b in bufs])
+                                 cos.shape[-1], *[b.data_ptr() for b in bufs], n_adapters, tables, rows)
         for s in states:
             s.length += 1
         return hidden
 
 
-def _foreign_int4(linears: list[nn.Linear], attached: list) -> tuple[list, list, list, int]:
+def _foreign_int4(linears: list[nn.Linear], attached: list) -> tuple[list, list, list | None, int, torch.Tensor | None] | None:
     """Values, scales and offsets of linears another tool's checkpoint quantized (``quant.Int4``, model/formats).
     A linear it left in bf16 but that is fused with quantized ones here (DeltaNet's in_proj_b / in_proj_a beside
     in_proj_qkv / in_proj_z) is quantized by us, symmetrically, in the same groups."""
@@ -242,15 +252,22 @@ def _foreign_int4(linears: list[nn.Linear], attached: list) -> tuple[list, list,
     if len(groups) != 1:
         raise ValueError(f"linears fused into one have different int4 group sizes {sorted(groups)}")
     group = groups.pop()
+    perms = [a.perm for a in attached if a is not None]
+    perm = perms[0]
+    if any((p is None) != (perm is None) or (p is not None and not torch.equal(p, perm)) for p in perms):
+        return None  # (act-order linears of one input normally share their order: it comes from that input)
     values, scales, offsets = [], [], []
     for a, lin in zip(attached, linears):
         if a is None:
-            q, s = kernels.quantize_int4(lin.weight.detach(), group)
+            w = lin.weight.detach()
+            q, s = kernels.quantize_int4(w if perm is None else w[:, perm], group)
             a = quant.Int4(q, s, None, group)
         values.append(a.values)
         scales.append(a.scales)
         offsets.append(a.offsets if a.offsets is not None else torch.zeros(a.scales.shape))
-    return values, scales, offsets, group
+    if not any(o.any() for o in offsets):  # symmetric (GPTQ sym: every zero point 8): the plain int4 kernel
+        offsets = None
+    return values, scales, offsets, group, perm
 
 
 def _weights(linears: list[nn.Linear], quant: str) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
@@ -267,9 +284,17 @@ def _weights(linears: list[nn.Linear], quant: str) -> tuple[list[torch.Tensor], 
 def _pack(linears: list[nn.Linear], source: Source, quant: str, group: int, gate_up: bool = False, **kw) -> PackedLinear:
     attached = [getattr(lin, "quantized", None) for lin in linears]
     offsets = None
-    if any(isinstance(a, quant_mod.Int4) for a in attached):  # another tool's checkpoint (model/formats)
-        weights, scales, offsets, group = _foreign_int4(linears, attached)
+    foreign = _foreign_int4(linears, attached) if any(isinstance(a, quant_mod.Int4) for a in attached) else None
+    if foreign is not None:  # another tool's checkpoint (model/formats)
+        weights, scales, offsets, group, perm = foreign
         quant = "int4"
+        if perm is not None:
+            kw["in_perm"] = perm
+    elif any(isinstance(a, quant_mod.Int4) for a in attached):  # act-order orders that differ: one matmul in bf16
+        names = [source.names[id(lin)] for lin in linears]
+        log.warning("%s: different act-order input orders cannot share one int4 matmul: dequantized to bf16", names)
+        weights = [lin.weight.detach() if a is None else a.dequantize(torch.bfloat16) for a, lin in zip(attached, linears)]
+        scales, quant, group = None, "bf16", 0
     elif source.keep_dense and all(a is None for a in attached):  # left in bf16 by that tool: stays so
         weights, scales, quant, group = [lin.weight.detach() for lin in linears], None, "bf16", 0
     else:
@@ -282,7 +307,7 @@ def _pack(linears: list[nn.Linear], source: Source, quant: str, group: int, gate
 
     weight = join(weights)
     scale = None if scales is None else join(scales)
-    if offsets is not None:
+    if offsets:
         kw["offsets"] = join(offsets)
     if gate_up:
         kw.update(act="silu_mul", out_features=linears[0].out_features)
@@ -339,6 +364,23 @@ def release_file_pages(tensors: list[torch.Tensor], files: list[tuple[int, int]]
 
 
 _libc = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
+MADV_COLLAPSE = 25  # Linux 6.1+
+
+
+def collapse_huge_pages(tensors: list[torch.Tensor]) -> None:
+    """Back the whole 2 MiB pages of ``tensors`` (packed weights, written once) with transparent huge pages now.
+    ``kernels.huge_empty`` only asks for them; where memory was short or fragmented when the weights were written,
+    pages stay 4 KiB and stream slower (seen: a second model loaded beside a first got 41% of its packed weights
+    on huge pages against the first's 88%). Best effort: a kernel without MADV_COLLAPSE, or no memory for it,
+    leaves them as they are; quick where they are huge already."""
+    if _libc is None:
+        return
+    huge = 2 << 20
+    for t in tensors:
+        start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+        lo, hi = -(-start // huge) * huge, end // huge * huge
+        if hi > lo:
+            _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_COLLAPSE)
 
 
 def _pack_vision(model, source: Source) -> None:
@@ -415,5 +457,6 @@ def optimize(model, quantization: str | None = None, group: int = 64):
                 if isinstance(child, RMSNorm):
                     setattr(parent, name, FastRMSNorm(child))
         lm.fused_decode = FastDecoder.build(lm)  # last: it keeps pointers to the final tensors
+    collapse_huge_pages([m.weight for m in model.modules() if isinstance(m, PackedLinear)])
     model.quantization = quantization
     return model

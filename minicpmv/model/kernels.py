@@ -132,7 +132,9 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.rmsnorm_bf16.argtypes = [ptr, i64, i64, i64, ptr, ctypes.c_float, ctypes.c_float, ptr, i64]
     lib.deltanet_forward.argtypes = [i64, ptr, ptr] + [i64] * 5 + [ptr, i64] * 4 + [ptr] * 6 + [ctypes.c_float, ptr, ptr]
     lib.attention_blocks.argtypes = [i64, ptr, ptr, i64, i64, ptr, ptr, ptr, i64, ptr]
-    lib.decode_step.argtypes = [i64, ptr, i64, i64, ptr, ptr, ctypes.c_float] + [ptr] * 8 + [i64] + [ptr] * 7
+    lib.decode_step.argtypes = ([i64, ptr, i64, i64, ptr, ptr, ctypes.c_float] + [ptr] * 8 + [i64] + [ptr] * 7
+                                + [i64, ptr, ptr])
+    lib.mm_lora.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, ptr, i64]
     lib.kernels_isa.restype = ctypes.c_char_p
 
 
@@ -198,6 +200,7 @@ class LayerDesc(ctypes.Structure):  # struct Layer in csrc/kernels.cpp
                 ("q_norm", ctypes.c_void_p), ("k_norm", ctypes.c_void_p)]
 
 
+
 # -- packing --------------------------------------------------------------------------------------------------------
 def huge_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An empty CPU tensor backed by transparent huge pages where the OS allows it: streaming weights then crosses
@@ -260,11 +263,14 @@ class PackedLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, quant: str = "bf16",
                  group: int = 64, act: str | None = None, out_features: int | None = None,
                  scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
-                 parts: list[tuple[str, int]] | None = None, offsets: torch.Tensor | None = None):
+                 parts: list[tuple[str, int]] | None = None, offsets: torch.Tensor | None = None,
+                 in_perm: torch.Tensor | None = None):
         """``weight`` [N, K] in any float dtype (quantized here), or already-quantized int8 values [N, K] with
         ``scale`` ([N] for int8, [N, K/group] for int4). ``parts`` names the (checkpoint name, rows) of the linears
         fused into this one, in order, for saving. ``offsets`` [N, K/group] (int4 with ``scale`` only) makes the
-        weight asymmetric: w = scale * q + offset per group, q in -8..7 (the zero points of GPTQ, AWQ, GGUF)."""
+        weight asymmetric: w = scale * q + offset per group, q in -8..7 (the zero points of GPTQ, AWQ, GGUF).
+        ``in_perm`` [K]: the weight's columns are the inputs in that order (GPTQ act-order); inputs are gathered in
+        it before the matmul."""
         super().__init__()
         n, k = weight.shape
         self.quant, self.act, self.in_features, self.out_dtype = quant, act, k, out_dtype
@@ -293,6 +299,7 @@ class PackedLinear(nn.Module):
             self._pack_rows(r // BLOCK, weight[r : r + rows], None if scale is None else scale[r : r + rows], k_pad,
                             None if offsets is None else offsets[r : r + rows])
         self.register_buffer("bias", None if bias is None else bias.float())
+        self.register_buffer("in_perm", None if in_perm is None else in_perm.long())
         self.n_rows, self.k_pad = n, k_pad
         self._refresh()
 
@@ -353,8 +360,18 @@ class PackedLinear(nn.Module):
             return None
         return self.offset.transpose(1, 2).reshape(-1, self.offset.shape[1])[: self.n_rows]
 
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with its last dim in the weight's input order (itself unless ``in_perm``)."""
+        return x if self.in_perm is None else x.index_select(-1, self.in_perm)
+
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``ids`` of the weight, dequantized to float32 [len(ids), K] (embedding lookups from a tied head)."""
+        if self.in_perm is not None:
+            w = self._rows(ids)
+            return torch.empty_like(w).index_copy_(1, self.in_perm, w)
+        return self._rows(ids)
+
+    def _rows(self, ids: torch.Tensor) -> torch.Tensor:
         b, c = ids // BLOCK, ids % BLOCK
         if self.quant in ("bf16", "int8"):
             w = self.weight[b, :, c].reshape(len(ids), -1)[:, : self.in_features].float()
@@ -382,6 +399,7 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         out_dtype = out_dtype or self.out_dtype or x.dtype
+        x = self.gather(x)
         k = x.shape[-1]
         x2 = x.reshape(-1, k)
         m = x2.shape[0]
@@ -459,3 +477,50 @@ def attention_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens:
     _lib.attention_blocks(count, starts, lens, heads, d, q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(0),
                           out.data_ptr())
     return out
+
+
+# -- LoRA in the decode step (csrc/kernels.cpp: linear_lora) --------------------------------------------------
+class LoraSiteDesc(ctypes.Structure):  # struct LoraSite in csrc/kernels.cpp: one adapter on one packed linear
+    _fields_ = [("a", ctypes.c_void_p), ("b", ctypes.c_void_p), ("span", ctypes.c_void_p), ("rank", ctypes.c_int64)]
+
+
+def pack_lora(linear: PackedLinear, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """An adapter's low-rank product on ``linear`` for the decode kernel: A [R, K] and B [width, R] (scale folded
+    in; for silu_mul its rows in the plain [gate | up] order) -> (A [R, K_pad], B^T in the packed column order
+    [nblocks, R, 64], span [nblocks, 2] int32: the ranks with non-zero columns in each block), float32."""
+    r = a.shape[0]
+    a = F.pad(a.float(), (0, linear.k_pad - a.shape[1])).contiguous()
+    b = b.float()
+    if linear.act == "silu_mul":
+        half = b.shape[0] // 2
+        b = interleave_gate_up(b[:half], b[half:])
+    nb = linear.weight.shape[0]
+    bt = _pad(b, nb * BLOCK, r).view(nb, BLOCK, r).transpose(1, 2).contiguous()
+    used = (bt != 0).any(-1)  # [nb, R]
+    ranks = torch.arange(r).expand(nb, r)
+    lo = torch.where(used, ranks, r).amin(1)
+    hi = torch.where(used, ranks + 1, 0).amax(1)
+    span = torch.stack([lo.clamp(max=r), torch.maximum(hi, lo.clamp(max=r))], 1).to(torch.int32).contiguous()
+    return a, bt, span
+
+
+def lora_site(packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> LoraSiteDesc:
+    """The kernel's view of ``pack_lora``'s tensors (they must outlive it); None: an empty site."""
+    if packed is None:
+        return LoraSiteDesc(None, None, None, 0)
+    a, bt, span = packed
+    return LoraSiteDesc(a.data_ptr(), bt.data_ptr(), span.data_ptr(), a.shape[0])
+
+
+def mm_lora(linear: PackedLinear, x: torch.Tensor, adapters: list, rows: list[int]) -> torch.Tensor:
+    """``linear(x)`` (bf16) plus, for each row i with rows[i] >= 0, adapter rows[i] (``pack_lora``'s tensors): the
+    decode step's LoRA path on one linear (tests)."""
+    x = F.pad(x, (0, linear.k_pad - x.shape[1])).contiguous()
+    m = x.shape[0]
+    sites = [(LoraSiteDesc * 1)(lora_site(p)) for p in adapters]
+    table = (ctypes.c_void_p * max(1, len(sites)))(*[ctypes.addressof(s) for s in sites])
+    out = torch.empty(m, linear.out_features, dtype=torch.bfloat16)
+    _lib.mm_lora(ctypes.byref(linear.desc), len(sites), table, (ctypes.c_int32 * m)(*rows), x.data_ptr(), m,
+                 x.stride(0), out.data_ptr(), linear.out_features)
+    return out
+

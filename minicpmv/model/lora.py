@@ -10,7 +10,10 @@ attention's q/k/v): the wrapper adds the low-rank products to the matching colum
 for a fused activation (silu(gate) * up, the vision tower's tanh gelu) it takes the pre-activation output and
 applies the activation itself. During a forward ``Registry.activate`` says which token rows use which adapter; rows
 are grouped by adapter, two small matmuls per group per linear. Rows without an adapter cost nothing, and a batch
-without any adapter rows runs exactly as before (the fused decode kernel included).
+without any adapter rows runs exactly as before. A decode step stays in the fused decode kernel with adapter rows
+too: each packed wrapper keeps its adapters in the kernel's layout as well (``kernels.pack_lora``), and each
+adapter has a table of them for the decoder's linears (``Registry.tables``); the kernel adds every row's low-rank
+products after the packed matmuls (csrc/kernels.cpp, linear_lora). Only the head's runs here then.
 
 ``merge`` folds one adapter into the weights instead (before packing): full speed, one adapter.
 """
@@ -223,6 +226,7 @@ class LoRALinear(nn.Module):
         self.act = base.act if packed else None
         self.width = base.out_features * (2 if self.act == "silu_mul" else 1)  # unfused output columns
         self.loras: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # adapter key -> (A^T [in, R], B^T [R, width])
+        self.packed: dict[str, tuple[torch.Tensor, ...]] = {}  # adapter key -> kernels.pack_lora's (decode kernel)
 
     def add(self, key: str, parts: list[tuple[Site, LoRAWeights]]) -> None:
         """Stack the adapter's parts: one A for all of them, one B with each part's columns (scale folded in),
@@ -235,6 +239,8 @@ class LoRALinear(nn.Module):
             b[site.offset : site.offset + site.out_features, col : col + r] = w.b.float() * w.scale
             col += r
         self.loras[key] = (a.t().contiguous(), b.t().contiguous())  # [in, R], [R, width]
+        if isinstance(self.base, PackedLinear) and kernels.available():
+            self.packed[key] = kernels.pack_lora(self.base, a, b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         groups = [(self.loras[k], rows) for k, rows in self.registry.active if k in self.loras]
@@ -261,6 +267,7 @@ class LoRALinear(nn.Module):
         """The packed matmul without its fused activation, in the plain layout ([gate | up] for silu_mul)."""
         base = self.base
         y = None
+        x = base.gather(x)  # (a GPTQ act-order weight's input order)
         if base._kernel is not None and x.dtype == torch.bfloat16 and x.shape[-1] == base.k_pad:
             desc = kernels.LinearDesc.from_buffer_copy(base.desc)
             desc.act, desc.n_out = kernels.ACTS[None], base.n_rows
@@ -285,6 +292,7 @@ class Registry:
         self.max_loras, self.max_rank = max_loras, max_rank
         self.sites = sites(model)
         self.adapters: dict[str, Adapter] = {}  # name -> adapter
+        self.tables: dict[str, ctypes.Array] = {}  # adapter key -> its sites on the fused decoder's linears
         self.active: list[tuple[str, torch.Tensor | None]] = []  # (adapter key, token rows or None = all)
         self.lock = threading.RLock()  # loading and unloading vs. a forward on the engine thread
 
@@ -324,6 +332,9 @@ class Registry:
             for host, parts in by_host.items():
                 self._wrapper(host).add(adapter.key, parts)
             self.adapters[adapter.name] = adapter
+            table = self._decode_table(adapter.key)
+            if table is not None:
+                self.tables[adapter.key] = table
 
     def unload(self, name: str) -> Adapter:
         """Remove an adapter: new requests cannot pick it; requests still running with it end with an error."""
@@ -334,7 +345,26 @@ class Registry:
             for module in self.model.modules():
                 if isinstance(module, LoRALinear):
                     module.loras.pop(adapter.key, None)
+                    module.packed.pop(adapter.key, None)
+            self.tables.pop(adapter.key, None)
         return adapter
+
+    def _decode_table(self, key: str) -> ctypes.Array | None:
+        """Adapter ``key``'s sites on the fused decoder's linears, in its order ([layer][proj, out, gate_up, down]);
+        None without a fused decoder."""
+        lm = self.model.model.language_model
+        if lm.fused_decode is None:
+            return None
+        sites = []
+        for layer in lm.layers:
+            mixer = layer.linear_attn if layer.layer_type == "linear_attention" else layer.self_attn
+            out = mixer.out_proj if layer.layer_type == "linear_attention" else mixer.o_proj
+            for module in (mixer.fused_proj.linear, out, layer.mlp.gate_up, layer.mlp.down_proj):
+                packed = module.packed.get(key) if isinstance(module, LoRALinear) else None
+                if isinstance(module, LoRALinear) and key in module.loras and packed is None:
+                    return None  # (no kernel form: the layers then run one by one)
+                sites.append(kernels.lora_site(packed))
+        return (kernels.LoraSiteDesc * len(sites))(*sites)
 
     def _wrapper(self, host: str) -> LoRALinear:
         parent_name, _, attr = host.rpartition(".")
@@ -363,12 +393,20 @@ class Registry:
                            for k, rows in groups.items()]
             lm = self.model.model.language_model
             fused = lm.fused_decode
-            if self.active:
-                lm.fused_decode = None  # the one-kernel decode step has no room for the low-rank products
+            if self.active and fused is not None:
+                if all(k in self.tables for k, _ in self.active) and max(lengths) == 1:  # a decode step: one row each
+                    slot = {k: i for i, (k, _) in enumerate(self.active)}
+                    tables = [ctypes.addressof(self.tables[k]) for k in slot]
+                    fused.lora = (len(tables), (ctypes.c_void_p * len(tables))(*tables),
+                                  (ctypes.c_int32 * len(keys))(*[slot.get(k, -1) for k in keys]))
+                else:
+                    lm.fused_decode = None
             try:
                 yield
             finally:
                 self.active = []
+                if fused is not None:
+                    fused.lora = None
                 lm.fused_decode = fused
 
 

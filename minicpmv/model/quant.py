@@ -30,12 +30,14 @@ class Int4:
     """A linear's int4 weight from another tool's checkpoint (model/formats), in our plain layout: ``values``
     [N, K] int8 in -8..7, ``scales`` [N, ceil(K/group)] and, for asymmetric formats, ``offsets`` of the same shape
     (float32): w[n, k] = scales[n, g] * values[n, k] + offsets[n, g] with g = k // group. Attached to an (empty)
-    nn.Linear as ``.quantized``; fast.optimize packs it."""
+    nn.Linear as ``.quantized``; fast.optimize packs it. With ``perm`` (GPTQ act-order) the columns are in that
+    order of the inputs: column j multiplies input perm[j], so each group is contiguous."""
 
     values: torch.Tensor
     scales: torch.Tensor
     offsets: torch.Tensor | None
     group: int
+    perm: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -47,6 +49,8 @@ class Int4:
         w = self.values.float() * self.scales.float()[:, groups]
         if self.offsets is not None:
             w += self.offsets.float()[:, groups]
+        if self.perm is not None:
+            w = torch.empty_like(w).index_copy_(1, self.perm, w)
         return w.to(dtype)
 
 

@@ -210,38 +210,30 @@ def fill_bitmask(constraints: list[Constraint], bitmask: torch.Tensor, executor=
         c.matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * 4)
 
 
-_SHIFTS: dict[torch.device, torch.Tensor] = {}
+_TABLES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
-def _unpack(words: torch.Tensor) -> torch.Tensor:
-    """[..., 32] bool: the bits of int32 ``words`` (bit k of a word = its k-th token)."""
-    shifts = _SHIFTS.get(words.device)
-    if shifts is None:
-        shifts = _SHIFTS[words.device] = torch.arange(32, dtype=torch.int32, device=words.device)
-    return ((words.unsqueeze(-1) >> shifts) & 1) == 1
-
-
-def allowed_tokens(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[n, vocab] bool from a packed [n, words] int32 mask (for tests and tools; the engine uses apply_bitmask)."""
-    return _unpack(bitmask).reshape(bitmask.shape[0], -1)[:, :vocab_size]
+def _byte_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[256, 8]: for each mask byte, 0 for its allowed tokens and -inf for the others."""
+    table = _TABLES.get((device, dtype))
+    if table is None:
+        bits = (torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1
+        table = _TABLES[(device, dtype)] = torch.zeros(256, 8, dtype=dtype).masked_fill(bits == 0, float("-inf")).to(device)
+    return table
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
     """Set the logits of tokens the mask forbids to -inf, in place ([n, vocab] and [n, words]).
 
-    Masks are mostly all-0 or all-1 words (a few allowed tokens, or free text minus a few); only the mixed words are
-    unpacked, so this costs tens of microseconds on the 248k vocabulary instead of milliseconds."""
+    Each mask byte looks up its 8 additive values (0 or -inf) in a table: two vector ops over the vocabulary,
+    ~0.1 ms a row on the 248k vocabulary on a CPU."""
     n, vocab = logits.shape
-    bitmask = bitmask.to(logits.device, non_blocking=True)
-    whole = vocab // 32
-    body = logits[:, : whole * 32].view(n, whole, 32)
-    words = bitmask[:, :whole]
-    empty = words == 0
-    # An add of a broadcast 0 / -inf per word is several times faster than masked_fill with a full-size mask.
-    body.add_(torch.zeros((), dtype=logits.dtype, device=logits.device).masked_fill(empty, float("-inf")).unsqueeze(-1))
-    mixed = (~empty & (words != -1)).nonzero(as_tuple=True)
-    if mixed[0].numel():
-        body[mixed] = body[mixed].masked_fill(~_unpack(words[mixed]), float("-inf"))
-    if vocab > whole * 32:  # the last, partly used word
-        tail = _unpack(bitmask[:, whole])[:, : vocab - whole * 32]
-        logits[:, whole * 32 :].masked_fill_(~tail, float("-inf"))
+    codes = bitmask.to(logits.device, non_blocking=True).contiguous().view(torch.uint8).int()  # little-endian bytes
+    add = torch.nn.functional.embedding(codes, _byte_table(logits.device, logits.dtype)).view(n, -1)
+    logits.add_(add[:, :vocab])
+
+
+def allowed_tokens(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[n, vocab] bool from a packed [n, words] int32 mask (for tests and tools; the engine uses apply_bitmask)."""
+    bits = (bitmask.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32, device=bitmask.device)) & 1
+    return (bits == 1).reshape(bitmask.shape[0], -1)[:, :vocab_size]

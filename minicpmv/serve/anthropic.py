@@ -23,7 +23,7 @@ from minicpmv.serve.blocks import Block, Blocks, Change
 from minicpmv.serve.config import ServerConfig
 from minicpmv.serve.errors import HTTPError, http_error
 from minicpmv.serve.metrics import Metrics
-from minicpmv.serve.prepare import json_output, prepare_chat
+from minicpmv.serve.prepare import adapter_for, json_output, prepare_chat
 from minicpmv.serve.protocol import whole_number
 
 log = logging.getLogger("minicpmv.serve")
@@ -255,12 +255,11 @@ def router(llm: LLM, config: ServerConfig, metrics: Metrics) -> APIRouter:
     @api.post("/v1/messages")
     async def messages(body: MessagesRequest, request: Request):
         metrics.requests += 1
-        if body.model != config.model_name:
-            raise HTTPError(404, f"model: {body.model!r} does not exist; this server serves {config.model_name!r}", "not_found_error")
+        lora = adapter_for(llm, config, body.model)
         try:
             choice, parallel = body.chat_tool_choice()
             options = {"enable_thinking": body.thinking_on(), "tools": body.chat_tools(), "tool_choice": choice,
-                       "parallel_tool_calls": parallel}
+                       "parallel_tool_calls": parallel, "lora": lora}
             seq = await prepare_chat(llm, config, to_messages(body), body.sampling_params(), options,
                                      body.mm_processor_kwargs, body.test_output)
         except MiniCPMVError as exc:
@@ -268,7 +267,7 @@ def router(llm: LLM, config: ServerConfig, metrics: Metrics) -> APIRouter:
         mid = "msg_" + secrets.token_hex(12)
 
         def message(content: list[dict], stop: tuple[str | None, str | None]) -> dict:
-            return {"id": mid, "type": "message", "role": "assistant", "model": config.model_name, "content": content,
+            return {"id": mid, "type": "message", "role": "assistant", "model": body.model, "content": content,
                     "stop_reason": stop[0], "stop_sequence": stop[1], "usage": usage(seq)}
 
         if not body.stream:

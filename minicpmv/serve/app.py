@@ -39,9 +39,8 @@ def model_card_extras(llm: LLM, config: ServerConfig) -> dict:
     random-weight demo (the web chat shows a banner then)."""
     extras = {"max_model_len": llm.engine.max_model_len, "demo_random_weights": llm.demo,
               "default_max_tokens": config.default_max_tokens}
-    weights = getattr(llm.model, "checkpoint_format", None)  # a GPTQ / AWQ / BNB / GGUF checkpoint: what was loaded
-    if weights:
-        extras["weights"] = weights
+    if getattr(llm, "weights_format", None):  # a GPTQ / AWQ / bitsandbytes / GGUF checkpoint: what was loaded how
+        extras["weights_format"] = llm.weights_format
     return extras
 
 

@@ -19,8 +19,9 @@ from minicpmv.errors import InvalidInputError, MiniCPMVError
 from minicpmv.llm import LLM
 from minicpmv.serve.async_llm import generate, merge, until_disconnect
 from minicpmv.serve.config import ServerConfig
-from minicpmv.serve.errors import HTTPError, http_error
+from minicpmv.serve.errors import http_error
 from minicpmv.serve.metrics import Metrics
+from minicpmv.serve.prepare import adapter_for
 from minicpmv.serve.protocol import MAX_CHOICES, StreamOptions, now, whole_number
 
 MAX_PROMPTS = 64  # prompts in one request
@@ -142,11 +143,11 @@ def usage(seqs: list[Sequence]) -> dict:
 def router(llm: LLM, config: ServerConfig, metrics: Metrics) -> APIRouter:
     api = APIRouter()
 
-    def prepare(body: CompletionRequest) -> list[Sequence]:
+    def prepare(body: CompletionRequest, lora: str | None) -> list[Sequence]:
         params = body.sampling_params()
         seqs = []
         for ids in body.prompts(llm):
-            seq = llm.prepare_ids(ids, params)
+            seq = llm.prepare_ids(ids, params, lora)
             if body.test_output is not None:
                 if not config.enable_test_hooks:
                     raise InvalidInputError("test_output is only accepted by a server started with --enable-test-hooks")
@@ -165,10 +166,9 @@ def router(llm: LLM, config: ServerConfig, metrics: Metrics) -> APIRouter:
     @api.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         metrics.requests += 1
-        if body.model != config.model_name:
-            raise HTTPError(404, f"model {body.model!r} does not exist; this server serves {config.model_name!r}", "not_found_error", "model")
+        lora = adapter_for(llm, config, body.model)
         try:
-            parents = prepare(body)
+            parents = prepare(body, lora)
         except MiniCPMVError as exc:
             raise http_error(exc) from None
         choices = [s for p in parents for s in (p, *p.forks)]  # choice index = prompt * n + j
@@ -204,7 +204,7 @@ def router(llm: LLM, config: ServerConfig, metrics: Metrics) -> APIRouter:
                     lp = lp.take()
                 text = echo_text(seq, body) + seq.text
                 out.append({"index": index[seq.request_id], "text": text, "logprobs": lp, "finish_reason": seq.finish_reason})
-            result = {"id": cid, "object": "text_completion", "created": created, "model": config.model_name,
+            result = {"id": cid, "object": "text_completion", "created": created, "model": body.model,
                       "choices": out, "usage": usage(choices)}
             metrics.prompt_tokens += result["usage"]["prompt_tokens"]
             metrics.completion_tokens += result["usage"]["completion_tokens"]
@@ -212,7 +212,7 @@ def router(llm: LLM, config: ServerConfig, metrics: Metrics) -> APIRouter:
 
         def chunk(i: int, text: str, lp=None, finish_reason=None) -> str:
             choice = {"index": i, "text": text, "logprobs": lp, "finish_reason": finish_reason}
-            payload = {"id": cid, "object": "text_completion", "created": created, "model": config.model_name, "choices": [choice]}
+            payload = {"id": cid, "object": "text_completion", "created": created, "model": body.model, "choices": [choice]}
             return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
         async def sse():
@@ -235,7 +235,7 @@ def router(llm: LLM, config: ServerConfig, metrics: Metrics) -> APIRouter:
                                     seq.finish_reason if out.finished else None)
                 if body.stream_options and body.stream_options.include_usage:
                     yield "data: " + json.dumps({"id": cid, "object": "text_completion", "created": created,
-                                                 "model": config.model_name, "choices": [], "usage": usage(choices)}) + "\n\n"
+                                                 "model": body.model, "choices": [], "usage": usage(choices)}) + "\n\n"
             except Exception as exc:  # failed mid-stream: the status line is gone, so report it in the stream
                 error = http_error(exc)
                 metrics.error(error.status)

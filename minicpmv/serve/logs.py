@@ -27,13 +27,11 @@ def kernel_isa(llm) -> str:
     return "avx512_bf16 (C++ kernels)"
 
 
-def _weights(llm) -> list[str]:
-    """A foreign checkpoint's format, stored types and what was dequantized (model/formats)."""
-    info = getattr(llm.model, "checkpoint_format", None)
-    if not info:
-        return []
-    types = ",".join(f"{t}x{n}" for t, n in info["types"].items())
-    return [f"format={info['format']} types={types} dequantized={info['dequantized'] or 'none'}"]
+def weights_summary(info: dict) -> str:
+    """A foreign checkpoint's formats.Loaded.info() in one line."""
+    types = ", ".join(f"{name} x{count}" for name, count in info["types"].items())
+    text = f"{info['format']}: {types}; {info['quantized_linears']} linears in the int4 kernels"
+    return text + (f"; dequantized: {info['dequantized']}" if info["dequantized"] else "")
 
 
 def startup_summary(llm, config) -> str:
@@ -45,7 +43,7 @@ def startup_summary(llm, config) -> str:
         f"device={llm.model.device}",
         f"dtype={llm.dtype}",
         f"quantization={llm.quantization or 'none'}",
-        *_weights(llm),
+        *([f"weights=[{weights_summary(llm.weights_format)}]"] if getattr(llm, "weights_format", None) else []),
         f"kernels={kernel_isa(llm)}",
         f"threads={torch.get_num_threads()}",
         f"context={engine.max_model_len}",

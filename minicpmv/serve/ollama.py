@@ -31,7 +31,7 @@ from minicpmv.serve.async_llm import generate, run_to_end, until_disconnect
 from minicpmv.serve.config import ServerConfig
 from minicpmv.serve.errors import HTTPError, http_error
 from minicpmv.serve.metrics import Metrics
-from minicpmv.serve.prepare import json_output, prepare_chat
+from minicpmv.serve.prepare import adapter_for, json_output, prepare_chat
 
 log = logging.getLogger("minicpmv.serve")
 
@@ -212,13 +212,24 @@ def router(llm: LLM, config: ServerConfig, metrics: Metrics) -> APIRouter:
     size = sum(p.numel() * p.element_size() for p in llm.model.parameters())
     digest = hashlib.sha256(llm.name.encode()).hexdigest()  # stands for the checkpoint in Ollama's listings
 
-    def check_model(name: str) -> None:
-        if name not in (config.model_name, f"{config.model_name}:latest"):
-            raise HTTPError(404, f"model '{name}' not found", "not_found_error", "model")
+    def check_model(name: str) -> str | None:
+        """The LoRA adapter ``name`` stands for (None: the base model)."""
+        try:
+            return adapter_for(llm, config, name, ":latest")
+        except HTTPError:
+            raise HTTPError(404, f"model '{name}' not found", "not_found_error", "model") from None
 
-    def model_entry() -> dict:
-        return {"name": config.model_name, "model": config.model_name, "modified_at": started, "size": size,
-                "digest": digest, "details": details}
+    def model_entry(name: str | None = None) -> dict:
+        """The base model's entry, or a LoRA adapter's (``name``) with the base as its parent."""
+        if name is None:
+            return {"name": config.model_name, "model": config.model_name, "modified_at": started, "size": size,
+                    "digest": digest, "details": details}
+        return {"name": name, "model": name, "modified_at": started, "size": size,
+                "digest": hashlib.sha256(f"{llm.name}+{name}".encode()).hexdigest(),
+                "details": {**details, "parent_model": config.model_name}}
+
+    def model_entries() -> list[dict]:
+        return [model_entry(), *(model_entry(n) for n in llm.lora.names())]
 
     @api.get("/api/version")
     async def version():
@@ -226,12 +237,12 @@ def router(llm: LLM, config: ServerConfig, metrics: Metrics) -> APIRouter:
 
     @api.get("/api/tags")
     async def tags():
-        return {"models": [model_entry()]}
+        return {"models": model_entries()}
 
     @api.get("/api/ps")
     async def ps():
-        return {"models": [{**model_entry(), "expires_at": "2318-01-01T00:00:00Z", "size_vram": 0,
-                            "context_length": llm.engine.max_model_len}]}
+        return {"models": [{**entry, "expires_at": "2318-01-01T00:00:00Z", "size_vram": 0,
+                            "context_length": llm.engine.max_model_len} for entry in model_entries()]}
 
     @api.post("/api/show")
     async def show(body: dict[str, Any]):
@@ -274,7 +285,7 @@ def router(llm: LLM, config: ServerConfig, metrics: Metrics) -> APIRouter:
     def calls_body(calls) -> list[dict]:
         return [{"function": {"name": c.name, "arguments": c.arguments}} for c in calls]
 
-    async def run(seq: Sequence, request: Request, stream: bool, shape):
+    async def run(seq: Sequence, request: Request, stream: bool, shape, model: str):
         """Non-streamed: one body; streamed: NDJSON lines. ``shape(events, final)`` makes one body's payload."""
         t0 = time.perf_counter()
         if not stream:
@@ -284,7 +295,7 @@ def router(llm: LLM, config: ServerConfig, metrics: Metrics) -> APIRouter:
                 raise http_error(exc) from None
             metrics.prompt_tokens += seq.num_prompt
             metrics.completion_tokens += len(seq.output_ids)
-            return {"model": config.model_name, "created_at": _now(), **shape(seq.events, True), "done": True,
+            return {"model": model, "created_at": _now(), **shape(seq.events, True), "done": True,
                     "done_reason": done_reason(seq), **stats(seq, t0, None)}
         outputs = generate(llm, seq)
         try:
@@ -296,16 +307,16 @@ def router(llm: LLM, config: ServerConfig, metrics: Metrics) -> APIRouter:
             first = None
             try:
                 if seq.prefix_events:
-                    yield json.dumps({"model": config.model_name, "created_at": _now(), **shape(seq.prefix_events, False),
+                    yield json.dumps({"model": model, "created_at": _now(), **shape(seq.prefix_events, False),
                                       "done": False}) + "\n"
                 async for out in outputs:
                     first = first or time.perf_counter()
                     if out.events:
-                        yield json.dumps({"model": config.model_name, "created_at": _now(), **shape(out.events, False),
+                        yield json.dumps({"model": model, "created_at": _now(), **shape(out.events, False),
                                           "done": False}, ensure_ascii=False) + "\n"
                 metrics.prompt_tokens += seq.num_prompt
                 metrics.completion_tokens += len(seq.output_ids)
-                yield json.dumps({"model": config.model_name, "created_at": _now(), **shape([], False), "done": True,
+                yield json.dumps({"model": model, "created_at": _now(), **shape([], False), "done": True,
                                   "done_reason": done_reason(seq), **stats(seq, t0, first)}) + "\n"
             except Exception as exc:  # failed mid-stream: Ollama reports it as an error line
                 error = http_error(exc)
@@ -324,14 +335,14 @@ def router(llm: LLM, config: ServerConfig, metrics: Metrics) -> APIRouter:
     @api.post("/api/chat")
     async def chat(body: ChatBody, request: Request):
         metrics.requests += 1
-        check_model(body.model)
+        lora = check_model(body.model)
         if not body.messages:  # Ollama: an empty chat loads the model and answers at once
-            return {"model": config.model_name, "created_at": _now(), "message": {"role": "assistant", "content": ""},
+            return {"model": body.model, "created_at": _now(), "message": {"role": "assistant", "content": ""},
                     "done": True, "done_reason": "load"}
         try:
             params, processing, num_ctx = params_for(body.options, body.format)
             seq = await prepare_chat(llm, config, to_messages(body.messages, config), params,
-                                     {"enable_thinking": thinking(body.think), "tools": body.tools}, processing,
+                                     {"enable_thinking": thinking(body.think), "tools": body.tools, "lora": lora}, processing,
                                      body.hook(), where="options")
             fit_context(seq, num_ctx)
         except MiniCPMVError as exc:
@@ -350,23 +361,23 @@ def router(llm: LLM, config: ServerConfig, metrics: Metrics) -> APIRouter:
                 message["tool_calls"] = calls_body(calls)
             return {"message": message}
 
-        return await run(seq, request, body.stream, shape)
+        return await run(seq, request, body.stream, shape, body.model)
 
     @api.post("/api/generate")
     async def generate_route(body: GenerateBody, request: Request):
         metrics.requests += 1
-        check_model(body.model)
+        lora = check_model(body.model)
         try:
             for name in ("suffix", "template", "context"):
                 if getattr(body, name):
                     raise InvalidInputError(f"{name} is not supported", param=name)
             params, processing, num_ctx = params_for(body.options, body.format)
             if body.prompt is None or body.prompt == "":
-                return {"model": config.model_name, "created_at": _now(), "response": "", "done": True, "done_reason": "load"}
+                return {"model": body.model, "created_at": _now(), "response": "", "done": True, "done_reason": "load"}
             if body.raw:
                 if body.images or body.videos or body.system or processing:
                     raise InvalidInputError("raw prompts take no images, videos, system or processing options", param="raw")
-                seq = llm.prepare_ids(llm.processor.tokenizer.encode(body.prompt), params)
+                seq = llm.prepare_ids(llm.processor.tokenizer.encode(body.prompt), params, lora)
                 if body.hook() is not None:
                     if not config.enable_test_hooks:
                         raise InvalidInputError("test_output is only accepted by a server started with --enable-test-hooks")
@@ -375,7 +386,7 @@ def router(llm: LLM, config: ServerConfig, metrics: Metrics) -> APIRouter:
                 media = media_parts({"images": body.images, "videos": body.videos}, config, "generate")
                 messages = [{"role": "system", "content": body.system}] if body.system else []
                 messages.append({"role": "user", "content": [*media, {"type": "text", "text": body.prompt}] if media else body.prompt})
-                seq = await prepare_chat(llm, config, messages, params, {"enable_thinking": thinking(body.think)},
+                seq = await prepare_chat(llm, config, messages, params, {"enable_thinking": thinking(body.think), "lora": lora},
                                          processing, body.hook(), where="options")
             fit_context(seq, num_ctx)
         except MiniCPMVError as exc:
@@ -388,6 +399,6 @@ def router(llm: LLM, config: ServerConfig, metrics: Metrics) -> APIRouter:
                 out["thinking"] = reasoning
             return out
 
-        return await run(seq, request, body.stream, shape)
+        return await run(seq, request, body.stream, shape, body.model)
 
     return api

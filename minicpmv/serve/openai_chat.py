@@ -25,6 +25,7 @@ from minicpmv.serve.logs import access
 from minicpmv.serve.media import fetch_message_media
 from minicpmv.serve.metrics import Metrics
 from minicpmv.serve.openai_compat import check_messages
+from minicpmv.serve.prepare import adapter_for
 from minicpmv.serve.protocol import ChatCompletionRequest, completion_id, now
 
 log = logging.getLogger("minicpmv.serve")
@@ -200,11 +201,9 @@ def router(llm: LLM, config: ServerConfig, metrics: Metrics) -> APIRouter:
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         metrics.requests += 1
         cid, arrived = completion_id(), time.perf_counter()
-        if body.model != config.model_name and body.model not in llm.lora.names():  # the base or a LoRA adapter
-            served = [config.model_name, *llm.lora.names()]
-            raise HTTPError(404, f"model {body.model!r} does not exist; this server serves {served}", "not_found_error", "model")
+        lora = adapter_for(llm, config, body.model)
         try:
-            seq = await prepare(body)
+            seq = await prepare(body, lora)
         except MiniCPMVError as exc:
             raise http_error(exc) from None
         if body.stream:
@@ -234,7 +233,7 @@ def router(llm: LLM, config: ServerConfig, metrics: Metrics) -> APIRouter:
         metrics.done(200, total.prompt_tokens, total.completion_tokens, time.perf_counter() - arrived)
         return completion(results, body.model, llm, body, cid)
 
-    async def prepare(body: ChatCompletionRequest) -> Sequence:
+    async def prepare(body: ChatCompletionRequest, lora: str | None) -> Sequence:
         messages = [await fetch_message_media(m, config.media) for m in check_messages(body.messages)]
         mm = {k: v for k, v in asdict(body.processing_options()).items() if v is not None}
         thinking = body.thinking(body.chat_template_kwargs.enable_thinking if body.chat_template_kwargs else None)
@@ -247,7 +246,7 @@ def router(llm: LLM, config: ServerConfig, metrics: Metrics) -> APIRouter:
                 "tool_choice": tool_choice,
                 "parallel_tool_calls": False if body.legacy_functions else body.parallel_tool_calls,
                 "normalize_escaped_newlines": body.normalize_escaped_newlines,
-                "lora": None if body.model == config.model_name else body.model,  # a LoRA adapter's name
+                "lora": lora,
             },
         )
         params = body.sampling_params()

@@ -13,7 +13,20 @@ from minicpmv.errors import InvalidInputError
 from minicpmv.llm import LLM, ChatOptions
 from minicpmv.processing.options import ProcessingOptions
 from minicpmv.serve.config import ServerConfig
+from minicpmv.serve.errors import HTTPError
 from minicpmv.serve.media import fetch_message_media
+
+
+def adapter_for(llm: LLM, config: ServerConfig, model: str, suffix: str = "") -> str | None:
+    """The LoRA adapter a request's ``model`` names (None: the base model); a 404 naming what this server serves
+    otherwise. ``suffix``: a tag the protocol may append (Ollama's ``:latest``)."""
+    name = model[: -len(suffix)] if suffix and model.endswith(suffix) else model
+    if name == config.model_name:
+        return None
+    if name in llm.lora.names():
+        return name
+    served = [config.model_name, *llm.lora.names()]
+    raise HTTPError(404, f"model {model!r} does not exist; this server serves {served}", "not_found_error", "model")
 
 
 def json_output(param: str, schema: dict | None = None) -> StructuredOutputs:

@@ -132,7 +132,7 @@ class ChatCompletionRequest(OpenAIExtras):
         """The one output constraint the request asks for, whichever spelling it used (None: free text)."""
         found: list[StructuredOutputs] = []
         if self.response_format is not None:
-            spec = response_format_spec(self.response_format)
+            spec = StructuredOutputs.from_response_format(self.response_format)
             if spec is not None:
                 found.append(spec)
         if self.structured_outputs is not None:
@@ -148,37 +148,6 @@ class ChatCompletionRequest(OpenAIExtras):
 
 
 GUIDED = ("json", "regex", "choice", "grammar")
-
-
-def response_format_spec(value: dict) -> StructuredOutputs | None:
-    """OpenAI ``response_format``: ``{"type": "text"}`` (free), ``{"type": "json_object"}``, or
-    ``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ..., "description": ...}}``."""
-    param = "response_format"
-    kind = value.get("type")
-    extra = sorted(set(value) - {"type", "json_schema"})
-    if extra or (kind != "json_schema" and "json_schema" in value):
-        raise InvalidInputError(f"response_format: unexpected field(s) {extra or ['json_schema']}", param=param)
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return StructuredOutputs(json_object=True, param=param)
-    if kind != "json_schema":
-        raise InvalidInputError(f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
-                                param=param)
-    spec = value.get("json_schema")
-    if not isinstance(spec, dict):
-        raise InvalidInputError("response_format.json_schema must be an object with 'name' and 'schema'", param=param)
-    unknown = sorted(set(spec) - {"name", "schema", "strict", "description"})
-    if unknown:
-        raise InvalidInputError(f"response_format.json_schema: unknown field(s) {unknown}", param=param)
-    if not isinstance(spec.get("name"), str) or not spec["name"]:
-        raise InvalidInputError("response_format.json_schema.name must be a non-empty string", param=param)
-    if spec.get("strict") not in (None, True, False):
-        raise InvalidInputError("response_format.json_schema.strict must be a boolean", param=param)
-    schema = spec.get("schema")
-    if not isinstance(schema, dict):
-        raise InvalidInputError("response_format.json_schema.schema must be a JSON-schema object", param=param)
-    return StructuredOutputs(json=schema, param=param)
 
 
 def completion_id() -> str:

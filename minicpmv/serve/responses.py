@@ -28,7 +28,7 @@ from minicpmv.serve.blocks import Block, Blocks, Change
 from minicpmv.serve.config import ServerConfig
 from minicpmv.serve.errors import HTTPError, http_error
 from minicpmv.serve.metrics import Metrics
-from minicpmv.serve.prepare import json_output, prepare_chat
+from minicpmv.serve.prepare import adapter_for, json_output, prepare_chat
 from minicpmv.serve.protocol import whole_number
 
 log = logging.getLogger("minicpmv.serve")
@@ -290,7 +290,7 @@ def router(llm: LLM, config: ServerConfig, metrics: Metrics) -> APIRouter:
             }
         incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
         return {
-            "id": rid, "object": "response", "created_at": created, "status": status, "model": config.model_name,
+            "id": rid, "object": "response", "created_at": created, "status": status, "model": body.model,
             "output": output, "error": None, "incomplete_details": incomplete, "instructions": body.instructions,
             "tools": body.tools or [], "tool_choice": body.tool_choice or "auto",
             "parallel_tool_calls": body.parallel_tool_calls if body.parallel_tool_calls is not None else True,
@@ -310,7 +310,7 @@ def router(llm: LLM, config: ServerConfig, metrics: Metrics) -> APIRouter:
         while len(store) > STORE_SIZE:
             store.popitem(last=False)
 
-    async def prepare(body: ResponsesRequest) -> tuple[Sequence, list[dict]]:
+    async def prepare(body: ResponsesRequest, lora: str | None) -> tuple[Sequence, list[dict]]:
         items = [{"role": "user", "content": body.input}] if isinstance(body.input, str) else list(body.input)
         if body.previous_response_id is not None:
             previous = store.get(body.previous_response_id)
@@ -322,7 +322,7 @@ def router(llm: LLM, config: ServerConfig, metrics: Metrics) -> APIRouter:
         if body.instructions is not None:  # not carried over from a previous response
             messages.insert(0, {"role": "system", "content": body.instructions})
         options = {"enable_thinking": body.thinking(), "tools": body.chat_tools(), "tool_choice": body.chat_tool_choice(),
-                   "parallel_tool_calls": body.parallel_tool_calls}
+                   "parallel_tool_calls": body.parallel_tool_calls, "lora": lora}
         seq = await prepare_chat(llm, config, messages, body.sampling_params(), options, body.mm_processor_kwargs,
                                  body.test_output)
         return seq, items
@@ -336,10 +336,9 @@ def router(llm: LLM, config: ServerConfig, metrics: Metrics) -> APIRouter:
     @api.post("/v1/responses")
     async def responses(body: ResponsesRequest, request: Request):
         metrics.requests += 1
-        if body.model != config.model_name:
-            raise HTTPError(404, f"model {body.model!r} does not exist; this server serves {config.model_name!r}", "not_found_error", "model")
+        lora = adapter_for(llm, config, body.model)
         try:
-            seq, items = await prepare(body)
+            seq, items = await prepare(body, lora)
         except MiniCPMVError as exc:
             raise http_error(exc) from None
         rid, created = _id("resp"), int(time.time())

@@ -68,6 +68,17 @@ int main(int argc, char** argv) {
       std::vector<char> y(M * L.n_out * (fp32 ? 4 : 2));
       mm(&L, x, M, L.k, y.data(), L.n_out, (int)fp32);
       write_array(out, y.data(), y.size());
+    } else if (op == 5) {  // mm, asymmetric int4: op 1's fields and arrays, then the offsets
+      Linear L{};
+      L.quant = (int32_t)in.i64(), L.act = (int32_t)in.i64();
+      L.nblocks = in.i64(), L.k = in.i64(), L.group = in.i64(), L.n_out = in.i64();
+      const int64_t M = in.i64(), fp32 = in.i64();
+      L.w = ptr<void>(array()), L.scale = ptr<void>(array()), L.bias = ptr<float>(array());
+      const uint16_t* x = ptr<uint16_t>(array());
+      L.offset = ptr<uint16_t>(array());
+      std::vector<char> y(M * L.n_out * (fp32 ? 4 : 2));
+      mm(&L, x, M, L.k, y.data(), L.n_out, (int)fp32);
+      write_array(out, y.data(), y.size());
     } else if (op == 2) {  // rmsnorm: M, D, offset, eps; x, w
       const int64_t M = in.i64(), D = in.i64();
       const float offset = (float)in.f64(), eps = (float)in.f64();
@@ -109,6 +120,25 @@ int main(int argc, char** argv) {
         write_array(out, conv[b], conv_dim * (kernel - 1) * 2);
         write_array(out, rec[b], hv * dk * dv * 4);
       }
+    } else if (op == 6) {  // mm_lora: quant, act, nblocks, k, group, n_out, M, n; w, scale, bias, x, rows [M] int32,
+                           // then per adapter a, b, span (kernels.pack_lora's)
+      Linear L{};
+      L.quant = (int32_t)in.i64(), L.act = (int32_t)in.i64();
+      L.nblocks = in.i64(), L.k = in.i64(), L.group = in.i64(), L.n_out = in.i64();
+      const int64_t M = in.i64(), n = in.i64();
+      L.w = ptr<void>(array()), L.scale = ptr<void>(array()), L.bias = ptr<float>(array());
+      const uint16_t* x = ptr<uint16_t>(array());
+      const int32_t* rows = ptr<int32_t>(array());
+      std::vector<LoraSite> sites(n);
+      std::vector<const LoraSite*> table(n);
+      for (int64_t i = 0; i < n; ++i) {
+        auto* a = array();
+        sites[i] = {ptr<float>(a), ptr<float>(array()), ptr<int32_t>(array()), (int64_t)(a->size() / 4 / L.k)};
+        table[i] = &sites[i];
+      }
+      std::vector<uint16_t> y(M * L.n_out);
+      mm_lora(&L, n, table.data(), rows, x, M, L.k, y.data(), L.n_out);
+      write_array(out, y.data(), y.size() * 2);
     } else {
       fprintf(stderr, "unknown op %lld\n", (long long)op);
       return 2;

@@ -49,14 +49,21 @@ constexpr int MT = 4;      // activation rows per register tile, many rows (pref
 #define PREFETCH_Q 4096  // the same for int8 / int4 (fewer bytes per k: measured best 4 KiB)
 #endif
 
+// LoRA in the decode step (below, linear_lora): the low-rank products of a linear's rows, added in its epilogue.
+struct LoraEpilogue;
+void lora_epilogue(const LoraEpilogue* e, float* acc, int rows, int64_t m0, int64_t b);
+thread_local const LoraEpilogue* lora_current = nullptr;  // set by linear_lora around its linear()
+
 struct Epilogue {
   const float* bias;  // [N] or null
   void* out;
   int64_t ldo, n_out;  // row stride and number of valid output columns
   int fp32, act;
+  const LoraEpilogue* lora = lora_current;
 
   // acc: [rows][64] float32 for packed block b.
   void operator()(const float* acc, int rows, int64_t m0, int64_t b) const {
+    if (lora) lora_epilogue(lora, const_cast<float*>(acc), rows, m0, b);  // (acc is run_blocks' own buffer)
     const int64_t col0 = act == 1 ? b * (BLOCK / 2) : b * BLOCK;
     const int width = act == 1 ? BLOCK / 2 : BLOCK;
     for (int m = 0; m < rows; ++m) {
@@ -499,6 +506,21 @@ struct Linear {
 
 namespace {
 
+// Asymmetric int4 (zero points, w = scale q + offset per group): the offsets' share of a block's outputs after the
+// symmetric tile, acc[m][j] += sum_i offset[i][j] xsum(m, i), xsum the sum of row m's activations over group i.
+// K/group terms per output: a small epilogue beside the K of the tile.
+template <class GroupSum>
+inline void add_int4_offsets(float* acc, int rows, const uint16_t* off, int64_t ng, GroupSum xsum) {
+  for (int m = 0; m < rows; ++m) {
+    float* a = acc + m * BLOCK;
+    for (int64_t i = 0; i < ng; ++i) {
+      const float s = xsum(m, i);
+      const uint16_t* o = off + i * BLOCK;
+      for (int j = 0; j < BLOCK; ++j) a[j] += s * bf16_to_f32(o[j]);
+    }
+  }
+}
+
 // y = x W^T for rows that fit one panel (below); x bf16 or (the portable tiles) float32.
 template <class X>
 void linear_blocks(const Linear& L, const X* x, int64_t M, int64_t ldx, void* out, int64_t ldo, int fp32,
@@ -548,6 +570,8 @@ void linear_blocks(const Linear& L, const X* x, int64_t M, int64_t ldx, void* ou
       with_rows(rows, [&](auto R) {
         tile_int4<R()>(x + m0 * ldx, ldx, K, g, w + b * K * BLOCK / 2, scale + b * ng * BLOCK, gsum + m0 * ng, ng, acc);
       });
+      if (L.offset)
+        add_int4_offsets(acc, rows, L.offset + b * ng * BLOCK, ng, [&](int m, int64_t i) { return gsum[(m0 + m) * ng + i]; });
     });
   }
 }
@@ -584,6 +608,11 @@ void linear_panel(const Linear& L, const uint16_t* x, int64_t M, int64_t ldx, vo
         tile_int4_i16<R()>(xq + m0 * K, K, K, g, w + b * K * BLOCK / 2, scale + b * ng * BLOCK, gsum + m0 * 2 * ng,
                            2 * ng, acc);
       });
+      if (L.offset)  // (the group sums of the int16 activations times their scales)
+        add_int4_offsets(acc, rows, L.offset + b * ng * BLOCK, ng, [&](int m, int64_t i) {
+          const float* gs = gsum + (m0 + m) * 2 * ng;
+          return gs[i] * gs[ng + i];
+        });
     });
     return;
   }
@@ -1118,17 +1147,150 @@ void add_rows(uint16_t* a, const uint16_t* b, int64_t n) {  // a += b in bf16, l
 
 }  // namespace
 
+// ---- LoRA in the decode step ------------------------------------------------------------------------------------
+// Each row of a decode batch may use a LoRA adapter: y = x W^T + (x A^T) (scale B)^T for the rows of each adapter.
+// The low-rank product is added to each block's accumulators in the matmul's epilogue (Epilogue::lora), after the
+// int8 / int4 scales and before the activation (silu_mul included), so it costs no pass of its own. Rows of the base
+// cost nothing, and a linear no row's adapter touches runs exactly as without adapters. Per adapter and linear, a
+// LoraSite:
+//   a: [rank, K] float32                  x A^T: one dot product per row and rank, before the matmul
+//   b: [nblocks][rank][64] float32        B^T in the packed weight's column order (gate/up interleaved for
+//                                         silu_mul), the scale folded in: a block's columns stream linearly, and
+//                                         rows of one adapter in a tile read them from cache
+//   span: [nblocks][2] int32              the ranks with non-zero columns in each block; a fused linear (q/k/v,
+//                                         DeltaNet's four projections) stacks its parts' ranks, and a block of one
+//                                         part reads only that part's
+// Every thread of the enclosing parallel region calls linear_lora (as linear), with the same batch.
+struct LoraSite {
+  const float* a;  // null: the adapter leaves this linear alone
+  const float* b;
+  const int32_t* span;
+  int64_t rank;
+};
+
+namespace {
+
+struct LoraEpilogue {
+  const LoraSite* const* sites;  // [M]: each row's adapter on this linear, or null
+  const float* u;                // [M, ldu]: x A^T
+  int64_t ldu;
+};
+
+struct LoraBatch {
+  int64_t n = 0;                               // adapters in the batch; 0: none
+  const LoraSite* const* adapters = nullptr;   // [n]: each adapter's sites
+  const int32_t* row = nullptr;                // [M]: each row's adapter, -1 the base
+  int64_t ldu = 0;                             // the largest rank
+  float* u = nullptr;                          // [M, ldu] shared workspace (many rows)
+  const LoraSite** sites = nullptr;            // [M] shared workspace
+
+  const LoraSite* at(int64_t m, int64_t site) const {
+    if (row[m] < 0) return nullptr;
+    const LoraSite* s = adapters[row[m]] + site;
+    return s->a ? s : nullptr;
+  }
+};
+
+// acc[0, 64) += the low-rank product's columns of block b for one row (u: its x A^T).
+inline void lora_block(const LoraSite& s, int64_t b, const float* u, float* acc) {
+  constexpr int NV = BLOCK / VL;
+  vf v[NV];
+  for (int c = 0; c < NV; ++c) v[c] = vld(acc + c * VL);
+  const float* w = s.b + b * s.rank * BLOCK;
+  for (int32_t r = s.span[2 * b]; r < s.span[2 * b + 1]; ++r) {
+    const vf ur = vset(u[r]);
+    for (int c = 0; c < NV; ++c) v[c] = vfma(ur, vld(w + r * BLOCK + c * VL), v[c]);
+  }
+  for (int c = 0; c < NV; ++c) vst(acc + c * VL, v[c]);
+}
+
+void lora_epilogue(const LoraEpilogue* e, float* acc, int rows, int64_t m0, int64_t b) {
+  for (int m = 0; m < rows; ++m)
+    if (const LoraSite* s = e->sites[m0 + m]) lora_block(*s, b, e->u + (m0 + m) * e->ldu, acc + m * BLOCK);
+}
+
+// linear() with bf16 output (the decode step's linears), plus each row's adapter on linear ``site`` of its table.
+// x A^T: with few rows (decode) each thread computes all of it for itself (no barrier), else shared.
+void linear_lora(const Linear& L, const LoraBatch& lb, int64_t site, const uint16_t* x, int64_t M, int64_t ldx,
+                 uint16_t* out, int64_t ldo, float* gsum, float* xf) {
+  bool any = false;
+  for (int64_t m = 0; m < M && lb.n > 0 && !any; ++m) any = lb.at(m, site) != nullptr;
+  if (!any) return linear(L, x, M, ldx, out, ldo, 0, gsum, xf);
+  const int64_t K = L.k, ldu = lb.ldu;
+  const bool own = M * ldu * K <= (int64_t{1} << 20);
+  thread_local std::vector<float> own_u;
+  thread_local std::vector<const LoraSite*> own_sites;
+  float* u = lb.u;
+  const LoraSite** sites = lb.sites;
+  if (own) {
+    own_u.resize(M * ldu), own_sites.resize(M);
+    u = own_u.data(), sites = own_sites.data();
+    for (int64_t m = 0; m < M; ++m) {
+      sites[m] = lb.at(m, site);
+      for (int64_t r = 0; sites[m] && r < sites[m]->rank; ++r)
+        u[m * ldu + r] = dot_bf16(sites[m]->a + r * K, x + m * ldx, K);
+    }
+  } else {
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; ++m) sites[m] = lb.at(m, site);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < M * ldu; ++i) {
+      const LoraSite* s = lb.at(i / ldu, site);
+      if (s && i % ldu < s->rank) u[i] = dot_bf16(s->a + (i % ldu) * K, x + (i / ldu) * ldx, K);
+    }
+  }
+  const LoraEpilogue e{sites, u, ldu};
+  lora_current = &e;  // for the Epilogues this thread makes in linear()
+  linear(L, x, M, ldx, out, ldo, 0, gsum, xf);
+  lora_current = nullptr;
+}
+
+// The batch of a decode step (or an mm_lora call) and its shared workspaces; n_sites per adapter.
+LoraBatch lora_batch(int64_t n, const LoraSite* const* adapters, const int32_t* row, int64_t M, int64_t n_sites,
+                     std::vector<float>& u, std::vector<const LoraSite*>& sites) {
+  LoraBatch lb;
+  if (n <= 0) return lb;
+  lb.n = n, lb.adapters = adapters, lb.row = row;
+  for (int64_t a = 0; a < n; ++a)
+    for (int64_t s = 0; s < n_sites; ++s)
+      if (adapters[a][s].a) lb.ldu = std::max(lb.ldu, adapters[a][s].rank);
+  u.assign(M * std::max<int64_t>(lb.ldu, 1), 0.0f), sites.assign(M, nullptr);
+  lb.u = u.data(), lb.sites = sites.data();
+  return lb;
+}
+
+}  // namespace
+
+extern "C" {
+
+// y [M, n_out] bf16 = x W^T plus row m's adapter (row_adapter[m] < n, or -1: none), each adapter one LoraSite
+// (the decode step's linears one at a time: for tests).
+void mm_lora(const Linear* L, int64_t n, const LoraSite* const* adapters, const int32_t* row_adapter,
+             const uint16_t* x, int64_t M, int64_t ldx, uint16_t* out, int64_t ldo) {
+  std::vector<float> u;
+  std::vector<const LoraSite*> sites;
+  const LoraBatch lb = lora_batch(n, adapters, row_adapter, M, 1, u, sites);
+  std::vector<float> gsum(2 * M * (L->quant == 2 ? L->k / L->group : (L->k + 63) / 64)),
+      xf(std::min(M, panel_rows(L->k)) * L->k);
+#pragma omp parallel
+  linear_lora(*L, lb, 0, x, M, ldx, out, ldo, gsum.data(), xf.data());
+}
+
+}  // extern "C"
+
 extern "C" {
 
 // hidden [B, d]: the token embeddings in, the final-normed hidden states out. Per DeltaNet layer (in order) B conv
 // and recurrent states; per attention layer B key and value caches (with room at pos[b]) and their capacities.
 // cos, sin: [B, rot] for each sequence's position. Workspaces: x [B, d], proj [B, widest projection], core [B, widest
 // mixer output], tmp [B, d], gu [B, intermediate] (bf16); scratch (deltanet_team's), gsum [B, 2 K/group] (float32).
+// LoRA: n_adapters tables of LoraSites, [n_layers][proj, out, gate_up, down] each; row_adapter [B]: each sequence's
+// table, or -1 (the base). n_adapters = 0: none (both pointers may be null).
 void decode_step(int64_t n_layers, const Layer* layers, int64_t B, int64_t d, uint16_t* hidden,
                  const uint16_t* final_norm, float final_eps, uint16_t** conv, float** rec, uint16_t** kcache,
                  uint16_t** vcache, const int64_t* cap, const int64_t* pos, const uint16_t* cos, const uint16_t* sin,
                  int64_t rot, uint16_t* x, uint16_t* proj, uint16_t* core, uint16_t* tmp, uint16_t* gu, float* scratch,
-                 float* gsum) {
+                 float* gsum, int64_t n_adapters, const LoraSite* const* adapters, const int32_t* row_adapter) {
   std::vector<int64_t> starts(B), lens(B, 1);
   for (int64_t b = 0; b < B; ++b) starts[b] = b;
   int64_t widest = 0;
@@ -1136,6 +1298,9 @@ void decode_step(int64_t n_layers, const Layer* layers, int64_t B, int64_t d, ui
     for (const Linear* lin : {&layers[l].proj, &layers[l].out, &layers[l].gate_up, &layers[l].down})
       widest = std::max(widest, std::min(B, panel_rows(lin->k)) * lin->k);
   std::vector<float> xf(widest);
+  std::vector<float> lora_u;  // LoRA: each adapter's sites are [n_layers][proj, out, gate_up, down]
+  std::vector<const LoraSite*> lora_sites;
+  const LoraBatch lb = lora_batch(n_adapters, adapters, row_adapter, B, 4 * n_layers, lora_u, lora_sites);
 #pragma omp parallel
   {
     int64_t delta = 0, attn = 0;  // layers of each kind so far: where their states are
@@ -1143,7 +1308,7 @@ void decode_step(int64_t n_layers, const Layer* layers, int64_t B, int64_t d, ui
       const Layer& L = layers[l];
 #pragma omp for schedule(static)  // (rows across threads: a batch of streams has many)
       for (int64_t b = 0; b < B; ++b) rmsnorm_rows(hidden, d, b, b + 1, d, L.in_norm, 1.0f, L.eps, x, d);
-      linear(L.proj, x, B, d, proj, L.proj.n_out, 0, gsum, xf.data());
+      linear_lora(L.proj, lb, 4 * l, x, B, d, proj, L.proj.n_out, gsum, xf.data());
       const int64_t ld = L.proj.n_out;
       int64_t width;  // of the mixer's output
       if (L.kind == 0) {
@@ -1161,14 +1326,14 @@ void decode_step(int64_t n_layers, const Layer* layers, int64_t B, int64_t d, ui
                        L.mixer_eps, cos, sin, rot, kcache + attn * B, vcache + attn * B, cap + attn * B, pos, core);
         ++attn;
       }
-      linear(L.out, core, B, width, tmp, d, 0, gsum, xf.data());
+      linear_lora(L.out, lb, 4 * l + 1, core, B, width, tmp, d, gsum, xf.data());
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < B; ++b) {
         add_rows(hidden + b * d, tmp + b * d, d);
         rmsnorm_rows(hidden, d, b, b + 1, d, L.post_norm, 1.0f, L.eps, x, d);
       }
-      linear(L.gate_up, x, B, d, gu, L.gate_up.n_out, 0, gsum, xf.data());
-      linear(L.down, gu, B, L.gate_up.n_out, tmp, d, 0, gsum, xf.data());
+      linear_lora(L.gate_up, lb, 4 * l + 2, x, B, d, gu, L.gate_up.n_out, gsum, xf.data());
+      linear_lora(L.down, lb, 4 * l + 3, gu, B, L.gate_up.n_out, tmp, d, gsum, xf.data());
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < B; ++b) add_rows(hidden + b * d, tmp + b * d, d);
     }

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,8 +57,6 @@ class Loaded:
 
 def _summarize(names: list[str]) -> str:
     """Layer-indexed names folded: 'model.language_model.layers.*.mlp.down_proj (24)'."""
-    import re
-
     folded = Counter(re.sub(r"\.\d+\.", ".*.", n) for n in names)
     return ", ".join(n if c == 1 else f"{n} ({c})" for n, c in sorted(folded.items()))
 
@@ -107,6 +106,10 @@ def load_model(name: str, source: Path, cfg, dtype: torch.dtype, device: torch.d
     dense = dtype != torch.bfloat16 or device.type != "cpu"  # float32: everything dequantized (the exact reference)
     loaded = reader(name).read(source, cfg, dense=dense, progress=progress)
     cfg = loaded.config or cfg
+    embed, head = loaded.tensors.get("model.language_model.embed_tokens.weight"), loaded.tensors.get("lm_head.weight")
+    if cfg.tie_word_embeddings and ("lm_head" in loaded.quantized or (
+            head is not None and embed is not None and not torch.equal(head.to(embed.dtype), embed))):
+        cfg.tie_word_embeddings = False  # a head quantized on its own (GPTQModel's lm_head=True): no longer tied
     with torch.device("meta"):
         net = MiniCPMV(cfg)
     expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
@@ -117,7 +120,7 @@ def load_model(name: str, source: Path, cfg, dtype: torch.dtype, device: torch.d
     found = {k: tuple(v.shape) for k, v in loaded.tensors.items()}
     problems = []
     missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected) - {"lm_head.weight"})
+    unexpected = sorted(n for n in set(found) - set(expected) if not n.startswith("mtp.") and n != "lm_head.weight")
     if missing:
         problems.append(f"missing tensors: {', '.join(missing)}")
     if unexpected:
