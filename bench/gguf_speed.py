@@ -5,7 +5,7 @@ The random-weight checkpoint (bench/common.py) is converted once with llama.cpp'
 f16) and loaded through minicpmv.model.formats.gguf; ours is ``quantization="int8"`` on the bf16 checkpoint. One
 stream, greedy, measured in rounds over the loaded models (the best of each). Target: Q8_0 within 10% of ours.
 
-Usage: python bench/gguf.py [--size full|tiny] [--decode-tokens 64] [--rounds 3]
+Usage: python bench/gguf_speed.py [--size full|tiny] [--decode-tokens 64] [--rounds 3]
 """
 
 from __future__ import annotations
