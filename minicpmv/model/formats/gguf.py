@@ -527,7 +527,7 @@ def source_files(directory: Path) -> dict | None:
 
 def _int4_linear(name: str, cfg) -> bool:
     """Linears whose int4 weight the kernels take: the language model's and the head (not the vision tower's)."""
-    return (name.startswith(f"{LM}.layers.") and name.endswith("proj.weight") and "conv1d" not in name) or name in (
+    return bool(re.fullmatch(rf"{LM}\.layers\.\d+\.(mlp|self_attn|linear_attn)\.\w*proj\w*\.weight", name)) or name in (
         "lm_head.weight", f"{LM}.embed_tokens.weight")
 
 
