@@ -15,7 +15,7 @@ $(VENV)/.runtime: pyproject.toml
 
 $(VENV)/.test: pyproject.toml $(VENV)/.runtime
 	$(PY) -m pip install -q -e '.[test]'
-	bash scripts/install_test_deps.sh
+	PYTHON=$(PY) bash scripts/install_test_deps.sh
 	touch $@
 
 install: $(VENV)/.runtime

@@ -26,12 +26,20 @@ IGNORED = re.compile(r"^mtp\.")  # the multi-token-prediction head is not part o
 REPO_FILES = ["*.json", "*.jinja", "*.safetensors", "*.txt", "*.model"]
 
 
-def resolve(model: str | Path, download: bool = True) -> Path:
+def resolve(model: str | Path, download: bool = True, mmproj: str | Path | None = None) -> Path:
     """A local checkpoint directory for ``model``: the path itself, or a repo id from the local Hugging Face cache
-    (downloaded first, with a progress bar, when it is not there and the network allows)."""
+    (downloaded first, with a progress bar, when it is not there and the network allows), or for a llama.cpp
+    ``.gguf`` file the directory ``formats.gguf.prepare`` makes of it and its vision projector ``mmproj`` (found
+    beside it unless given)."""
     if not isinstance(model, (str, os.PathLike)):
         raise CheckpointError(f"model must be a checkpoint directory or a Hugging Face repo id, got {model!r}")
     path = Path(model).expanduser()
+    if str(path).endswith(".gguf"):
+        from minicpmv.model.formats import gguf
+
+        return gguf.prepare(path, mmproj)
+    if mmproj is not None:
+        raise CheckpointError(f"mmproj={str(mmproj)!r} is for a .gguf language model, not {model}")
     if path.is_dir():
         return path
     if path.exists() or str(model).startswith((".", "/", "~")) or str(model).count("/") != 1:

@@ -40,7 +40,10 @@ def _size(text: str) -> int:
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="checkpoint directory or Hugging Face repo id (e.g. openbmb/MiniCPM-V-4.6)")
+    p.add_argument("model", help="checkpoint directory, Hugging Face repo id (e.g. openbmb/MiniCPM-V-4.6) or llama.cpp "
+                                 ".gguf language model")
+    p.add_argument("--mmproj", type=Path, default=None, metavar="FILE",
+                   help="the vision projector GGUF of a .gguf model (default: the mmproj GGUF beside it)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when present)")
     p.add_argument("--max-num-seqs", type=_int_in(1), default=16, help="sequences decoded together")
@@ -244,7 +247,8 @@ def _llm_kwargs(args) -> dict:
     return {"model": args.model, "dtype": args.dtype, "device": args.device, "engine_config": config,
             "quantization": args.quantization, "lora_modules": {n: str(p) for n, p in args.lora_modules},
             "max_loras": args.max_loras, "max_lora_rank": args.max_lora_rank,
-            "merge_lora": None if args.merge_lora is None else str(args.merge_lora)}
+            "merge_lora": None if args.merge_lora is None else str(args.merge_lora),
+            "mmproj": None if args.mmproj is None else str(args.mmproj)}
 
 
 def _llm(args, **options):

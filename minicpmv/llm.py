@@ -146,6 +146,7 @@ class LLM:
         max_loras: int = 8,
         max_lora_rank: int = 64,
         merge_lora: str | Path | None = None,
+        mmproj: str | Path | None = None,
         **default_options: Any,
     ):
         """``quantization`` ("int8" / "int4", CPU) quantizes the language model's weights at load time; a checkpoint
@@ -153,11 +154,14 @@ class LLM:
 
         ``lora_modules`` {name: PEFT adapter directory} loads LoRA adapters a chat picks with ``lora=name`` (up to
         ``max_loras``, ranks up to ``max_lora_rank``; more load later with ``llm.lora.load``); ``merge_lora`` folds
-        one adapter into the weights instead (full speed, every request)."""
+        one adapter into the weights instead (full speed, every request).
+
+        A llama.cpp ``.gguf`` language model loads with its vision projector ``mmproj`` (default: the mmproj GGUF
+        beside it)."""
         if engine_config is not None and not isinstance(engine_config, EngineConfig):
             raise InvalidInputError(f"engine_config must be an EngineConfig, got {type(engine_config).__name__}")
         self.default_options = ChatOptions.build(default_options)
-        directory = resolve(model)
+        directory = resolve(model, mmproj=mmproj)
         dev = _device(device)
         self.dtype = _auto_dtype(dev) if dtype == "auto" else dtype
         raw_config = read_json(directory / "config.json")
@@ -185,6 +189,8 @@ class LLM:
         self.demo = bool(raw_config.get("demo_random_weights", False))
         stored = raw_config.get("quantization")
         self.quantization = quantization or (stored.get("method") if isinstance(stored, dict) else None)
+        gguf = raw_config.get("gguf")  # a llama.cpp file: a 4x vision projector serves 4x only
+        self.downsample_modes = tuple(gguf.get("downsample_modes", ())) if isinstance(gguf, dict) else ("16x", "4x")
         # another tool's quantized checkpoint (model/formats): its format, stored types and what was dequantized
         self.weights_format: dict | None = getattr(self.model, "checkpoint_format", None)
         if self.weights_format:
@@ -213,6 +219,11 @@ class LLM:
         thinking = options.enable_thinking and not prefix  # a forced call starts right after the prompt: no thinking
         out = self.processor(messages, enable_thinking=thinking, tools=tools, options=options.processing())
         visuals = [self._visual("image", i) for i in out.images] + [self._visual("video", v) for v in out.videos]
+        for v in visuals:
+            if v.downsample_mode not in self.downsample_modes:
+                raise InvalidInputError(f"downsample_mode {v.downsample_mode!r} is not available: this model's vision "
+                                        f"projector serves {list(self.downsample_modes)} (a 4x mmproj GGUF has no "
+                                        "16x window merger)", param="downsample_mode")
         if params is None:
             params = SamplingParams()
         elif not isinstance(params, SamplingParams):

@@ -562,3 +562,43 @@ def bnb_checkpoint(target: Path, variant: str = "base", double_quant: bool = Tru
         "bnb_4bit_quant_storage": "uint8", "llm_int8_skip_modules": ["lm_head"]}
     (target / "config.json").write_text(json.dumps(config, indent=2))
     return target, dense_dir
+
+
+# llama.cpp's GGUF tools (scripts/fetch_llama_cpp.sh: the converter and llama-quantize from the llama-cpp-python
+# sdist), for tests/test_gguf.py.
+@functools.cache
+def llama_cpp(quantize: bool = False) -> Path:
+    """The tools' directory (fetched on first use; building llama-quantize takes minutes: install_test_deps.sh)."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "fetch_llama_cpp.sh"
+    out = subprocess.run(["sh", str(script), *([] if quantize else ["--converter-only"])],
+                         env={**os.environ, "PYTHON": sys.executable}, check=True, stdout=subprocess.PIPE, text=True)
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def convert_to_gguf(checkpoint: Path, out: Path, mmproj: bool = False, outtype: str = "f32") -> Path:
+    """``convert_hf_to_gguf.py CHECKPOINT --no-mtp`` (the language model) or ``--mmproj`` (the vision projector)."""
+    import subprocess
+    import sys
+
+    tools = llama_cpp()
+    args = [sys.executable, str(tools / "convert_hf_to_gguf.py"), str(checkpoint), "--outtype", outtype,
+            "--outfile", str(out), *(["--mmproj"] if mmproj else ["--no-mtp"])]
+    env = {**os.environ, "PYTHONPATH": str(tools / "gguf-py")}
+    done = subprocess.run(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if done.returncode:
+        raise RuntimeError(f"convert_hf_to_gguf.py failed:\n{done.stdout[-3000:]}")
+    return out
+
+
+def llama_quantize(source: Path, out: Path, kind: str) -> Path:
+    """llama.cpp's ``llama-quantize SOURCE OUT KIND`` (Q8_0, Q4_0, Q4_K_M, ...)."""
+    import subprocess
+
+    done = subprocess.run([str(llama_cpp(quantize=True) / "bin" / "llama-quantize"), str(source), str(out), kind, "2"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if done.returncode:
+        raise RuntimeError(f"llama-quantize failed:\n{done.stdout[-3000:]}")
+    return out

@@ -25,7 +25,7 @@ from minicpmv.errors import CheckpointError
 log = logging.getLogger(__name__)
 
 # format name -> module (in this package) with ``read(source: Path, cfg, dense: bool, progress) -> Loaded``
-FORMATS = {"gptq": "gptq", "awq": "awq", "bnb-nf4": "bnb"}
+FORMATS = {"gptq": "gptq", "awq": "awq", "bnb-nf4": "bnb", "gguf": "gguf"}
 QUANT_METHODS = {"gptq": "gptq", "awq": "awq", "bitsandbytes": "bnb-nf4"}  # config.json quantization_config
 
 
@@ -76,6 +76,10 @@ def detect(path: str | Path) -> str | None:
     path = Path(path)
     if not path.is_dir():
         return None
+    from minicpmv.model.formats import gguf  # a directory gguf.prepare() wrote for a .gguf file
+
+    if gguf.source_files(path) is not None:
+        return "gguf"
     section = quantization_config(path)
     if section is None:
         return None

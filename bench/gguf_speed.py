@@ -1,0 +1,93 @@
+"""Decode speed of a llama.cpp Q8_0 GGUF against our own int8, same weights, same run.
+
+The random-weight checkpoint (bench/common.py) is converted once with llama.cpp's own converter
+(scripts/fetch_llama_cpp.sh --converter-only: convert_hf_to_gguf.py --no-mtp --outtype q8_0, plus its mmproj in
+f16) and loaded through minicpmv.model.formats.gguf; ours is ``quantization="int8"`` on the bf16 checkpoint. One
+stream, greedy, measured in rounds over the loaded models (the best of each). Target: Q8_0 within 10% of ours.
+
+Usage: python bench/gguf_speed.py [--size full|tiny] [--decode-tokens 64] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench.common import CACHE, demo_checkpoint, table  # noqa: E402
+
+
+def convert(source: Path, kind: str = "q8_0") -> Path:
+    """``source`` as an LM GGUF of ``kind`` beside its f16 mmproj (once)."""
+    directory = CACHE / f"{source.name}-gguf"
+    lm, mmproj = directory / f"lm-{kind}.gguf", directory / "mmproj-f16.gguf"
+    tools = None
+    for out, extra in ((lm, ["--no-mtp", "--outtype", kind]), (mmproj, ["--mmproj", "--outtype", "f16"])):
+        if out.exists():
+            continue
+        if tools is None:
+            done = subprocess.run(["sh", str(ROOT / "scripts" / "fetch_llama_cpp.sh"), "--converter-only"], check=True,
+                                  stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHON": sys.executable})
+            tools = Path(done.stdout.strip().splitlines()[-1])
+        print(f"converting {source} to {out} (once)", flush=True)
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        subprocess.run([sys.executable, str(tools / "convert_hf_to_gguf.py"), str(source), "--outfile", str(tmp), *extra],
+                       check=True, env={**os.environ, "PYTHONPATH": str(tools / "gguf-py")}, stdout=subprocess.DEVNULL)
+        tmp.rename(out)
+    return lm
+
+
+def decode_rate(model, tokens: int) -> float:
+    prompt = torch.arange(100, 132)
+    start = time.perf_counter()
+    model.greedy(prompt, 1)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    model.greedy(prompt, tokens + 1)
+    return tokens / (time.perf_counter() - start - first)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", choices=["full", "tiny"], default="full")
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    from minicpmv.checkpoint import load_model, resolve
+    from minicpmv.model import kernels
+
+    source = demo_checkpoint(args.size)
+    lm = convert(source)
+    models, load, info = {}, {}, {}
+    for name, path, kw in [("ours int8", source, {"quantization": "int8"}), ("GGUF Q8_0", resolve(lm), {})]:
+        gc.collect()
+        start = time.perf_counter()
+        models[name] = load_model(path, dtype="bfloat16", progress=False, **kw)
+        load[name] = time.perf_counter() - start
+        fmt = getattr(models[name], "checkpoint_format", None)
+        info[name] = "" if not fmt else f"{fmt['quantized_linears']} int4 linears; dequantized: {fmt['dequantized'] or '-'}"
+    rates = {name: 0.0 for name in models}
+    for _ in range(args.rounds):
+        for name, model in models.items():
+            rates[name] = max(rates[name], decode_rate(model, args.decode_tokens))
+    ours = rates["ours int8"]
+    rows = [[name, rates[name], rates[name] / ours, load[name]] for name in models]
+    print(f"kernels: {kernels.active_isa()}, threads: {torch.get_num_threads()}, {args.size} model, "
+          f"{args.decode_tokens} tokens x {args.rounds} rounds")
+    print(table(rows, ["weights", "decode tok/s", "vs ours int8", "load s"]))
+    for name, text in info.items():
+        if text:
+            print(f"{name}: {text[:300]}")
+
+
+if __name__ == "__main__":
+    main()
