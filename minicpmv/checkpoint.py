@@ -7,7 +7,6 @@ problem with the files (missing, unexpected or mis-shaped tensors, truncated fil
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -19,6 +18,7 @@ from tqdm import tqdm
 from minicpmv.config import ModelConfig
 from minicpmv.errors import CheckpointError
 from minicpmv.model import fast, formats, quant
+from minicpmv.model.formats import weight_files
 from minicpmv.model.minicpmv import MiniCPMV
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -62,24 +62,6 @@ def resolve(model: str | Path, download: bool = True, mmproj: str | Path | None 
             f"`hf download {model}`) and copy the cache (~/.cache/huggingface/hub), or pass a local checkpoint "
             f"directory instead of the repo id."
         ) from None
-
-
-def weight_files(directory: Path) -> list[Path]:
-    index = directory / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise CheckpointError(f"{index} is not a valid safetensors index: {exc}") from None
-        files = [directory / n for n in names]
-        missing = [str(f) for f in files if not f.exists()]
-        if missing:
-            raise CheckpointError(f"weight files listed in {index.name} are missing: {', '.join(missing)}")
-        return files
-    single = directory / "model.safetensors"
-    if not single.exists():
-        raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {directory}")
-    return [single]
 
 
 def load_model(

@@ -567,15 +567,20 @@ def bnb_checkpoint(target: Path, variant: str = "base", double_quant: bool = Tru
 # llama.cpp's GGUF tools (scripts/fetch_llama_cpp.sh: the converter and llama-quantize from the llama-cpp-python
 # sdist), for tests/test_gguf.py.
 @functools.cache
-def llama_cpp(quantize: bool = False) -> Path:
-    """The tools' directory (fetched on first use; building llama-quantize takes minutes: install_test_deps.sh)."""
+def llama_cpp() -> Path:
+    """The tools' directory, with the converter (fetched on first use, seconds). llama-quantize is there only when
+    it was built (``scripts/fetch_llama_cpp.sh`` without ``--converter-only``: 10-45 min on 2 cores)."""
     import subprocess
     import sys
 
     script = Path(__file__).resolve().parent.parent / "scripts" / "fetch_llama_cpp.sh"
-    out = subprocess.run(["sh", str(script), *([] if quantize else ["--converter-only"])],
+    out = subprocess.run(["sh", str(script), "--converter-only"],
                          env={**os.environ, "PYTHON": sys.executable}, check=True, stdout=subprocess.PIPE, text=True)
     return Path(out.stdout.strip().splitlines()[-1])
+
+
+def llama_quantize_built() -> bool:
+    return (llama_cpp() / "bin" / "llama-quantize").is_file()
 
 
 def convert_to_gguf(checkpoint: Path, out: Path, mmproj: bool = False, outtype: str = "f32") -> Path:
@@ -597,7 +602,7 @@ def llama_quantize(source: Path, out: Path, kind: str) -> Path:
     """llama.cpp's ``llama-quantize SOURCE OUT KIND`` (Q8_0, Q4_0, Q4_K_M, ...)."""
     import subprocess
 
-    done = subprocess.run([str(llama_cpp(quantize=True) / "bin" / "llama-quantize"), str(source), str(out), kind, "2"],
+    done = subprocess.run([str(llama_cpp() / "bin" / "llama-quantize"), str(source), str(out), kind, "2"],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if done.returncode:
         raise RuntimeError(f"llama-quantize failed:\n{done.stdout[-3000:]}")

@@ -61,13 +61,23 @@ def _summarize(names: list[str]) -> str:
     return ", ".join(n if c == 1 else f"{n} ({c})" for n, c in sorted(folded.items()))
 
 
-def quantization_config(directory: Path) -> dict | None:
+def config_section(directory: Path, key: str) -> dict | None:
+    """The object under ``key`` in the directory's config.json, else None."""
     try:
         raw = json.loads((directory / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    section = raw.get("quantization_config")
+    section = raw.get(key)
     return section if isinstance(section, dict) else None
+
+
+def quantization_config(directory: Path) -> dict | None:
+    return config_section(directory, "quantization_config")
+
+
+def gguf_source(directory: Path) -> dict | None:
+    """The ``gguf`` section of a directory ``gguf.prepare`` wrote for a .gguf file (its source files), else None."""
+    return config_section(directory, "gguf")
 
 
 def detect(path: str | Path) -> str | None:
@@ -76,9 +86,7 @@ def detect(path: str | Path) -> str | None:
     path = Path(path)
     if not path.is_dir():
         return None
-    from minicpmv.model.formats import gguf  # a directory gguf.prepare() wrote for a .gguf file
-
-    if gguf.source_files(path) is not None:
+    if gguf_source(path) is not None:
         return "gguf"
     section = quantization_config(path)
     if section is None:
@@ -154,13 +162,30 @@ def load_model(name: str, source: Path, cfg, dtype: torch.dtype, device: torch.d
     return net
 
 
+def weight_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {exc}") from None
+        files = [directory / n for n in names]
+        missing = [str(f) for f in files if not f.exists()]
+        if missing:
+            raise CheckpointError(f"weight files listed in {index.name} are missing: {', '.join(missing)}")
+        return files
+    single = directory / "model.safetensors"
+    if not single.exists():
+        raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {directory}")
+    return [single]
+
+
 class SafetensorsFiles:
     """The tensors of a directory's safetensors files, read on demand (a mapping name -> shape, ``get(name)``)."""
 
     def __init__(self, directory: Path):
         from safetensors import SafetensorError, safe_open
 
-        from minicpmv.checkpoint import weight_files
 
         self.directory, self._error = directory, (SafetensorError, OSError)
         self.handles, self.shapes = {}, {}

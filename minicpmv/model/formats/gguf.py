@@ -31,7 +31,7 @@ import torch
 
 from minicpmv.errors import CheckpointError
 from minicpmv.model import quant
-from minicpmv.model.formats import Loaded
+from minicpmv.model.formats import Loaded, gguf_source
 
 log = logging.getLogger(__name__)
 
@@ -502,7 +502,7 @@ def _prune(root: Path) -> None:
     import shutil
 
     for d in root.glob("*") if root.is_dir() else []:
-        files = source_files(d)
+        files = gguf_source(d)
         if files is not None and not (Path(files["model"]).exists() and Path(files["mmproj"]).exists()):
             shutil.rmtree(d, ignore_errors=True)
 
@@ -510,16 +510,6 @@ def _prune(root: Path) -> None:
 def _mkdir(p: Path) -> Path:
     p.mkdir(parents=True, exist_ok=True)
     return p
-
-
-def source_files(directory: Path) -> dict | None:
-    """The ``gguf`` section of a directory prepare() wrote, else None."""
-    try:
-        raw = json.loads((directory / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    section = raw.get("gguf")
-    return section if isinstance(section, dict) else None
 
 
 # --- reading the tensors ------------------------------------------------------------------------------------------
@@ -534,7 +524,7 @@ def _int4_linear(name: str, cfg) -> bool:
 def read(source: Path, cfg, dense: bool, progress: bool | None = None) -> Loaded:
     from tqdm import tqdm
 
-    files = source_files(source)
+    files = gguf_source(source)
     if files is None:
         raise CheckpointError(f"{source}: not a GGUF checkpoint directory")
     lm, mm = File(Path(files["model"])), File(Path(files["mmproj"]))
