@@ -4,8 +4,8 @@ answers of the same length, in the same run.
 An extraction schema (13 fields: strings with bounds, enums, numbers, a nested array of line items). For 1 and 16
 concurrent streams it prints tokens/s of free decoding, of constrained decoding step by step (jump-forward off) and
 of constrained decoding with jump-forward, the ratios to free decoding, the mask time per token (filled, and applied
-to the logits), and the compile time per schema. Masks are filled before the forward when it takes every core (the
-engine's default here); the row "masks beside forward" fills them on a thread during the forward instead.
+to the logits), and the compile time per schema. The engine fills masks on a thread while the forward runs; the
+column "masks before forward" fills them on the engine thread before it instead.
 Usage: python bench/structured.py [--streams 1 16] [--dtype bfloat16] [--rounds 2]
 """
 
@@ -97,7 +97,7 @@ def main() -> None:
     rows, figures = [], {}
     for n in args.streams:
         masks = llm.engine.masks
-        best = dict(free=0.0, constrained=0.0, beside=0.0, jump_forward=0.0)
+        best = dict(free=0.0, constrained=0.0, before_forward=0.0, jump_forward=0.0)
         fill = apply = count = forced = fast_tokens = 0
         for _ in range(args.rounds):  # interleaved; the best of each (this machine is shared and noisy)
             llm.engine.config.jump_forward = False
@@ -106,10 +106,10 @@ def main() -> None:
             count += masks.count - before[0]
             fill += masks.fill_seconds - before[1]
             apply += masks.apply_seconds - before[2]
-            # The same with the masks filled on a thread beside the forward (the engine's choice when a core is free).
+            # The same with the masks filled before the forward, on the engine thread, instead of beside it.
+            llm.engine.config.overlap_masks = False
+            before_forward, _, _ = run(llm, n, constrained)
             llm.engine.config.overlap_masks = True
-            beside, _, _ = run(llm, n, constrained)
-            llm.engine.config.overlap_masks = None
             llm.engine.config.jump_forward = True
             forced_before = masks.forced
             fast, fast_tokens, fast_results = run(llm, n, constrained)
@@ -118,7 +118,7 @@ def main() -> None:
             # to the end, while constrained answers of different lengths leave it one by one).
             lengths = [len(r.token_ids) for r in slow_results]
             free, _, _ = run(llm, n, [SamplingParams(temperature=0, max_tokens=k, ignore_eos=True) for k in lengths])
-            for key, value in dict(free=free, constrained=slow, beside=beside, jump_forward=fast).items():
+            for key, value in dict(free=free, constrained=slow, before_forward=before_forward, jump_forward=fast).items():
                 best[key] = max(best[key], value)
         # In fp32 jump-forward gives exactly the step-by-step tokens (tests/test_structured.py); in bf16 a chunk's
         # logits differ from one-token steps in the last bits, so a near tie can flip: count the identical answers.
@@ -128,7 +128,7 @@ def main() -> None:
             jsonschema.validate(json.loads(r.text), EXTRACTION)
         free = best["free"]
         rows.append([n, round(sum(lengths) / n), free, best["constrained"], best["jump_forward"],
-                     best["constrained"] / free, best["jump_forward"] / free, best["beside"] / free,
+                     best["constrained"] / free, best["jump_forward"] / free, best["before_forward"] / free,
                      fill / max(count, 1) * 1e6, apply / max(count, 1) * 1e6, f"{forced}/{fast_tokens}", f"{same}/{n}"])
         print(f"{n} streams: " + " ".join(f"{c:.2f}" if isinstance(c, float) else str(c) for c in rows[-1]), flush=True)
         figures[n] = best
@@ -136,7 +136,7 @@ def main() -> None:
           f"schema: {len(EXTRACTION['properties'])} fields, line items; greedy")
     print(table(rows, ["streams", "tokens/req", "free tok/s", "constrained tok/s", "jump-fwd tok/s",
                        "constrained/free", "jump-fwd/free",
-                       "masks beside forward/free", "mask fill us/tok", "mask apply us/tok", "forced/total",
+                       "masks before forward/free", "mask fill us/tok", "mask apply us/tok", "forced/total",
                        "same as step-by-step"]))
     print(f"grammar tokenizer build {tok_build.seconds:.2f} s (once per process); compile per schema "
           f"{compile_t.seconds * 1e3:.1f} ms + first mask {first_mask.seconds * 1e3:.1f} ms; cached {cached.seconds * 1e3:.2f} ms")

@@ -113,7 +113,7 @@ def test_a_mixed_batch_gives_each_the_same_greedy_tokens_as_alone(llm, overlap_m
         alone = [llm.chat(c, p)[0].token_ids for c, p in zip(convs, params)]
         together = [r.token_ids for r in llm.chat(convs, params)]
     finally:
-        llm.engine.config.overlap_masks = None
+        llm.engine.config.overlap_masks = True
     assert together == alone
     assert json.loads(llm.processor.tokenizer.decode(alone[1], skip_special_tokens=True)) is not None
 
