@@ -11,17 +11,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
 
-import PIL.Image
-import torch
+# One thread per engine, local and Ray alike (LLM() otherwise takes every core; Ray sets it in its actors), read by
+# OpenMP when torch loads it.
+os.environ["OMP_NUM_THREADS"] = "1"
 
-from bench.common import demo_checkpoint, image
-from minicpmv.batch.job import JobSpec, run_job
-from minicpmv.engine.engine import EngineConfig
-from minicpmv.engine.sampling import SamplingParams
+import PIL.Image  # noqa: E402
+import torch  # noqa: E402
+
+from bench.common import demo_checkpoint, image  # noqa: E402
+from minicpmv.batch.job import JobSpec, run_job  # noqa: E402
+from minicpmv.engine.engine import EngineConfig  # noqa: E402
+from minicpmv.engine.sampling import SamplingParams  # noqa: E402
 
 
 def write_input(folder: Path, rows: int) -> Path:
@@ -46,10 +51,10 @@ def main() -> None:
         tmp = Path(tmp)
         source = write_input(tmp, args.rows)
 
-        torch.set_num_threads(1)
         from minicpmv.llm import LLM
 
         llm = LLM(model, device="cpu", engine_config=EngineConfig(max_num_seqs=args.max_num_seqs), progress=False)
+        assert torch.get_num_threads() == 1
         start = time.perf_counter()
         s = run_job(llm, source, tmp / "local.jsonl", JobSpec(sampling=params), progress=False)
         results["local, 1 thread"] = (s, time.perf_counter() - start)
