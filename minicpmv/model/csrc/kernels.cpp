@@ -544,11 +544,15 @@ template <class GroupSum>
 inline void add_int4_offsets(float* acc, int rows, const uint16_t* off, int64_t ng, GroupSum xsum) {
   for (int m = 0; m < rows; ++m) {
     float* a = acc + m * BLOCK;
+    constexpr int NV = BLOCK / VL;
+    vf sum[NV];  // the row's 64 outputs in registers across the groups
+    for (int v = 0; v < NV; ++v) sum[v] = vld(a + v * VL);
     for (int64_t i = 0; i < ng; ++i) {
-      const float s = xsum(m, i);
+      const vf s = vset(xsum(m, i));
       const uint16_t* o = off + i * BLOCK;
-      for (int j = 0; j < BLOCK; ++j) a[j] += s * bf16_to_f32(o[j]);
+      for (int v = 0; v < NV; ++v) sum[v] = vfma(s, vld_bf16(o + v * VL), sum[v]);
     }
+    for (int v = 0; v < NV; ++v) vst(a + v * VL, sum[v]);
   }
 }
 
