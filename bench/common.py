@@ -52,6 +52,19 @@ class Timer:
         self.seconds = time.perf_counter() - self.start
 
 
+def decode_rate(model, tokens: int) -> float:
+    """Greedy tok/s of a loaded MiniCPMV, one stream, the prefill (a 1-token run) left out."""
+    import torch
+
+    prompt = torch.arange(100, 132)
+    start = time.perf_counter()
+    model.greedy(prompt, 1)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    model.greedy(prompt, tokens + 1)
+    return tokens / (time.perf_counter() - start - first)
+
+
 def table(rows: list[list], header: list[str]) -> str:
     cells = [header] + [[f"{c:.2f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]

@@ -22,7 +22,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.common import CACHE, demo_checkpoint, table  # noqa: E402
+from bench.common import CACHE, decode_rate, demo_checkpoint, table  # noqa: E402
 
 
 def convert(source: Path, kind: str = "q8_0") -> Path:
@@ -44,16 +44,6 @@ def convert(source: Path, kind: str = "q8_0") -> Path:
                        check=True, env={**os.environ, "PYTHONPATH": str(tools / "gguf-py")}, stdout=subprocess.DEVNULL)
         tmp.rename(out)
     return lm
-
-
-def decode_rate(model, tokens: int) -> float:
-    prompt = torch.arange(100, 132)
-    start = time.perf_counter()
-    model.greedy(prompt, 1)
-    first = time.perf_counter() - start
-    start = time.perf_counter()
-    model.greedy(prompt, tokens + 1)
-    return tokens / (time.perf_counter() - start - first)
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import CACHE, demo_checkpoint, table  # noqa: E402
+from bench.common import CACHE, decode_rate, demo_checkpoint, table  # noqa: E402
 
 GROUP = 128
 SKIP = ("in_proj_a", "in_proj_b")
@@ -93,16 +93,6 @@ def write(source: Path, kind: str) -> Path:
         else {"quant_method": "awq", "bits": 4, "group_size": GROUP, "version": "gemm", "zero_point": True})
     (path / "config.json").write_text(json.dumps(config, indent=2))
     return path
-
-
-def decode_rate(model, tokens: int) -> float:
-    prompt = torch.arange(100, 132)
-    start = time.perf_counter()
-    model.greedy(prompt, 1)
-    first = time.perf_counter() - start
-    start = time.perf_counter()
-    model.greedy(prompt, tokens + 1)
-    return tokens / (time.perf_counter() - start - first)
 
 
 def main() -> None:
