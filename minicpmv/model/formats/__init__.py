@@ -54,6 +54,14 @@ class Loaded:
             parts.append(f"dequantized at load: {_summarize(self.dequantized)}")
         return "; ".join(parts + self.notes)
 
+    def take_the_rest(self, files, used: set[str]) -> None:
+        """Every tensor of ``files`` a reader did not use or replace, as stored (norms, the vision tower, ...)."""
+        for name in files.names():
+            if name not in used and name not in self.tensors:
+                t = files.get(name)
+                self.types[str(t.dtype).replace("torch.", "")] += 1
+                self.tensors[name] = t
+
 
 def _summarize(names: list[str]) -> str:
     """Layer-indexed names folded: 'model.language_model.layers.*.mlp.down_proj (24)'."""

@@ -68,9 +68,5 @@ def read(source: Path, cfg, dense: bool, progress: bool | None = None) -> Loaded
             parts.add(f"{name}.bias")
     if out.dequantized:
         out.notes.append("dequantized linears: a group size other than 32/64/128, or outside the language model")
-    for name in files.names():
-        if name not in parts:
-            t = files.get(name)
-            out.types[str(t.dtype).replace("torch.", "")] += 1
-            out.tensors[name] = t
+    out.take_the_rest(files, parts)
     return out

@@ -92,9 +92,5 @@ def read(source: Path, cfg, dense: bool, progress: bool | None = None) -> Loaded
     if linears:
         out.notes.append("bitsandbytes 4-bit blocks do not map onto the int4 kernels: every quantized linear is "
                          "dequantized")
-    for name in files.names():
-        if name not in used and name not in out.tensors:
-            t = files.get(name)
-            out.types[str(t.dtype).replace("torch.", "")] += 1
-            out.tensors[name] = t
+    out.take_the_rest(files, used)
     return out

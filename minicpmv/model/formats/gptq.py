@@ -94,9 +94,5 @@ def read(source: Path, cfg, dense: bool, progress: bool | None = None) -> Loaded
     if out.dequantized:
         why = "a group size other than 32/64/128 (or groups of unequal size), not 4-bit, or outside the language model"
         out.notes.append(f"dequantized linears: {why}")
-    for name in files.names():
-        if name not in parts:
-            t = files.get(name)
-            out.types[str(t.dtype).replace("torch.", "")] += 1
-            out.tensors[name] = t
+    out.take_the_rest(files, parts)
     return out
