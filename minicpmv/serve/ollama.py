@@ -51,11 +51,11 @@ def error_body(message: str, kind: str, code: int, param: str | None = None) -> 
     return {"error": f"{param}: {message}" if param and param not in message else message}
 
 
-class ChatBody(BaseModel):
+class _Body(BaseModel):
+    """What /api/chat and /api/generate share."""
+
     model_config = ConfigDict(extra="forbid")
     model: str
-    messages: list[dict[str, Any]] = []
-    tools: list[dict[str, Any]] | None = None
     format: str | dict[str, Any] | None = None
     options: dict[str, Any] | None = None
     stream: bool = True
@@ -69,9 +69,12 @@ class ChatBody(BaseModel):
         return self.test_output if self.test_output is not None else (self.options or {}).get("test_output")
 
 
-class GenerateBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    model: str
+class ChatBody(_Body):
+    messages: list[dict[str, Any]] = []
+    tools: list[dict[str, Any]] | None = None
+
+
+class GenerateBody(_Body):
     prompt: str | None = None
     suffix: str | None = None
     system: str | None = None
@@ -80,16 +83,6 @@ class GenerateBody(BaseModel):
     raw: bool | None = None
     images: list[str] | None = None
     videos: list[str] | None = None
-    format: str | dict[str, Any] | None = None
-    options: dict[str, Any] | None = None
-    stream: bool = True
-    keep_alive: float | str | None = None
-    think: bool | str | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    test_output: str | None = None
-
-    hook = ChatBody.hook
 
 
 def _now() -> str:
