@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -71,3 +74,27 @@ def table(rows: list[list], header: list[str]) -> str:
     lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def isolated_decode_rate(path: Path, tokens: int, **load_kwargs) -> dict:
+    """``decode_rate`` of ``load_model(path, dtype="bfloat16", **load_kwargs)`` in a fresh process, with its load
+    time and format summary. Models loaded one after another in one process get unequal memory placement (the later
+    one fewer huge pages), which moved their ratio by more than the targets' 10%; a process each keeps them equal."""
+    done = subprocess.run([sys.executable, __file__, str(path), str(tokens), json.dumps(load_kwargs)],
+                          check=True, stdout=subprocess.PIPE, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _measure(path: str, tokens: str, load_kwargs: str) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from minicpmv.checkpoint import load_model
+
+    start = time.perf_counter()
+    model = load_model(Path(path), dtype="bfloat16", progress=False, **json.loads(load_kwargs))
+    load = time.perf_counter() - start
+    rate = decode_rate(model, int(tokens))
+    print(json.dumps({"rate": rate, "load_seconds": load, "format": getattr(model, "checkpoint_format", None)}))
+
+
+if __name__ == "__main__":
+    _measure(*sys.argv[1:])

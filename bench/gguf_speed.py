@@ -3,7 +3,7 @@
 The random-weight checkpoint (bench/common.py) is converted once with llama.cpp's own converter
 (scripts/fetch_llama_cpp.sh --converter-only: convert_hf_to_gguf.py --no-mtp --outtype q8_0, plus its mmproj in
 f16) and loaded through minicpmv.model.formats.gguf; ours is ``quantization="int8"`` on the bf16 checkpoint. One
-stream, greedy, measured in rounds over the loaded models (the best of each). Target: Q8_0 within 10% of ours.
+stream, greedy, in interleaved rounds with a fresh process per model and round (the best of each). Target: Q8_0 within 10% of ours.
 
 Usage: python bench/gguf_speed.py [--size full|tiny] [--decode-tokens 64] [--rounds 3]
 """
@@ -11,18 +11,16 @@ Usage: python bench/gguf_speed.py [--size full|tiny] [--decode-tokens 64] [--rou
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.common import CACHE, decode_rate, demo_checkpoint, table  # noqa: E402
+from bench.common import CACHE, demo_checkpoint, isolated_decode_rate, table  # noqa: E402
 
 
 def convert(source: Path, kind: str = "q8_0") -> Path:
@@ -52,32 +50,27 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    from minicpmv.checkpoint import load_model, resolve
+    from minicpmv.checkpoint import resolve
     from minicpmv.model import kernels
 
     source = demo_checkpoint(args.size)
-    lm = convert(source)
-    models, load, info = {}, {}, {}
-    for name, path, kw in [("ours int8", source, {"quantization": "int8"}), ("GGUF Q8_0", resolve(lm), {})]:
-        gc.collect()
-        start = time.perf_counter()
-        models[name] = load_model(path, dtype="bfloat16", progress=False, **kw)
-        load[name] = time.perf_counter() - start
-        fmt = getattr(models[name], "checkpoint_format", None)
-        info[name] = "" if not fmt else f"{fmt['quantized_linears']} int4 linears; dequantized: {fmt['dequantized'] or '-'}"
-    rates = {name: 0.0 for name in models}
-    for _ in range(args.rounds):
-        for name, model in models.items():
-            rates[name] = max(rates[name], decode_rate(model, args.decode_tokens))
+    variants = {"ours int8": (source, {"quantization": "int8"}), "GGUF Q8_0": (resolve(convert(source)), {})}
+    rates = {name: 0.0 for name in variants}
+    load, info = {}, {}
+    for _ in range(args.rounds):  # interleaved, a fresh process per model and round
+        for name, (path, kw) in variants.items():
+            got = isolated_decode_rate(path, args.decode_tokens, **kw)
+            rates[name] = max(rates[name], got["rate"])
+            load[name], fmt = got["load_seconds"], got["format"]
+            info[name] = "" if not fmt else f"{fmt['quantized_linears']} quantized linears; dequantized: {fmt['dequantized'] or '-'}"
     ours = rates["ours int8"]
-    rows = [[name, rates[name], rates[name] / ours, load[name]] for name in models]
+    rows = [[name, rates[name], rates[name] / ours, load[name]] for name in variants]
     print(f"kernels: {kernels.active_isa()}, threads: {torch.get_num_threads()}, {args.size} model, "
-          f"{args.decode_tokens} tokens x {args.rounds} rounds")
+          f"{args.decode_tokens} tokens x {args.rounds} rounds, a process per model and round")
     print(table(rows, ["weights", "decode tok/s", "vs ours int8", "load s"]))
     for name, text in info.items():
         if text:
             print(f"{name}: {text[:300]}")
-
 
 if __name__ == "__main__":
     main()

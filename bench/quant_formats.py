@@ -4,8 +4,8 @@ The full-size random-weight checkpoint (bench/common.py) is quantized once per f
 layouts those tools write: GPTQ v1 (asymmetric, zero points minus one) and AWQ GEMM (interleaved nibbles), both int4
 in groups of 128 on every language-model linear (GPTQModel's set: in_proj_a/b stay bf16) and, like our int4, the
 head (GPTQModel's lm_head=True). They load through minicpmv.model.formats into the int4 kernels with zero points;
-ours is ``quantization="int4", group_size=128`` on the bf16 checkpoint. One stream, greedy, measured in rounds over
-the loaded models (the best of each). Target: GPTQ / AWQ within 10% of ours.
+ours is ``quantization="int4", group_size=128`` on the bf16 checkpoint. One stream, greedy, in interleaved rounds with a
+fresh process per model and round (the best of each). Target: GPTQ / AWQ within 10% of ours.
 
 Usage: python bench/quant_formats.py [--size full|tiny] [--decode-tokens 64] [--rounds 3] [--group 128]
 """
@@ -13,17 +13,15 @@ Usage: python bench/quant_formats.py [--size full|tiny] [--decode-tokens 64] [--
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import CACHE, decode_rate, demo_checkpoint, table  # noqa: E402
+from bench.common import CACHE, demo_checkpoint, isolated_decode_rate, table  # noqa: E402
 
 GROUP = 128
 SKIP = ("in_proj_a", "in_proj_b")
@@ -104,30 +102,25 @@ def main() -> None:
     args = parser.parse_args()
     global GROUP
     GROUP = args.group
-    from minicpmv.checkpoint import load_model
     from minicpmv.model import kernels
 
     source = demo_checkpoint(args.size)
-    models = {}
-    load = {}
     ours_name = f"ours int4 g{GROUP}"
-    for name, path, kw in [(ours_name, source, {"quantization": "int4", "group_size": GROUP}),
-                           (f"GPTQ int4 g{GROUP} (zero points)", write(source, "gptq"), {}),
-                           (f"AWQ int4 g{GROUP} (zero points)", write(source, "awq"), {})]:
-        gc.collect()
-        start = time.perf_counter()
-        models[name] = load_model(path, dtype="bfloat16", progress=False, **kw)
-        load[name] = time.perf_counter() - start
-    rates = {name: 0.0 for name in models}
-    for _ in range(args.rounds):
-        for name, model in models.items():
-            rates[name] = max(rates[name], decode_rate(model, args.decode_tokens))
+    variants = {ours_name: (source, {"quantization": "int4", "group_size": GROUP}),
+                f"GPTQ int4 g{GROUP} (zero points)": (write(source, "gptq"), {}),
+                f"AWQ int4 g{GROUP} (zero points)": (write(source, "awq"), {})}
+    rates = {name: 0.0 for name in variants}
+    load = {}
+    for _ in range(args.rounds):  # interleaved, a fresh process per model and round
+        for name, (path, kw) in variants.items():
+            got = isolated_decode_rate(path, args.decode_tokens, **kw)
+            rates[name] = max(rates[name], got["rate"])
+            load[name] = got["load_seconds"]
     ours = rates[ours_name]
-    rows = [[name, rates[name], rates[name] / ours, load[name]] for name in models]
+    rows = [[name, rates[name], rates[name] / ours, load[name]] for name in variants]
     print(f"kernels: {kernels.active_isa()}, threads: {torch.get_num_threads()}, {args.size} model, "
-          f"{args.decode_tokens} tokens x {args.rounds} rounds")
+          f"{args.decode_tokens} tokens x {args.rounds} rounds, a process per model and round")
     print(table(rows, ["weights", "decode tok/s", "vs ours int4", "load s"]))
-
 
 if __name__ == "__main__":
     main()

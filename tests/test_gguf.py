@@ -117,25 +117,42 @@ def test_quantized_files_give_the_logits_of_their_dequantized_weights(files, tin
     assert not torch.equal(model.lm_head.weight, original.lm_head.weight)  # quantized for real
 
 
-def test_q4_0_goes_into_the_int4_kernels_unchanged(files, tiny_dir):
-    lm = lm_file(files, "Q4_0")
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0"])
+def test_q8_0_and_q4_0_go_into_the_int8_and_int4_kernels_unchanged(files, tiny_dir, kind):
+    lm = lm_file(files, kind)
     model = load_model(resolve(lm), dtype="bfloat16", progress=False)
-    assert model.checkpoint_format["quantized_linears"] > 0
+    quant_kind = {"Q8_0": "int8", "Q4_0": "int4"}[kind]
+    assert model.checkpoint_format["quantized_linears"] > 0 and model.checkpoint_format["kernels"] == quant_kind
     reference = dequantized_reference(tiny_dir, lm, lm.parent / "mmproj-16x.gguf")
     weights = reference.state_dict()
     checked = 0
     for module in model.modules():
-        if isinstance(module, PackedLinear) and module.quant == "int4" and len(module.parts) == 1 and module.act is None:
+        if isinstance(module, PackedLinear) and module.quant == quant_kind and len(module.parts) == 1 and module.act is None:
             (name, rows), = module.parts
+            assert module.group == 32, name
             expected = weights[f"{name}.weight"]
             got = module.dequantized(torch.float32)
-            scale = expected.abs().amax(1, keepdim=True)  # bf16 scales: 8 bits of precision per group
-            assert ((got - expected).abs() <= scale * 2 ** -7).all(), name
+            if kind == "Q8_0":  # int8 values with their fp16 scales as float32: exact
+                assert torch.equal(got, expected), name
+            else:  # bf16 scales: 8 bits of precision per group
+                assert ((got - expected).abs() <= expected.abs().amax(1, keepdim=True) * 2 ** -7).all(), name
             checked += 1
     assert checked >= 4
     ids = torch.randint(0, REAL.text, (16,), generator=torch.Generator().manual_seed(2))
     a, b = logits(model, ids).float(), logits(reference, ids)
     assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.99
+
+
+def test_q8_0_decomposition_is_exact():
+    """values * scales (our grouped int8 kernels' form, groups of 32) equal gguf's dequantization."""
+    rows, cols = 3, 512
+    raw = gguf.quants.quantize(np.random.default_rng(0).normal(size=(rows, cols)).astype(np.float32),
+                               gguf.GGMLQuantizationType.Q8_0)
+    values, scales = ours.int8_parts(raw, rows, cols)
+    assert values.min() >= -127 and values.max() <= 127
+    int8 = quant.Grouped(torch.from_numpy(values), torch.from_numpy(scales), None, 32, bits=8)
+    expected = torch.from_numpy(np.asarray(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q8_0), dtype=np.float32))
+    assert torch.equal(int8.dequantize(), expected)
 
 
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q4_K"])
@@ -152,7 +169,7 @@ def test_int4_decomposition_of_4_bit_blocks_is_exact(kind):
         raw = gguf.quants.quantize(rng.normal(size=(rows, cols)).astype(np.float32), qtype)
     values, scales, offsets = ours.int4_parts(kind, raw, rows, cols)
     assert values.min() >= -8 and values.max() <= 7
-    int4 = quant.Int4(torch.from_numpy(values), torch.from_numpy(scales), torch.from_numpy(offsets), 32)
+    int4 = quant.Grouped(torch.from_numpy(values), torch.from_numpy(scales), torch.from_numpy(offsets), 32)
     expected = torch.from_numpy(np.asarray(gguf.quants.dequantize(raw, qtype), dtype=np.float32))
     torch.testing.assert_close(int4.dequantize(), expected, rtol=1e-6, atol=1e-6)
 
@@ -192,7 +209,7 @@ def test_llm_over_a_4x_gguf(files):
         config = ServerConfig(model_name="m")
         card = model_card_extras(llm, config)["weights_format"]
         assert card["format"] == "gguf" and card["types"] == {"F32": 130}  # (the 4x projector: no window merger)
-        assert "weights=[gguf: F32 x130; 0 linears in the int4 kernels]" in startup_summary(llm, config)
+        assert "weights=[gguf: F32 x130; 0 linears in the quantized kernels]" in startup_summary(llm, config)
 
 
 def test_tokenizer_beside_the_file_is_checked_against_the_embedded_one(files, tiny_dir, tmp_path):

@@ -168,6 +168,26 @@ def build_cases() -> tuple[Cases, list]:
             expected = gate_up._reference(x.float(), torch.float32)
             mm_case(cases, gate_up, x, True)
             checks.append(lambda out, ref, e=expected: rel_err(out[0].view(e.shape), e) < 1e-5)
+    # int8 with a float32 scale per column and group (GGUF Q8_0): exact on integers, close on random weights.
+    for group in kernels.INT8_GROUPS:
+        for m in (1, 4, 9, 21, 40):
+            n, k = 130, 256
+            q = torch.randint(-127, 128, (n, k), generator=g).to(torch.int8)
+            scale = 2.0 ** torch.randint(-6, 0, (n, k // group), generator=g).float()
+            lin = PackedLinear(q, quant="int8", group=group, scale=scale)
+            x = torch.randint(-8, 9, (m, k), generator=g).bfloat16()
+            expected = (x.double() @ lin.dequantized(torch.float64).T).float()
+            mm_case(cases, lin, x, True)
+            checks.append(lambda out, ref, e=expected: torch.equal(out[0].view(e.shape), e))
+        q = torch.randint(-127, 128, (100, 192), generator=g).to(torch.int8)
+        s = torch.rand(100, 192 // group, generator=g) * 1e-3
+        gate_up = PackedLinear(interleave_gate_up(q, q.flip(0)), quant="int8", group=group, act="silu_mul",
+                               out_features=100, scale=interleave_gate_up(s, s.flip(0)))
+        for m in (1, 6):
+            x = torch.randn(m, 192, generator=g).bfloat16()
+            expected = gate_up._reference(x.float(), torch.float32)
+            mm_case(cases, gate_up, x, True)
+            checks.append(lambda out, ref, e=expected: rel_err(out[0].view(e.shape), e) < 1e-5)
     for m, d in ((1, 1024), (5, 72)):  # RMSNorm, zero-centred weights
         x, w = torch.randn(m, d, generator=g).bfloat16(), (torch.randn(d, generator=g) * 0.1).bfloat16()
         xf = x.float()

@@ -244,14 +244,14 @@ class FastDecoder:
         return hidden
 
 
-def _foreign_int4(linears: list[nn.Linear], attached: list) -> tuple[list, list, list | None, int, torch.Tensor | None] | None:
-    """Values, scales and offsets of linears another tool's checkpoint quantized (``quant.Int4``, model/formats).
-    A linear it left in bf16 but that is fused with quantized ones here (DeltaNet's in_proj_b / in_proj_a beside
-    in_proj_qkv / in_proj_z) is quantized by us, symmetrically, in the same groups."""
-    groups = {a.group for a in attached if a is not None}
-    if len(groups) != 1:
-        raise ValueError(f"linears fused into one have different int4 group sizes {sorted(groups)}")
-    group = groups.pop()
+def _foreign(linears: list[nn.Linear], attached: list) -> tuple[str, list, list, list | None, int, torch.Tensor | None] | None:
+    """Kernel format, values, scales and offsets of linears another tool's checkpoint quantized (``quant.Grouped``,
+    model/formats). A linear it left in bf16 but that is fused with quantized ones here (DeltaNet's in_proj_b /
+    in_proj_a beside in_proj_qkv / in_proj_z) is quantized by us, symmetrically, in the same groups and bits."""
+    kinds = {(a.group, a.bits) for a in attached if a is not None}
+    if len(kinds) != 1:
+        raise ValueError(f"linears fused into one have different groups or bits {sorted(kinds)}")
+    group, bits = kinds.pop()
     perms = [a.perm for a in attached if a is not None]
     perm = perms[0]
     if any((p is None) != (perm is None) or (p is not None and not torch.equal(p, perm)) for p in perms):
@@ -260,14 +260,15 @@ def _foreign_int4(linears: list[nn.Linear], attached: list) -> tuple[list, list,
     for a, lin in zip(attached, linears):
         if a is None:
             w = lin.weight.detach()
-            q, s = kernels.quantize_int4(w if perm is None else w[:, perm], group)
-            a = quant.Int4(q, s, None, group)
+            w = w if perm is None else w[:, perm]
+            q, s = kernels.quantize_int4(w, group) if bits == 4 else kernels.quantize_int8_groups(w, group)
+            a = quant.Grouped(q, s, None, group, bits=bits)
         values.append(a.values)
         scales.append(a.scales)
         offsets.append(a.offsets if a.offsets is not None else torch.zeros(a.scales.shape))
-    if not any(o.any() for o in offsets):  # symmetric (GPTQ sym: every zero point 8): the plain int4 kernel
+    if not any(o.any() for o in offsets):  # symmetric (GPTQ sym: every zero point 8; Q8_0): no offsets
         offsets = None
-    return values, scales, offsets, group, perm
+    return ("int4" if bits == 4 else "int8"), values, scales, offsets, group, perm
 
 
 def _weights(linears: list[nn.Linear], quant: str) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
@@ -284,15 +285,14 @@ def _weights(linears: list[nn.Linear], quant: str) -> tuple[list[torch.Tensor], 
 def _pack(linears: list[nn.Linear], source: Source, quant: str, group: int, gate_up: bool = False, **kw) -> PackedLinear:
     attached = [getattr(lin, "quantized", None) for lin in linears]
     offsets = None
-    foreign = _foreign_int4(linears, attached) if any(isinstance(a, quant_mod.Int4) for a in attached) else None
+    foreign = _foreign(linears, attached) if any(isinstance(a, quant_mod.Grouped) for a in attached) else None
     if foreign is not None:  # another tool's checkpoint (model/formats)
-        weights, scales, offsets, group, perm = foreign
-        quant = "int4"
+        quant, weights, scales, offsets, group, perm = foreign
         if perm is not None:
             kw["in_perm"] = perm
-    elif any(isinstance(a, quant_mod.Int4) for a in attached):  # act-order orders that differ: one matmul in bf16
+    elif any(isinstance(a, quant_mod.Grouped) for a in attached):  # act-order orders that differ: one matmul in bf16
         names = [source.names[id(lin)] for lin in linears]
-        log.warning("%s: different act-order input orders cannot share one int4 matmul: dequantized to bf16", names)
+        log.warning("%s: different act-order input orders cannot share one quantized matmul: dequantized to bf16", names)
         weights = [lin.weight.detach() if a is None else a.dequantize(torch.bfloat16) for a, lin in zip(attached, linears)]
         scales, quant, group = None, "bf16", 0
     elif source.keep_dense and all(a is None for a in attached):  # left in bf16 by that tool: stays so
@@ -301,7 +301,7 @@ def _pack(linears: list[nn.Linear], source: Source, quant: str, group: int, gate
         weights, scales = _weights(linears, quant)
 
     def join(parts):
-        if gate_up:  # int8 scales [N] or int4 scales [N, K/group]: interleaved like the rows
+        if gate_up:  # int8 scales [N] or group scales [N, K/group]: interleaved like the rows
             return interleave_gate_up(*(s.view(s.shape[0], -1) for s in parts)).view(-1, *parts[0].shape[1:])
         return torch.cat(parts) if len(parts) > 1 else parts[0]  # (a single weight is not copied: the head is big)
 
@@ -323,7 +323,7 @@ def _pack(linears: list[nn.Linear], source: Source, quant: str, group: int, gate
 def _loaded(attached, weight: torch.Tensor) -> torch.Tensor:
     if attached is None:
         return weight
-    return attached.values if isinstance(attached, quant_mod.Int4) else attached[0]
+    return attached.values if isinstance(attached, quant_mod.Grouped) else attached[0]
 
 
 @dataclass
@@ -417,7 +417,7 @@ def optimize(model, quantization: str | None = None, group: int = 64):
     if quantization is None and not kernels.available():
         return model
     quant = quantization or "bf16"
-    foreign = any(isinstance(getattr(m, "quantized", None), quant_mod.Int4) for m in model.modules())
+    foreign = any(isinstance(getattr(m, "quantized", None), quant_mod.Grouped) for m in model.modules())
     source = Source({id(m): n for n, m in model.named_modules()}, file_ranges(), keep_dense=foreign)
     lm = model.model.language_model
     for layer in lm.layers:

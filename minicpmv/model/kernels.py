@@ -36,6 +36,7 @@ HEADERS = [CSRC / "simd.h"]
 FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp"]
 ACTS = {None: 0, "silu_mul": 1, "gelu_tanh": 2}
 QUANTS = ("bf16", "int8", "int4")
+INT8_GROUPS = (32, 64)  # int8 with a scale per column and group (GGUF Q8_0: 32); the AVX2 sums stay in int32
 _OUT_DTYPES = (torch.bfloat16, torch.float32)
 
 
@@ -235,6 +236,15 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(wf / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
 
 
+def quantize_int8_groups(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 in groups of ``group`` inputs (K a multiple of it): (q [N, K] int8, scale [N, K/group]
+    float32)."""
+    n, k = w.shape
+    wf = w.float().view(n, k // group, group)
+    scale = wf.abs().amax(-1).clamp(min=1e-12) / 127
+    return torch.round(wf / scale[..., None]).clamp(-127, 127).to(torch.int8).view(n, k), scale
+
+
 def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric group-wise int4: (q [N, K] int8 in [-8, 7], scale [N, ceil(K/group)] bfloat16); a last, partial
     group is quantized as if padded with zeros."""
@@ -266,7 +276,7 @@ class PackedLinear(nn.Module):
                  parts: list[tuple[str, int]] | None = None, offsets: torch.Tensor | None = None,
                  in_perm: torch.Tensor | None = None):
         """``weight`` [N, K] in any float dtype (quantized here), or already-quantized int8 values [N, K] with
-        ``scale`` ([N] for int8, [N, K/group] for int4). ``parts`` names the (checkpoint name, rows) of the linears
+        ``scale`` ([N] for int8, [N, K/group] for int4, and for int8 in groups: GGUF Q8_0, ``group`` 32 or 64). ``parts`` names the (checkpoint name, rows) of the linears
         fused into this one, in order, for saving. ``offsets`` [N, K/group] (int4 with ``scale`` only) makes the
         weight asymmetric: w = scale * q + offset per group, q in -8..7 (the zero points of GPTQ, AWQ, GGUF).
         ``in_perm`` [K]: the weight's columns are the inputs in that order (GPTQ act-order); inputs are gathered in
@@ -276,9 +286,12 @@ class PackedLinear(nn.Module):
         self.quant, self.act, self.in_features, self.out_dtype = quant, act, k, out_dtype
         self.parts = parts or []
         self.out_features = out_features or (n // 2 if act == "silu_mul" else n)
-        self.group = group if quant == "int4" else 0
+        grouped_int8 = quant == "int8" and scale is not None and scale.dim() == 2
+        self.group = group if quant == "int4" or grouped_int8 else 0
         if quant == "int4" and group % 4:
             raise ValueError(f"the int4 group size must be a multiple of 4, got {group}")
+        if grouped_int8 and (group not in INT8_GROUPS or k % group):
+            raise ValueError(f"int8 groups must be one of {INT8_GROUPS} inputs and divide K = {k}, got {group}")
         if quant not in QUANTS:
             raise ValueError(f"unknown weight format {quant!r}")
         if offsets is not None and (quant != "int4" or scale is None):
@@ -291,7 +304,8 @@ class PackedLinear(nn.Module):
             self.register_buffer("offset", None if offsets is None else torch.empty((nb, k_pad // group, BLOCK), dtype=torch.bfloat16))
         else:
             shape, dtype = (nb, k_pad // 2, BLOCK, 2), torch.int8 if quant == "int8" else torch.bfloat16
-            self.register_buffer("scale", huge_empty((nb * BLOCK,), torch.float32) if quant == "int8" else None)
+            scale_shape = (nb, k // group, BLOCK) if grouped_int8 else (nb * BLOCK,)
+            self.register_buffer("scale", huge_empty(scale_shape, torch.float32) if quant == "int8" else None)
             self.register_buffer("offset", None)
         self.register_buffer("weight", huge_empty(shape, dtype))
         rows = 64 * BLOCK  # packed a slice of rows at a time: bounded temporary memory even for the 248k-row head
@@ -313,8 +327,12 @@ class PackedLinear(nn.Module):
         elif self.quant == "int8":
             q, scale = (w, scale) if scale is not None else quantize_int8(w)
             q = _pad(q, nb * BLOCK, k_pad)
-            self.scale[block * BLOCK : block * BLOCK + n] = scale
-            self.scale[block * BLOCK + n : (block + nb) * BLOCK] = 0
+            if self.group:
+                s = _pad(scale.float(), nb * BLOCK, k // group)
+                self.scale[block : block + nb] = s.view(nb, BLOCK, -1).transpose(1, 2)
+            else:
+                self.scale[block * BLOCK : block * BLOCK + n] = scale
+                self.scale[block * BLOCK + n : (block + nb) * BLOCK] = 0
         else:
             q, scale = (w, scale) if scale is not None else quantize_int4(w, group)
             u = (_pad(q, nb * BLOCK, k_pad) + 8).to(torch.uint8)
@@ -347,6 +365,8 @@ class PackedLinear(nn.Module):
         nb, k, n = self.weight.shape[0], self.in_features, self.n_rows
         if self.quant in ("bf16", "int8"):  # [nb, K/2, 64, 2]
             w = self.weight.transpose(1, 2).reshape(nb * BLOCK, -1)[:n, :k]
+            if self.group:  # int8 groups: scales [nb, K/group, 64]
+                return w, self.scale.transpose(1, 2).reshape(nb * BLOCK, -1)[:n]
             return w, None if self.scale is None else self.scale[:n]
         p = self.weight
         u = torch.stack([p & 15, p >> 4], -1)  # [nb, ng, g/4, 4, 16, 2, 2]
@@ -375,6 +395,8 @@ class PackedLinear(nn.Module):
         b, c = ids // BLOCK, ids % BLOCK
         if self.quant in ("bf16", "int8"):
             w = self.weight[b, :, c].reshape(len(ids), -1)[:, : self.in_features].float()
+            if self.group:
+                return w * self.scale[b, :, c].repeat_interleave(self.group, 1)
             return w if self.scale is None else w * self.scale[ids, None]
         p = self.weight[b, :, :, c // 16, c % 16]  # [len, ng, g/4, 2 k] bytes
         u = torch.stack([p & 15, p >> 4], 2)  # [len, ng, 2 halves, g/4, 2 k]
@@ -389,7 +411,7 @@ class PackedLinear(nn.Module):
         if self.quant == "bf16":
             return q.to(dtype)
         if self.quant == "int8":
-            return (q.float() * s[:, None]).to(dtype)
+            return (q.float() * (s.repeat_interleave(self.group, 1) if self.group else s[:, None])).to(dtype)
         n, k = q.shape
         q = _pad(q.float(), n, s.shape[1] * self.group).view(n, -1, self.group)
         w = q * s.float()[..., None]

@@ -26,18 +26,20 @@ GROUP_SIZES = (32, 64, 128)
 
 
 @dataclass
-class Int4:
-    """A linear's int4 weight from another tool's checkpoint (model/formats), in our plain layout: ``values``
-    [N, K] int8 in -8..7, ``scales`` [N, ceil(K/group)] and, for asymmetric formats, ``offsets`` of the same shape
-    (float32): w[n, k] = scales[n, g] * values[n, k] + offsets[n, g] with g = k // group. Attached to an (empty)
-    nn.Linear as ``.quantized``; fast.optimize packs it. With ``perm`` (GPTQ act-order) the columns are in that
-    order of the inputs: column j multiplies input perm[j], so each group is contiguous."""
+class Grouped:
+    """A linear's weight from another tool's checkpoint (model/formats), quantized in groups of ``group`` inputs, in
+    our plain layout: ``values`` [N, K] int8 (``bits`` 4: -8..7, GPTQ / AWQ / GGUF Q4; 8: -127..127, GGUF Q8_0),
+    ``scales`` [N, ceil(K/group)] and, for asymmetric formats, ``offsets`` of the same shape (float32):
+    w[n, k] = scales[n, g] * values[n, k] + offsets[n, g] with g = k // group. Attached to an (empty) nn.Linear as
+    ``.quantized``; fast.optimize packs it. With ``perm`` (GPTQ act-order) the columns are in that order of the
+    inputs: column j multiplies input perm[j], so each group is contiguous."""
 
     values: torch.Tensor
     scales: torch.Tensor
     offsets: torch.Tensor | None
     group: int
     perm: torch.Tensor | None = None
+    bits: int = 4
 
     @property
     def shape(self) -> tuple[int, int]:

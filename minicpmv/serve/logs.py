@@ -30,7 +30,7 @@ def kernel_isa(llm) -> str:
 def weights_summary(info: dict) -> str:
     """A foreign checkpoint's formats.Loaded.info() in one line."""
     types = ", ".join(f"{name} x{count}" for name, count in info["types"].items())
-    text = f"{info['format']}: {types}; {info['quantized_linears']} linears in the int4 kernels"
+    text = f"{info['format']}: {types}; {info['quantized_linears']} linears in the {info['kernels']} kernels"
     return text + (f"; dequantized: {info['dequantized']}" if info["dequantized"] else "")
 
 

@@ -3,7 +3,8 @@
 // Decode multiplies one (or a few) activation rows by every weight matrix once per token, so the work is bound by
 // how fast the weights stream from memory. The packed layouts make each 64-column block one linear stream:
 //   bf16: [N/64][K/2][64][2] bf16        one k-pair of 64 columns = 256 bytes = 4 zmm, fed to vdpbf16ps
-//   int8: [N/64][K/2][64][2] int8        the bf16 layout, converted to bf16 in registers; + a float scale per column
+//   int8: [N/64][K/2][64][2] int8        the bf16 layout, converted to bf16 in registers; + a float scale per column,
+//                                        or (GGUF Q8_0: groups of G = 32) float scales [N/64][K/G][64]
 //   int4: [N/64][K/G][G/4][4][16][2] u8  per group of G, 16 columns x 2 k per 32 bytes; low nibbles hold the group's
 //                                        first G/2 k, high nibbles the rest; + a bf16 scale per column and group
 // Each activation row's k-pair (or k) is broadcast and multiplied into column accumulators, so a weight load is
@@ -167,6 +168,47 @@ void matmul_tile(const uint16_t* x, int64_t ldx, int64_t k2, const W* w, float* 
   for (int c0 = 0; c0 < 4; c0 += C) matmul_cols<R, C>(x, ldx, k2, w, acc_out, c0);
 }
 
+// int8 in groups of 2 g2 k with a float scale per column and group (GGUF Q8_0): each group's products in their own
+// accumulators, scaled into the row sums at its end (twice the accumulators: fewer chunks per pass).
+template <int R, int C>
+void int8_groups_cols(const uint16_t* x, int64_t ldx, int64_t k2, int64_t g2, const int8_t* w, const float* scale,
+                      float* acc_out, int c0) {
+  const int pf = pf_mode;
+  __m512 sum[R][C];
+  for (int m = 0; m < R; ++m)
+    for (int c = 0; c < C; ++c) sum[m][c] = _mm512_setzero_ps();
+  for (int64_t p0 = 0; p0 < k2; p0 += g2, scale += BLOCK) {
+    __m512 acc[R][C];
+    for (int m = 0; m < R; ++m)
+      for (int c = 0; c < C; ++c) acc[m][c] = _mm512_setzero_ps();
+    for (int64_t p = p0; p < p0 + g2; ++p) {
+      const int8_t* wp = w + p * 2 * BLOCK + 32 * c0;
+      __m512bh wv[C];
+      for (int c = 0; c < C; ++c) {
+        if (c % 2 == 0) prefetch_w<(C < 4)>((const char*)wp + PREFETCH_Q + 32 * c, pf);
+        wv[c] = int8_pairs(wp + 32 * c);
+      }
+      for (int m = 0; m < R; ++m) {
+        const __m512bh xv = bcast_pair(x + m * ldx + 2 * p);
+        for (int c = 0; c < C; ++c) acc[m][c] = _mm512_dpbf16_ps(acc[m][c], wv[c], xv);
+      }
+    }
+    for (int c = 0; c < C; ++c) {
+      const __m512 sc = _mm512_loadu_ps(scale + 16 * (c0 + c));
+      for (int m = 0; m < R; ++m) sum[m][c] = _mm512_fmadd_ps(acc[m][c], sc, sum[m][c]);
+    }
+  }
+  for (int m = 0; m < R; ++m)
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(acc_out + m * BLOCK + 16 * (c0 + c), sum[m][c]);
+}
+
+template <int R>
+void tile_int8_groups(const uint16_t* x, int64_t ldx, int64_t k2, int64_t g2, const int8_t* w, const float* scale,
+                      float* acc_out) {
+  constexpr int C = R <= 3 ? 4 : R <= 7 ? 2 : 1;
+  for (int c0 = 0; c0 < 4; c0 += C) int8_groups_cols<R, C>(x, ldx, k2, g2, w, scale, acc_out, c0);
+}
+
 // One group of g k-values for R rows over chunks [c0, c0 + C): acc_out[m][.] += scale * (sum((136 + q) x) - 136 *
 // gsum[m]).
 template <int R, int C>
@@ -286,6 +328,45 @@ void matmul_tile(const X* x, int64_t ldx, int64_t k2, const W* w, float* acc_out
   for (int c0 = 0; c0 < BLOCK; c0 += CV * VL) matmul_cols<R, CV>(x, ldx, k2, w, acc_out, c0);
 }
 
+// int8 in groups of 2 g2 k with a float scale per column and group (GGUF Q8_0), as the AVX-512 one above.
+template <int R, int CV, class X>
+void int8_groups_cols(const X* x, int64_t ldx, int64_t k2, int64_t g2, const int8_t* w, const float* scale,
+                      float* acc_out, int c0) {
+  const int pf = pf_mode;
+  vf sum[R][CV];
+  for (int m = 0; m < R; ++m)
+    for (int v = 0; v < CV; ++v) sum[m][v] = vzero();
+  for (int64_t p0 = 0; p0 < k2; p0 += g2, scale += BLOCK) {
+    vf acc[R][CV];
+    for (int m = 0; m < R; ++m)
+      for (int v = 0; v < CV; ++v) acc[m][v] = vzero();
+    for (int64_t p = p0; p < p0 + g2; ++p) {
+      const int8_t* wp = w + p * 2 * BLOCK + 2 * c0;
+      for (int b = 0; b < CV * VL * 2; b += 64) prefetch_w<(CV < NVEC)>((const char*)wp + PREFETCH_Q + b, pf);
+      vf x0[R], x1[R];
+      for (int m = 0; m < R; ++m)
+        x0[m] = vset(xval(x + m * ldx + 2 * p)), x1[m] = vset(xval(x + m * ldx + 2 * p + 1));
+      for (int v = 0; v < CV; ++v) {
+        const Pair pw = load_pair(wp + 2 * VL * v);
+        for (int m = 0; m < R; ++m) acc[m][v] = vfma(pw.odd, x1[m], vfma(pw.even, x0[m], acc[m][v]));
+      }
+    }
+    for (int v = 0; v < CV; ++v) {
+      const vf sc = vld(scale + c0 + VL * v);
+      for (int m = 0; m < R; ++m) sum[m][v] = vfma(acc[m][v], sc, sum[m][v]);
+    }
+  }
+  for (int m = 0; m < R; ++m)
+    for (int v = 0; v < CV; ++v) vst(acc_out + m * BLOCK + c0 + VL * v, sum[m][v]);
+}
+
+template <int R, class X>
+void tile_int8_groups(const X* x, int64_t ldx, int64_t k2, int64_t g2, const int8_t* w, const float* scale,
+                      float* acc_out) {
+  constexpr int CV = cols_for(R, ACC_REGS / 2);  // the row sums beside the group's accumulators
+  for (int c0 = 0; c0 < BLOCK; c0 += CV * VL) int8_groups_cols<R, CV>(x, ldx, k2, g2, w, scale, acc_out, c0);
+}
+
 // One int4 group for R rows over columns [c0, c0 + CV VL): acc_out[m][.] += scale (sum((136 + q) x) - 136 gsum[m]).
 template <int R, int CV, class X>
 void group_int4_cols(const X* x, int64_t ldx, int64_t g, const uint8_t* w, const uint16_t* scale,
@@ -392,21 +473,22 @@ void tile_int4_i16(const int16_t* xq, int64_t ldx, int64_t k, int64_t g, const u
       group_int4_i16<R, CV>(xq + i * g, ldx, g, w + i * g * 32, scale + i * BLOCK, gs + i, ldg, ng, acc_out, c0);
 }
 
-// int8 the same way: per group of 64 k (32 pairs) the int32 sums of weight pairs times activation pairs (vpmaddwd)
-// go into the float32 accumulators acc_out with the group's activation scale; the column scales come later.
-// xs: the groups' activation scales (row stride ldg).
+// int8 the same way: per group of 2 g2 k (64, or the weight's groups) the int32 sums of weight pairs times
+// activation pairs (vpmaddwd) go into the float32 accumulators acc_out with the group's activation scale, times the
+// group's column scales ws where the weight has groups (else the column scales come later). xs: the groups'
+// activation scales (row stride ldg).
 template <int R, int CV>
-void matmul_int8_i16(const int16_t* xq, int64_t ldx, int64_t k2, const int8_t* w, const float* xs, int64_t ldg,
-                     float* acc_out, int c0) {
+void matmul_int8_i16(const int16_t* xq, int64_t ldx, int64_t k2, int64_t g2, const int8_t* w, const float* ws,
+                     const float* xs, int64_t ldg, float* acc_out, int c0) {
   const int pf = pf_mode;
   constexpr int bytes = CV * 16;  // of each k-pair row read here
   for (int m = 0; m < R; ++m)
     for (int v = 0; v < CV; ++v) vst(acc_out + m * BLOCK + c0 + 8 * v, vzero());
-  for (int64_t p0 = 0; p0 < k2; p0 += 32) {
+  for (int64_t p0 = 0; p0 < k2; p0 += g2) {
     __m256i acc[R][CV];
     for (int m = 0; m < R; ++m)
       for (int v = 0; v < CV; ++v) acc[m][v] = _mm256_setzero_si256();
-    const int64_t p1 = std::min<int64_t>(k2, p0 + 32);
+    const int64_t p1 = std::min<int64_t>(k2, p0 + g2);
     for (int64_t p = p0; p < p1; ++p) {
       const int8_t* wp = w + p * 2 * BLOCK + 2 * c0;
       for (int b = 0; b < bytes; b += 64) prefetch_w<(CV < 8)>((const char*)wp + PREFETCH_Q + b, pf);
@@ -420,20 +502,21 @@ void matmul_int8_i16(const int16_t* xq, int64_t ldx, int64_t k2, const int8_t* w
       }
     }
     for (int m = 0; m < R; ++m) {
-      const vf s = vset(xs[m * ldg + p0 / 32]);
+      const vf s = vset(xs[m * ldg + p0 / g2]);
       for (int v = 0; v < CV; ++v) {
         float* o = acc_out + m * BLOCK + c0 + 8 * v;
-        vst(o, vfma(_mm256_cvtepi32_ps(acc[m][v]), s, vld(o)));
+        const vf sv = ws ? vmul(s, vld(ws + (p0 / g2) * BLOCK + c0 + 8 * v)) : s;
+        vst(o, vfma(_mm256_cvtepi32_ps(acc[m][v]), sv, vld(o)));
       }
     }
   }
 }
 
 template <int R>
-void tile_int8_i16(const int16_t* xq, int64_t ldx, int64_t k2, const int8_t* w, const float* xs, int64_t ldg,
-                   float* acc_out) {
+void tile_int8_i16(const int16_t* xq, int64_t ldx, int64_t k2, int64_t g2, const int8_t* w, const float* ws,
+                   const float* xs, int64_t ldg, float* acc_out) {
   constexpr int CV = R == 1 ? 8 : R == 2 ? 4 : R <= 4 ? 2 : 1;  // one row: the whole block in one linear pass
-  for (int c0 = 0; c0 < BLOCK; c0 += 8 * CV) matmul_int8_i16<R, CV>(xq, ldx, k2, w, xs, ldg, acc_out, c0);
+  for (int c0 = 0; c0 < BLOCK; c0 += 8 * CV) matmul_int8_i16<R, CV>(xq, ldx, k2, g2, w, ws, xs, ldg, acc_out, c0);
 }
 
 // Row m of x [M, K] bf16 -> xq int16 and, per group of g, the sum of xq and the scale (gs: 2 ng floats).
@@ -523,8 +606,8 @@ void run_blocks(int64_t M, int64_t nblocks, const Epilogue& ep, Tile tile) {
 }  // namespace
 
 // A packed weight, as kernels.PackedLinear holds it. x [M, K] bf16 with row stride ldx; w packed in nblocks blocks of
-// 64 columns (K padded to even for bf16 and int8, to a multiple of the group for int4); scale: int8 float32
-// [nblocks * 64], int4 bf16 [nblocks][K/group][64]; bias: float32 [n_out] or null; act 1 = silu(gate) * up,
+// 64 columns (K padded to even for bf16 and int8, to a multiple of the group for int4 and grouped int8); scale:
+// int8 float32 [nblocks * 64] (group 0) or [nblocks][K/group][64], int4 bf16 [nblocks][K/group][64]; bias: float32 [n_out] or null; act 1 = silu(gate) * up,
 // 2 = gelu (tanh). Outputs [M, n_out] with row stride ldo, bf16 or float32.
 struct Linear {
   const void* w;
@@ -566,6 +649,14 @@ void linear_blocks(const Linear& L, const X* x, int64_t M, int64_t ldx, void* ou
     const uint16_t* w = (const uint16_t*)L.w;
     run_blocks(M, L.nblocks, ep, [&](int64_t b, int rows, int64_t m0, float* acc) {
       with_rows(rows, [&](auto R) { matmul_tile<R()>(x + m0 * ldx, ldx, k2, w + b * k2 * 2 * BLOCK, acc); });
+    });
+  } else if (L.quant == 1 && L.group) {  // groups: scaled in the tile
+    const int8_t* w = (const int8_t*)L.w;
+    const float* scale = (const float*)L.scale;
+    run_blocks(M, L.nblocks, ep, [&](int64_t b, int rows, int64_t m0, float* acc) {
+      with_rows(rows, [&](auto R) {
+        tile_int8_groups<R()>(x + m0 * ldx, ldx, k2, L.group / 2, w + b * K * BLOCK, scale + b * K / L.group * BLOCK, acc);
+      });
     });
   } else if (L.quant == 1) {
     const int8_t* w = (const int8_t*)L.w;
@@ -651,24 +742,27 @@ void linear_panel(const Linear& L, const uint16_t* x, int64_t M, int64_t ldx, vo
     });
     return;
   }
-  if (L.quant == 1) {
-    const int64_t ng = (K + 63) / 64;
+  if (L.quant == 1) {  // activation groups of 64 k, or the weight's
+    const int64_t g = L.group ? L.group : 64, ng = (K + g - 1) / g;
     int16_t* xq = (int16_t*)xf;
     if (own)
-      for (int64_t m = 0; m < M; ++m) quantize_int16_row(x + m * ldx, K, 64, xq + m * K, gsum + m * 2 * ng);
+      for (int64_t m = 0; m < M; ++m) quantize_int16_row(x + m * ldx, K, g, xq + m * K, gsum + m * 2 * ng);
     else
 #pragma omp for schedule(static)
-      for (int64_t m = 0; m < M; ++m) quantize_int16_row(x + m * ldx, K, 64, xq + m * K, gsum + m * 2 * ng);
+      for (int64_t m = 0; m < M; ++m) quantize_int16_row(x + m * ldx, K, g, xq + m * K, gsum + m * 2 * ng);
     const Epilogue ep{L.bias, out, ldo, L.n_out, fp32, L.act};
     const int8_t* w = (const int8_t*)L.w;
     const float* scale = (const float*)L.scale;
     run_blocks(M, L.nblocks, ep, [&](int64_t b, int rows, int64_t m0, float* acc) {
+      const float* ws = L.group ? scale + b * ng * BLOCK : nullptr;
       with_rows(rows, [&](auto R) {
-        tile_int8_i16<R()>(xq + m0 * K, K, K / 2, w + b * K * BLOCK, gsum + m0 * 2 * ng + ng, 2 * ng, acc);
+        tile_int8_i16<R()>(xq + m0 * K, K, K / 2, g / 2, w + b * K * BLOCK, ws, gsum + m0 * 2 * ng + ng, 2 * ng, acc);
       });
-      const float* s = scale + b * BLOCK;
-      for (int m = 0; m < rows; ++m)
-        for (int j = 0; j < BLOCK; ++j) acc[m * BLOCK + j] *= s[j];
+      if (!L.group) {
+        const float* s = scale + b * BLOCK;
+        for (int m = 0; m < rows; ++m)
+          for (int j = 0; j < BLOCK; ++j) acc[m * BLOCK + j] *= s[j];
+      }
     });
     return;
   }
@@ -688,12 +782,15 @@ void linear_panel(const Linear& L, const uint16_t* x, int64_t M, int64_t ldx, vo
 // [min(M, panel_rows(K)), K] float32 workspace (portable tiles).
 // Many rows (prefill, the vision tower) go in panels of about 2 MB of activations, which stay in cache while every
 // weight block passes over them: measured 1.4x faster on the vision tower's 10240 x 1152 @ 1152 x 4304.
+// Activation groups per row (their sums and scales: 2 floats each in gsum): the weight's groups, else 64 k.
+inline int64_t act_groups(const Linear& L) { return L.group ? (L.k + L.group - 1) / L.group : (L.k + 63) / 64; }
+
 inline int64_t panel_rows(int64_t K) { return std::max<int64_t>(16 * MT, (int64_t{1} << 21) / (2 * K) / MT * MT); }
 
 void linear(const Linear& L, const uint16_t* x, int64_t M, int64_t ldx, void* out, int64_t ldo, int fp32,
             float* gsum, float* xf) {
   const int64_t panel = panel_rows(L.k);
-  const int64_t out_row = ldo * (fp32 ? 4 : 2), ng = L.quant == 2 ? L.k / L.group : (L.k + 63) / 64;
+  const int64_t out_row = ldo * (fp32 ? 4 : 2), ng = act_groups(L);
   for (int64_t m0 = 0; m0 < M; m0 += panel)
     linear_panel(L, x + m0 * ldx, std::min(panel, M - m0), ldx, (char*)out + m0 * out_row, ldo, fp32, gsum + m0 * 2 * ng,
                  xf);
@@ -704,7 +801,7 @@ void linear(const Linear& L, const uint16_t* x, int64_t M, int64_t ldx, void* ou
 extern "C" {
 
 void mm(const Linear* L, const uint16_t* x, int64_t M, int64_t ldx, void* out, int64_t ldo, int fp32) {
-  std::vector<float> gsum(2 * M * (L->quant == 2 ? L->k / L->group : (L->k + 63) / 64)), xf(std::min(M, panel_rows(L->k)) * L->k);
+  std::vector<float> gsum(2 * M * act_groups(*L)), xf(std::min(M, panel_rows(L->k)) * L->k);
 #pragma omp parallel
   linear(*L, x, M, ldx, out, ldo, fp32, gsum.data(), xf.data());
 }
@@ -1329,7 +1426,7 @@ void mm_lora(const Linear* L, int64_t n, const LoraSite* const* adapters, const 
   std::vector<float> u;
   std::vector<const LoraSite*> sites;
   const LoraBatch lb = lora_batch(n, adapters, row_adapter, M, 1, u, sites);
-  std::vector<float> gsum(2 * M * (L->quant == 2 ? L->k / L->group : (L->k + 63) / 64)),
+  std::vector<float> gsum(2 * M * act_groups(*L)),
       xf(std::min(M, panel_rows(L->k)) * L->k);
 #pragma omp parallel
   linear_lora(*L, lb, 0, x, M, ldx, out, ldo, gsum.data(), xf.data());

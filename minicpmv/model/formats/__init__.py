@@ -3,9 +3,10 @@
 ``detect(path)`` names a checkpoint's format (None for our own safetensors, plain or ``quant.save_quantized``);
 ``load_model`` builds ``MiniCPMV`` from it. Each format module has one job: ``read(source, cfg, dense)`` turns the
 checkpoint's tensors into a ``Loaded``: dense float tensors under our module names, plus, for the language model's
-int4 linears, a ``quant.Int4`` each (values, scales, zero-point offsets) that ``fast.optimize`` packs for the
-kernels. With ``dense`` (a float32 load, or off the CPU) every quantized weight is dequantized instead: the exact
-reference. What was dequantized is logged and reported (``Loaded.info``: the start-up summary, ``/v1/models``).
+quantized linears, a ``quant.Grouped`` each (values, scales, zero-point offsets) that ``fast.optimize`` packs for
+the int4 or int8 kernels. With ``dense`` (a float32 load, or off the CPU) every quantized weight is dequantized
+instead: the exact reference. What was dequantized is logged and reported (``Loaded.info``: the start-up summary,
+``/v1/models``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class Loaded:
 
     format: str
     tensors: dict[str, torch.Tensor]  # dense tensors by our checkpoint names (any float dtype; cast at load)
-    quantized: dict = field(default_factory=dict)  # linear name -> quant.Int4, packed by fast.optimize
+    quantized: dict = field(default_factory=dict)  # linear name -> quant.Grouped, packed by fast.optimize
     types: Counter = field(default_factory=Counter)  # stored tensor type ("gptq int4 g128", "bf16", ...) -> count
     dequantized: list[str] = field(default_factory=list)  # quantized linears/tensors turned dense at load
     notes: list[str] = field(default_factory=list)  # anything else the user should know (requantized parts, ...)
@@ -44,12 +45,16 @@ class Loaded:
     def info(self) -> dict:
         """What the start-up summary and /v1/models say about the weights."""
         return {"format": self.format, "types": dict(sorted(self.types.items())),
-                "quantized_linears": len(self.quantized), "dequantized": _summarize(self.dequantized),
-                "notes": list(self.notes)}
+                "quantized_linears": len(self.quantized), "kernels": self.kernels(),
+                "dequantized": _summarize(self.dequantized), "notes": list(self.notes)}
+
+    def kernels(self) -> str:
+        """The kernels the quantized linears go into: "int4", "int8", "int4 / int8" ("quantized" for none)."""
+        return " / ".join(sorted({f"int{q.bits}" for q in self.quantized.values()})) or "quantized"
 
     def summary(self) -> str:
         types = ", ".join(f"{n} x{c}" for n, c in sorted(self.types.items()))
-        parts = [f"{self.format} checkpoint: {types}", f"{len(self.quantized)} linears into the int4 kernels"]
+        parts = [f"{self.format} checkpoint: {types}", f"{len(self.quantized)} linears into the {self.kernels()} kernels"]
         if self.dequantized:
             parts.append(f"dequantized at load: {_summarize(self.dequantized)}")
         return "; ".join(parts + self.notes)

@@ -11,8 +11,8 @@ undoes what convert_hf_to_gguf.py did to them (norm weights stored as 1 + w, A_l
 kernel squeezed, DeltaNet value heads reordered from grouped to tiled when there are more value than key heads).
 
 Types: F32 / F16 / BF16 are dense; Q4_0, Q4_1 and Q4_K (per 32 values: w = s * q + m, q in 0..15) go into the int4
-kernels with offsets, in groups of 32; every other type (Q8_0, Q5_*, Q6_K, ...) is dequantized with gguf's numpy
-dequantizers, and said so. A float32 load (or off the CPU) dequantizes everything: the exact reference.
+kernels with offsets, Q8_0 (w = d * q, q in -127..127) into the int8 kernels with a scale per group, both in groups
+of 32; every other type (Q5_*, Q6_K, ...) is dequantized with gguf's numpy dequantizers, and said so. A float32 load (or off the CPU) dequantizes everything: the exact reference.
 """
 
 from __future__ import annotations
@@ -40,8 +40,9 @@ LM = "model.language_model"
 PROBE = "Hello, world! MiniCPM-V 4.6 reads 1234 images.\n<|im_start|>user\n你好，世界 <think>ok</think> ça va? 🙂"
 DENSE = ("F32", "F16", "BF16")
 INT4 = ("Q4_0", "Q4_1", "Q4_K")  # exact in the int4-with-offsets kernels, groups of 32
-# everything else we read is dequantized; a type outside both lists is refused
-DEQUANTIZED = ("Q8_0", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q5_K", "Q6_K", "Q8_K", "IQ4_NL", "IQ4_XS", "IQ3_S",
+INT8 = ("Q8_0",)  # exact in the grouped int8 kernels, groups of 32
+# everything else we read is dequantized; a type outside these lists is refused
+DEQUANTIZED = ("Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q5_K", "Q6_K", "Q8_K", "IQ4_NL", "IQ4_XS", "IQ3_S",
                "IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M", "TQ1_0", "TQ2_0", "MXFP4")
 
 # llama.cpp name (after "blk.N.") -> ours (after "<LM>.layers.N."); from gguf-py's tensor_mapping for QWEN35
@@ -208,9 +209,9 @@ class File:
         gguf = _gguf()
         t = self.tensors[name]
         kind = t.type_name
-        if kind not in DENSE + INT4 + DEQUANTIZED:
+        if kind not in DENSE + INT4 + INT8 + DEQUANTIZED:
             raise CheckpointError(f"{self.path}: tensor {name} has GGUF type {kind}, which minicpmv does not read "
-                                  f"(supported: {', '.join(DENSE + INT4 + DEQUANTIZED)})")
+                                  f"(supported: {', '.join(DENSE + INT4 + INT8 + DEQUANTIZED)})")
         shape = tuple(int(d) for d in reversed(t.shape))
         data = gguf.quants.dequantize(np.ascontiguousarray(t.raw), gguf.GGMLQuantizationType(t.kind))
         return np.asarray(data, dtype=np.float32).reshape(shape)
@@ -252,6 +253,13 @@ def int4_parts(kind: str, raw: np.ndarray, rows: int, cols: int) -> tuple[np.nda
     scales = scales.reshape(rows, -1).astype(np.float32)
     offsets = offsets.reshape(rows, -1).astype(np.float32)
     return q - 8, scales, offsets + 8 * scales  # values centred on 0 like ours
+
+
+def int8_parts(raw: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """(values [rows, cols] in -127..127, scales [rows, cols/32]) with w = scale * value, from a Q8_0 tensor's raw
+    blocks (per 32 values: an fp16 scale, then the 32 int8 values)."""
+    blocks = np.asarray(raw, dtype=np.uint8).reshape(rows, cols // 32, 34)
+    return np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(rows, cols), _f16(blocks[..., 0:2])
 
 
 # --- names and the converter's transforms -------------------------------------------------------------------------
@@ -515,8 +523,8 @@ def _mkdir(p: Path) -> Path:
 # --- reading the tensors ------------------------------------------------------------------------------------------
 
 
-def _int4_linear(name: str, cfg) -> bool:
-    """Linears whose int4 weight the kernels take: the language model's and the head (not the vision tower's)."""
+def _kernel_linear(name: str, cfg) -> bool:
+    """Linears whose quantized weight the kernels take: the language model's and the head (not the vision tower's)."""
     return bool(re.fullmatch(rf"{LM}\.layers\.\d+\.(mlp|self_attn|linear_attn)\.\w*proj\w*\.weight", name)) or name in (
         "lm_head.weight", f"{LM}.embed_tokens.weight")
 
@@ -536,16 +544,19 @@ def read(source: Path, cfg, dense: bool, progress: bool | None = None) -> Loaded
     for f, n in tqdm(names, desc="loading GGUF", unit="tensor", disable=None if progress is None else not progress):
         ours, kind = our_name(n), f.type_name(n)
         loaded.types[kind] += 1
-        int4 = (not dense and kind in INT4 and _int4_linear(ours, cfg) and columns_permutation(ours, cfg) is None)
-        if int4:
+        if not dense and kind in INT4 + INT8 and _kernel_linear(ours, cfg) and columns_permutation(ours, cfg) is None:
             t = f.tensors[n]
             cols, rows = int(t.shape[0]), int(t.shape[1]) if len(t.shape) > 1 else 1
-            q, s, o = int4_parts(kind, t.raw, rows, cols)
+            if kind in INT8:
+                (q, s), o = int8_parts(t.raw, rows, cols), None
+            else:
+                q, s, o = int4_parts(kind, t.raw, rows, cols)
             perm = rows_permutation(ours, cfg)
             if perm is not None:
-                q, s, o = q[perm], s[perm], o[perm]
+                q, s, o = q[perm], s[perm], None if o is None else o[perm]
             linear = ours.removesuffix(".weight")
-            packed = quant.Int4(torch.from_numpy(q), torch.from_numpy(s), torch.from_numpy(o), 32)
+            packed = quant.Grouped(torch.from_numpy(q), torch.from_numpy(s), None if o is None else torch.from_numpy(o),
+                                   32, bits=8 if kind in INT8 else 4)
             if ours == f"{LM}.embed_tokens.weight":  # the tied head reads it packed; the lookup table stays dense
                 if cfg.tie_word_embeddings:
                     loaded.quantized["lm_head"] = packed

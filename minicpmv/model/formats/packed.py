@@ -1,5 +1,5 @@
 """What GPTQ and AWQ share: integers packed into int32 words, zero points and scales per group along the input
-dim, and turning one such linear into dense weights or into our kernels' asymmetric int4 (``quant.Int4``)."""
+dim, and turning one such linear into dense weights or into our kernels' asymmetric int4 (``quant.Grouped``)."""
 
 from __future__ import annotations
 
@@ -38,14 +38,14 @@ def contiguous_groups(groups: torch.Tensor, k: int) -> int | None:
 
 
 def to_int4(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group: int,
-            perm: torch.Tensor | None = None) -> quant.Int4:
+            perm: torch.Tensor | None = None) -> quant.Grouped:
     """(q - z) s in groups of ``group`` inputs as our asymmetric int4: values q - 8, scales s, offsets s (8 - z)
     (q [K, N] in 0..15, zeros and scales [G, N]). ``perm``: the inputs in group order (act-order), q's rows taken
     in that order."""
     s = scales.float()
     if perm is not None:
         q = q[perm]
-    return quant.Int4(values=(q.t() - 8).to(torch.int8).contiguous(), scales=s.t().contiguous(),
+    return quant.Grouped(values=(q.t() - 8).to(torch.int8).contiguous(), scales=s.t().contiguous(),
                       offsets=(s * (8 - zeros.float())).t().contiguous(), group=group, perm=perm)
 
 
