@@ -238,11 +238,12 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def quantize_int8_groups(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 in groups of ``group`` inputs (K a multiple of it): (q [N, K] int8, scale [N, K/group]
-    float32)."""
+    float16, as GGUF Q8_0 stores them)."""
     n, k = w.shape
     wf = w.float().view(n, k // group, group)
-    scale = wf.abs().amax(-1).clamp(min=1e-12) / 127
-    return torch.round(wf / scale[..., None]).clamp(-127, 127).to(torch.int8).view(n, k), scale
+    scale = (wf.abs().amax(-1) / 127).clamp(min=2.0**-24, max=65504).half()
+    q = torch.round(wf / scale.float()[..., None]).clamp(-127, 127)
+    return q.to(torch.int8).view(n, k), scale
 
 
 def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,7 +277,8 @@ class PackedLinear(nn.Module):
                  parts: list[tuple[str, int]] | None = None, offsets: torch.Tensor | None = None,
                  in_perm: torch.Tensor | None = None):
         """``weight`` [N, K] in any float dtype (quantized here), or already-quantized int8 values [N, K] with
-        ``scale`` ([N] for int8, [N, K/group] for int4, and for int8 in groups: GGUF Q8_0, ``group`` 32 or 64). ``parts`` names the (checkpoint name, rows) of the linears
+        ``scale`` ([N] for int8, [N, K/group] for int4, and for int8 in groups: GGUF Q8_0, ``group`` 32 or 64, kept in
+        float16). ``parts`` names the (checkpoint name, rows) of the linears
         fused into this one, in order, for saving. ``offsets`` [N, K/group] (int4 with ``scale`` only) makes the
         weight asymmetric: w = scale * q + offset per group, q in -8..7 (the zero points of GPTQ, AWQ, GGUF).
         ``in_perm`` [K]: the weight's columns are the inputs in that order (GPTQ act-order); inputs are gathered in
@@ -305,7 +307,8 @@ class PackedLinear(nn.Module):
         else:
             shape, dtype = (nb, k_pad // 2, BLOCK, 2), torch.int8 if quant == "int8" else torch.bfloat16
             scale_shape = (nb, k // group, BLOCK) if grouped_int8 else (nb * BLOCK,)
-            self.register_buffer("scale", huge_empty(scale_shape, torch.float32) if quant == "int8" else None)
+            scale_dtype = torch.float16 if grouped_int8 else torch.float32
+            self.register_buffer("scale", huge_empty(scale_shape, scale_dtype) if quant == "int8" else None)
             self.register_buffer("offset", None)
         self.register_buffer("weight", huge_empty(shape, dtype))
         rows = 64 * BLOCK  # packed a slice of rows at a time: bounded temporary memory even for the 248k-row head
@@ -328,7 +331,7 @@ class PackedLinear(nn.Module):
             q, scale = (w, scale) if scale is not None else quantize_int8(w)
             q = _pad(q, nb * BLOCK, k_pad)
             if self.group:
-                s = _pad(scale.float(), nb * BLOCK, k // group)
+                s = _pad(scale.half(), nb * BLOCK, k // group)
                 self.scale[block : block + nb] = s.view(nb, BLOCK, -1).transpose(1, 2)
             else:
                 self.scale[block * BLOCK : block * BLOCK + n] = scale

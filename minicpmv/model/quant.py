@@ -29,7 +29,8 @@ GROUP_SIZES = (32, 64, 128)
 class Grouped:
     """A linear's weight from another tool's checkpoint (model/formats), quantized in groups of ``group`` inputs, in
     our plain layout: ``values`` [N, K] int8 (``bits`` 4: -8..7, GPTQ / AWQ / GGUF Q4; 8: -127..127, GGUF Q8_0),
-    ``scales`` [N, ceil(K/group)] and, for asymmetric formats, ``offsets`` of the same shape (float32):
+    ``scales`` [N, ceil(K/group)] (float32; float16 for 8 bits) and, for asymmetric formats, ``offsets`` of the
+    same shape (float32):
     w[n, k] = scales[n, g] * values[n, k] + offsets[n, g] with g = k // group. Attached to an (empty) nn.Linear as
     ``.quantized``; fast.optimize packs it. With ``perm`` (GPTQ act-order) the columns are in that order of the
     inputs: column j multiplies input perm[j], so each group is contiguous."""

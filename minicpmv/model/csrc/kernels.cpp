@@ -4,7 +4,7 @@
 // how fast the weights stream from memory. The packed layouts make each 64-column block one linear stream:
 //   bf16: [N/64][K/2][64][2] bf16        one k-pair of 64 columns = 256 bytes = 4 zmm, fed to vdpbf16ps
 //   int8: [N/64][K/2][64][2] int8        the bf16 layout, converted to bf16 in registers; + a float scale per column,
-//                                        or (GGUF Q8_0: groups of G = 32) float scales [N/64][K/G][64]
+//                                        or (GGUF Q8_0: groups of G = 32) fp16 scales [N/64][K/G][64]
 //   int4: [N/64][K/G][G/4][4][16][2] u8  per group of G, 16 columns x 2 k per 32 bytes; low nibbles hold the group's
 //                                        first G/2 k, high nibbles the rest; + a bf16 scale per column and group
 // Each activation row's k-pair (or k) is broadcast and multiplied into column accumulators, so a weight load is
@@ -168,10 +168,11 @@ void matmul_tile(const uint16_t* x, int64_t ldx, int64_t k2, const W* w, float* 
   for (int c0 = 0; c0 < 4; c0 += C) matmul_cols<R, C>(x, ldx, k2, w, acc_out, c0);
 }
 
-// int8 in groups of 2 g2 k with a float scale per column and group (GGUF Q8_0): each group's products in their own
-// accumulators, scaled into the row sums at its end (twice the accumulators: fewer chunks per pass).
+// int8 in groups of 2 g2 k with an fp16 scale per column and group (GGUF Q8_0's own: as many bytes as llama.cpp
+// streams): each group's products in their own accumulators, scaled into the row sums at its end (twice the
+// accumulators: fewer chunks per pass).
 template <int R, int C>
-void int8_groups_cols(const uint16_t* x, int64_t ldx, int64_t k2, int64_t g2, const int8_t* w, const float* scale,
+void int8_groups_cols(const uint16_t* x, int64_t ldx, int64_t k2, int64_t g2, const int8_t* w, const uint16_t* scale,
                       float* acc_out, int c0) {
   const int pf = pf_mode;
   __m512 sum[R][C];
@@ -194,7 +195,7 @@ void int8_groups_cols(const uint16_t* x, int64_t ldx, int64_t k2, int64_t g2, co
       }
     }
     for (int c = 0; c < C; ++c) {
-      const __m512 sc = _mm512_loadu_ps(scale + 16 * (c0 + c));
+      const __m512 sc = vld_f16(scale + 16 * (c0 + c));
       for (int m = 0; m < R; ++m) sum[m][c] = _mm512_fmadd_ps(acc[m][c], sc, sum[m][c]);
     }
   }
@@ -203,7 +204,7 @@ void int8_groups_cols(const uint16_t* x, int64_t ldx, int64_t k2, int64_t g2, co
 }
 
 template <int R>
-void tile_int8_groups(const uint16_t* x, int64_t ldx, int64_t k2, int64_t g2, const int8_t* w, const float* scale,
+void tile_int8_groups(const uint16_t* x, int64_t ldx, int64_t k2, int64_t g2, const int8_t* w, const uint16_t* scale,
                       float* acc_out) {
   constexpr int C = R <= 3 ? 4 : R <= 7 ? 2 : 1;
   for (int c0 = 0; c0 < 4; c0 += C) int8_groups_cols<R, C>(x, ldx, k2, g2, w, scale, acc_out, c0);
@@ -328,9 +329,9 @@ void matmul_tile(const X* x, int64_t ldx, int64_t k2, const W* w, float* acc_out
   for (int c0 = 0; c0 < BLOCK; c0 += CV * VL) matmul_cols<R, CV>(x, ldx, k2, w, acc_out, c0);
 }
 
-// int8 in groups of 2 g2 k with a float scale per column and group (GGUF Q8_0), as the AVX-512 one above.
+// int8 in groups of 2 g2 k with an fp16 scale per column and group (GGUF Q8_0), as the AVX-512 one above.
 template <int R, int CV, class X>
-void int8_groups_cols(const X* x, int64_t ldx, int64_t k2, int64_t g2, const int8_t* w, const float* scale,
+void int8_groups_cols(const X* x, int64_t ldx, int64_t k2, int64_t g2, const int8_t* w, const uint16_t* scale,
                       float* acc_out, int c0) {
   const int pf = pf_mode;
   vf sum[R][CV];
@@ -352,7 +353,7 @@ void int8_groups_cols(const X* x, int64_t ldx, int64_t k2, int64_t g2, const int
       }
     }
     for (int v = 0; v < CV; ++v) {
-      const vf sc = vld(scale + c0 + VL * v);
+      const vf sc = vld_f16(scale + c0 + VL * v);
       for (int m = 0; m < R; ++m) sum[m][v] = vfma(acc[m][v], sc, sum[m][v]);
     }
   }
@@ -361,7 +362,7 @@ void int8_groups_cols(const X* x, int64_t ldx, int64_t k2, int64_t g2, const int
 }
 
 template <int R, class X>
-void tile_int8_groups(const X* x, int64_t ldx, int64_t k2, int64_t g2, const int8_t* w, const float* scale,
+void tile_int8_groups(const X* x, int64_t ldx, int64_t k2, int64_t g2, const int8_t* w, const uint16_t* scale,
                       float* acc_out) {
   constexpr int CV = cols_for(R, ACC_REGS / 2);  // the row sums beside the group's accumulators
   for (int c0 = 0; c0 < BLOCK; c0 += CV * VL) int8_groups_cols<R, CV>(x, ldx, k2, g2, w, scale, acc_out, c0);
@@ -478,7 +479,7 @@ void tile_int4_i16(const int16_t* xq, int64_t ldx, int64_t k, int64_t g, const u
 // group's column scales ws where the weight has groups (else the column scales come later). xs: the groups'
 // activation scales (row stride ldg).
 template <int R, int CV>
-void matmul_int8_i16(const int16_t* xq, int64_t ldx, int64_t k2, int64_t g2, const int8_t* w, const float* ws,
+void matmul_int8_i16(const int16_t* xq, int64_t ldx, int64_t k2, int64_t g2, const int8_t* w, const uint16_t* ws,
                      const float* xs, int64_t ldg, float* acc_out, int c0) {
   const int pf = pf_mode;
   constexpr int bytes = CV * 16;  // of each k-pair row read here
@@ -505,7 +506,7 @@ void matmul_int8_i16(const int16_t* xq, int64_t ldx, int64_t k2, int64_t g2, con
       const vf s = vset(xs[m * ldg + p0 / g2]);
       for (int v = 0; v < CV; ++v) {
         float* o = acc_out + m * BLOCK + c0 + 8 * v;
-        const vf sv = ws ? vmul(s, vld(ws + (p0 / g2) * BLOCK + c0 + 8 * v)) : s;
+        const vf sv = ws ? vmul(s, vld_f16(ws + (p0 / g2) * BLOCK + c0 + 8 * v)) : s;
         vst(o, vfma(_mm256_cvtepi32_ps(acc[m][v]), sv, vld(o)));
       }
     }
@@ -513,7 +514,7 @@ void matmul_int8_i16(const int16_t* xq, int64_t ldx, int64_t k2, int64_t g2, con
 }
 
 template <int R>
-void tile_int8_i16(const int16_t* xq, int64_t ldx, int64_t k2, int64_t g2, const int8_t* w, const float* ws,
+void tile_int8_i16(const int16_t* xq, int64_t ldx, int64_t k2, int64_t g2, const int8_t* w, const uint16_t* ws,
                    const float* xs, int64_t ldg, float* acc_out) {
   constexpr int CV = R == 1 ? 8 : R == 2 ? 4 : R <= 4 ? 2 : 1;  // one row: the whole block in one linear pass
   for (int c0 = 0; c0 < BLOCK; c0 += 8 * CV) matmul_int8_i16<R, CV>(xq, ldx, k2, g2, w, ws, xs, ldg, acc_out, c0);
@@ -607,7 +608,7 @@ void run_blocks(int64_t M, int64_t nblocks, const Epilogue& ep, Tile tile) {
 
 // A packed weight, as kernels.PackedLinear holds it. x [M, K] bf16 with row stride ldx; w packed in nblocks blocks of
 // 64 columns (K padded to even for bf16 and int8, to a multiple of the group for int4 and grouped int8); scale:
-// int8 float32 [nblocks * 64] (group 0) or [nblocks][K/group][64], int4 bf16 [nblocks][K/group][64]; bias: float32 [n_out] or null; act 1 = silu(gate) * up,
+// int8 float32 [nblocks * 64] (group 0) or fp16 [nblocks][K/group][64], int4 bf16 [nblocks][K/group][64]; bias: float32 [n_out] or null; act 1 = silu(gate) * up,
 // 2 = gelu (tanh). Outputs [M, n_out] with row stride ldo, bf16 or float32.
 struct Linear {
   const void* w;
@@ -652,7 +653,7 @@ void linear_blocks(const Linear& L, const X* x, int64_t M, int64_t ldx, void* ou
     });
   } else if (L.quant == 1 && L.group) {  // groups: scaled in the tile
     const int8_t* w = (const int8_t*)L.w;
-    const float* scale = (const float*)L.scale;
+    const uint16_t* scale = (const uint16_t*)L.scale;
     run_blocks(M, L.nblocks, ep, [&](int64_t b, int rows, int64_t m0, float* acc) {
       with_rows(rows, [&](auto R) {
         tile_int8_groups<R()>(x + m0 * ldx, ldx, k2, L.group / 2, w + b * K * BLOCK, scale + b * K / L.group * BLOCK, acc);
@@ -754,7 +755,7 @@ void linear_panel(const Linear& L, const uint16_t* x, int64_t M, int64_t ldx, vo
     const int8_t* w = (const int8_t*)L.w;
     const float* scale = (const float*)L.scale;
     run_blocks(M, L.nblocks, ep, [&](int64_t b, int rows, int64_t m0, float* acc) {
-      const float* ws = L.group ? scale + b * ng * BLOCK : nullptr;
+      const uint16_t* ws = L.group ? (const uint16_t*)L.scale + b * ng * BLOCK : nullptr;
       with_rows(rows, [&](auto R) {
         tile_int8_i16<R()>(xq + m0 * K, K, K / 2, g / 2, w + b * K * BLOCK, ws, gsum + m0 * 2 * ng + ng, 2 * ng, acc);
       });

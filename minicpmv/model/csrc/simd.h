@@ -29,6 +29,21 @@ inline float bf16_to_f32(uint16_t v) {
   return f;
 }
 
+inline float f16_to_f32(uint16_t h) {  // IEEE half, exactly (subnormals, inf and NaN too)
+  const uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+  uint32_t u;
+  if (exp == 0) {
+    float f = (float)man * (1.0f / 16777216.0f);  // zero and subnormals: man 2^-24
+    memcpy(&u, &f, 4);
+  } else {
+    u = exp == 31 ? 0x7f800000u | (man << 13) : ((exp + 112) << 23) | (man << 13);
+  }
+  u |= (uint32_t)(h & 0x8000) << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
 inline uint16_t f32_to_bf16(float f) {  // round to nearest even, NaN kept quiet
   uint32_t u;
   memcpy(&u, &f, 4);
@@ -49,6 +64,7 @@ inline void vst(float* p, vf v) { _mm512_storeu_ps(p, v); }
 inline void vstn(float* p, vf v, int64_t n) { _mm512_mask_storeu_ps(p, mask_of(n), v); }
 inline vf widen(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
 inline vf vld_bf16(const uint16_t* p) { return widen(_mm256_loadu_si256((const __m256i*)p)); }
+inline vf vld_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
 inline vf vld_bf16n(const uint16_t* p, int64_t n) { return widen(_mm256_maskz_loadu_epi16(mask_of(n), p)); }
 inline void vst_bf16(uint16_t* p, vf v) { _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(v)); }
 inline void vst_bf16n(uint16_t* p, vf v, int64_t n) { _mm256_mask_storeu_epi16(p, mask_of(n), (__m256i)_mm512_cvtneps_pbh(v)); }
@@ -87,6 +103,7 @@ inline void vstn(float* p, vf v, int64_t n) {
 }
 inline vf widen(__m128i h) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)); }
 inline vf vld_bf16(const uint16_t* p) { return widen(_mm_loadu_si128((const __m128i*)p)); }
+inline vf vld_f16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
 inline vf vld_bf16n(const uint16_t* p, int64_t n) {
   if (n >= 8) return vld_bf16(p);
   uint16_t t[8] = {0};
@@ -173,6 +190,7 @@ inline void vstn(float* p, vf v, int64_t n) {
   memcpy(p, t, 4 * n);
 }
 inline vf vld_bf16(const uint16_t* p) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16)); }
+inline vf vld_f16(const uint16_t* p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
 inline vf vld_bf16n(const uint16_t* p, int64_t n) {
   if (n >= 4) return vld_bf16(p);
   uint16_t t[4] = {0, 0, 0, 0};
@@ -239,6 +257,7 @@ inline vf vldn(const float* p, int64_t n) { MINICPMV_LANES(i < n ? p[i] : 0.0f);
 inline void vst(float* p, vf v) { for (int i = 0; i < 4; ++i) p[i] = v.v[i]; }
 inline void vstn(float* p, vf v, int64_t n) { for (int i = 0; i < 4 && i < n; ++i) p[i] = v.v[i]; }
 inline vf vld_bf16(const uint16_t* p) { MINICPMV_LANES(bf16_to_f32(p[i])); }
+inline vf vld_f16(const uint16_t* p) { MINICPMV_LANES(f16_to_f32(p[i])); }
 inline vf vld_bf16n(const uint16_t* p, int64_t n) { MINICPMV_LANES(i < n ? bf16_to_f32(p[i]) : 0.0f); }
 inline void vst_bf16(uint16_t* p, vf v) { for (int i = 0; i < 4; ++i) p[i] = f32_to_bf16(v.v[i]); }
 inline void vst_bf16n(uint16_t* p, vf v, int64_t n) { for (int i = 0; i < 4 && i < n; ++i) p[i] = f32_to_bf16(v.v[i]); }

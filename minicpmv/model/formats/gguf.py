@@ -259,7 +259,8 @@ def int8_parts(raw: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, np.nd
     """(values [rows, cols] in -127..127, scales [rows, cols/32]) with w = scale * value, from a Q8_0 tensor's raw
     blocks (per 32 values: an fp16 scale, then the 32 int8 values)."""
     blocks = np.asarray(raw, dtype=np.uint8).reshape(rows, cols // 32, 34)
-    return np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(rows, cols), _f16(blocks[..., 0:2])
+    scales = np.ascontiguousarray(blocks[..., 0:2]).view(np.float16)[..., 0]  # kept in fp16, as the kernels take them
+    return np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(rows, cols), scales
 
 
 # --- names and the converter's transforms -------------------------------------------------------------------------
