@@ -76,22 +76,46 @@ def table(rows: list[list], header: list[str]) -> str:
     return "\n".join(lines)
 
 
-def isolated_decode_rate(path: Path, tokens: int, **load_kwargs) -> dict:
+def isolated_decode_rate(path: Path, tokens: int, head_bf16: bool = False, **load_kwargs) -> dict:
     """``decode_rate`` of ``load_model(path, dtype="bfloat16", **load_kwargs)`` in a fresh process, with its load
     time and format summary. Models loaded one after another in one process get unequal memory placement (the later
-    one fewer huge pages), which moved their ratio by more than the targets' 10%; a process each keeps them equal."""
-    done = subprocess.run([sys.executable, __file__, str(path), str(tokens), json.dumps(load_kwargs)],
+    one fewer huge pages), which moved their ratio by more than the targets' 10%; a process each keeps them equal.
+    ``head_bf16``: the packed head (and a tied embedding) repacked in bf16 after loading, as other tools' int4 files
+    leave it."""
+    done = subprocess.run([sys.executable, __file__, str(path), str(tokens), json.dumps(load_kwargs), str(int(head_bf16))],
                           check=True, stdout=subprocess.PIPE, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _measure(path: str, tokens: str, load_kwargs: str) -> None:
+def interleaved_decode_rates(variants: dict[str, tuple[Path, dict]], tokens: int, rounds: int) -> dict[str, dict]:
+    """For each variant (name -> (checkpoint, load kwargs)) the best of ``rounds`` isolated_decode_rate results, the
+    variants interleaved round by round (this machine's load drifts)."""
+    best: dict[str, dict] = {}
+    for _ in range(rounds):
+        for name, (path, kw) in variants.items():
+            got = isolated_decode_rate(path, tokens, **kw)
+            if name not in best or got["rate"] > best[name]["rate"]:
+                best[name] = got
+    return best
+
+
+def _measure(path: str, tokens: str, load_kwargs: str, head_bf16: str) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import torch
+
     from minicpmv.checkpoint import load_model
+    from minicpmv.model.fast import PackedEmbedding
+    from minicpmv.model.kernels import PackedLinear
 
     start = time.perf_counter()
     model = load_model(Path(path), dtype="bfloat16", progress=False, **json.loads(load_kwargs))
     load = time.perf_counter() - start
+    if int(head_bf16):
+        head = model.lm_head
+        model.lm_head = PackedLinear(head.dequantized(torch.bfloat16), quant="bf16", out_dtype=torch.float32, parts=head.parts)
+        lm = model.model.language_model
+        if isinstance(lm.embed_tokens, PackedEmbedding):
+            lm.embed_tokens = PackedEmbedding(model.lm_head, torch.bfloat16)
     rate = decode_rate(model, int(tokens))
     print(json.dumps({"rate": rate, "load_seconds": load, "format": getattr(model, "checkpoint_format", None)}))
 

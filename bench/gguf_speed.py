@@ -3,7 +3,8 @@
 The random-weight checkpoint (bench/common.py) is converted once with llama.cpp's own converter
 (scripts/fetch_llama_cpp.sh --converter-only: convert_hf_to_gguf.py --no-mtp --outtype q8_0, plus its mmproj in
 f16) and loaded through minicpmv.model.formats.gguf; ours is ``quantization="int8"`` on the bf16 checkpoint. One
-stream, greedy, in interleaved rounds with a fresh process per model and round (the best of each). Target: Q8_0 within 10% of ours.
+stream, greedy, in interleaved rounds with a fresh process per model and round (the best of each). Target: Q8_0
+within 10% of ours.
 
 Usage: python bench/gguf_speed.py [--size full|tiny] [--decode-tokens 64] [--rounds 3]
 """
@@ -20,7 +21,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.common import CACHE, demo_checkpoint, isolated_decode_rate, table  # noqa: E402
+from bench.common import CACHE, demo_checkpoint, interleaved_decode_rates, table  # noqa: E402
 
 
 def convert(source: Path, kind: str = "q8_0") -> Path:
@@ -55,22 +56,18 @@ def main() -> None:
 
     source = demo_checkpoint(args.size)
     variants = {"ours int8": (source, {"quantization": "int8"}), "GGUF Q8_0": (resolve(convert(source)), {})}
-    rates = {name: 0.0 for name in variants}
-    load, info = {}, {}
-    for _ in range(args.rounds):  # interleaved, a fresh process per model and round
-        for name, (path, kw) in variants.items():
-            got = isolated_decode_rate(path, args.decode_tokens, **kw)
-            rates[name] = max(rates[name], got["rate"])
-            load[name], fmt = got["load_seconds"], got["format"]
-            info[name] = "" if not fmt else f"{fmt['quantized_linears']} quantized linears; dequantized: {fmt['dequantized'] or '-'}"
-    ours = rates["ours int8"]
-    rows = [[name, rates[name], rates[name] / ours, load[name]] for name in variants]
+    got = interleaved_decode_rates(variants, args.decode_tokens, args.rounds)
+    ours = got["ours int8"]["rate"]
+    rows = [[name, g["rate"], g["rate"] / ours, g["load_seconds"]] for name, g in got.items()]
     print(f"kernels: {kernels.active_isa()}, threads: {torch.get_num_threads()}, {args.size} model, "
           f"{args.decode_tokens} tokens x {args.rounds} rounds, a process per model and round")
     print(table(rows, ["weights", "decode tok/s", "vs ours int8", "load s"]))
-    for name, text in info.items():
-        if text:
-            print(f"{name}: {text[:300]}")
+    for name, g in got.items():
+        if g["format"]:
+            fmt = g["format"]
+            print(f"{name}: {fmt['quantized_linears']} linears in the {fmt['kernels']} kernels; "
+                  f"dequantized: {fmt['dequantized'] or '-'}"[:300])
+
 
 if __name__ == "__main__":
     main()

@@ -81,10 +81,12 @@ def test_chat_ctrl_c_stops_the_answer_and_keeps_the_chat_commands_confirm_quit_l
     proc = subprocess.Popen([EXE, "chat", demo, "--max-tokens", "100000", "--temperature", "1.0"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=OFFLINE)
     try:
-        assert proc.stdout.read(len("minicpmv chat.")) == "minicpmv chat."
+        banner = "minicpmv chat. /help for commands.\n> "
+        assert proc.stdout.read(len(banner)) == banner  # (printed once the model is loaded)
         proc.stdin.write("Tell me everything.\n")
         proc.stdin.flush()
-        time.sleep(8)  # (loading, then streaming noise: it never ends by itself)
+        assert proc.stdout.read(1)  # the answer streams (noise: it never ends by itself), however loaded the machine
+        time.sleep(1)
         proc.send_signal(signal.SIGINT)
         time.sleep(1)
         out, err = proc.communicate("/think on\n/think maybe\n/mode 2x\n/mode 4x\nquit\nnever read\n", timeout=60)

@@ -608,8 +608,9 @@ void run_blocks(int64_t M, int64_t nblocks, const Epilogue& ep, Tile tile) {
 
 // A packed weight, as kernels.PackedLinear holds it. x [M, K] bf16 with row stride ldx; w packed in nblocks blocks of
 // 64 columns (K padded to even for bf16 and int8, to a multiple of the group for int4 and grouped int8); scale:
-// int8 float32 [nblocks * 64] (group 0) or fp16 [nblocks][K/group][64], int4 bf16 [nblocks][K/group][64]; bias: float32 [n_out] or null; act 1 = silu(gate) * up,
-// 2 = gelu (tanh). Outputs [M, n_out] with row stride ldo, bf16 or float32.
+// int8 float32 [nblocks * 64] (group 0) or fp16 [nblocks][K/group][64], int4 bf16 [nblocks][K/group][64]; bias:
+// float32 [n_out] or null; act 1 = silu(gate) * up, 2 = gelu (tanh). Outputs [M, n_out] with row stride ldo, bf16
+// or float32.
 struct Linear {
   const void* w;
   const void* scale;
