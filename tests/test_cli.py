@@ -78,8 +78,11 @@ def test_version_and_demo_checkpoint_refuses_a_directory_with_files(demo, tmp_pa
 def test_chat_ctrl_c_stops_the_answer_and_keeps_the_chat_commands_confirm_quit_leaves(demo):
     import signal
 
+    # SIGINT at its default, as in a terminal: a suite started in the background (cmd &) inherits it ignored, and a
+    # Python started so never raises KeyboardInterrupt.
     proc = subprocess.Popen([EXE, "chat", demo, "--max-tokens", "100000", "--temperature", "1.0"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=OFFLINE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=OFFLINE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         banner = "minicpmv chat. /help for commands.\n> "
         assert proc.stdout.read(len(banner)) == banner  # (printed once the model is loaded)
