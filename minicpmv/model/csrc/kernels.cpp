@@ -641,6 +641,11 @@ inline void add_int4_offsets(float* acc, int rows, const uint16_t* off, int64_t 
   }
 }
 
+// A block's offsets, asked for before its tile runs, arrive while it does (the epilogue would wait on memory).
+inline void prefetch_offsets(const uint16_t* off, int64_t ng) {
+  for (int64_t j = 0; j < ng * BLOCK; j += 32) prefetch_l2(off + j);  // 32 bf16: a 64-byte line
+}
+
 // y = x W^T for rows that fit one panel (below); x bf16 or (the portable tiles) float32.
 template <class X>
 void linear_blocks(const Linear& L, const X* x, int64_t M, int64_t ldx, void* out, int64_t ldo, int fp32,
@@ -695,6 +700,7 @@ void linear_blocks(const Linear& L, const X* x, int64_t M, int64_t ldx, void* ou
     const uint8_t* w = (const uint8_t*)L.w;
     const uint16_t* scale = (const uint16_t*)L.scale;
     run_blocks(M, L.nblocks, ep, [&](int64_t b, int rows, int64_t m0, float* acc) {
+      if (L.offset && m0 == 0) prefetch_offsets(L.offset + b * ng * BLOCK, ng);
       with_rows(rows, [&](auto R) {
         tile_int4<R()>(x + m0 * ldx, ldx, K, g, w + b * K * BLOCK / 2, scale + b * ng * BLOCK, gsum + m0 * ng, ng, acc);
       });
@@ -732,6 +738,7 @@ void linear_panel(const Linear& L, const uint16_t* x, int64_t M, int64_t ldx, vo
     const uint8_t* w = (const uint8_t*)L.w;
     const uint16_t* scale = (const uint16_t*)L.scale;
     run_blocks(M, L.nblocks, ep, [&](int64_t b, int rows, int64_t m0, float* acc) {
+      if (L.offset && m0 == 0) prefetch_offsets(L.offset + b * ng * BLOCK, ng);
       with_rows(rows, [&](auto R) {
         tile_int4_i16<R()>(xq + m0 * K, K, K, g, w + b * K * BLOCK / 2, scale + b * ng * BLOCK, gsum + m0 * 2 * ng,
                            2 * ng, acc);
