@@ -12,7 +12,8 @@ kernel squeezed, DeltaNet value heads reordered from grouped to tiled when there
 
 Types: F32 / F16 / BF16 are dense; Q4_0, Q4_1 and Q4_K (per 32 values: w = s * q + m, q in 0..15) go into the int4
 kernels with offsets, Q8_0 (w = d * q, q in -127..127) into the int8 kernels with a scale per group, both in groups
-of 32; every other type (Q5_*, Q6_K, ...) is dequantized with gguf's numpy dequantizers, and said so. A float32 load (or off the CPU) dequantizes everything: the exact reference.
+of 32; every other type (Q5_*, Q6_K, ...) is dequantized with gguf's numpy dequantizers, and said so. A float32
+load (or off the CPU) dequantizes everything: the exact reference.
 """
 
 from __future__ import annotations
