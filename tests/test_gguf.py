@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import gguf
@@ -19,7 +20,7 @@ from minicpmv.errors import CheckpointError, InvalidInputError
 from minicpmv.model import quant
 from minicpmv.model.formats import gguf as ours
 from minicpmv.model.kernels import PackedLinear
-from tests.tiny import REAL, convert_to_gguf, link_tree, llama_quantize, llama_quantize_built, user
+from tests.tiny import REAL, convert_to_gguf, link_tree, llama_cpp, llama_quantize, llama_quantize_built, user
 
 KINDS = ("F32", "Q8_0", "Q4_0", "Q4_K_M")
 
@@ -28,8 +29,6 @@ KINDS = ("F32", "Q8_0", "Q4_0", "Q4_K_M")
 def files(tiny_dir, tmp_path_factory):
     """{kind: LM file} each in its own directory beside the 16x mmproj; "4x": the F32 LM beside the 4x mmproj."""
     root = tmp_path_factory.mktemp("gguf")
-    lm = convert_to_gguf(tiny_dir, root / "lm-F32.gguf")
-    mm16 = convert_to_gguf(tiny_dir, root / "mmproj-16x.gguf", mmproj=True)
     four = root / "ckpt-4x"  # the converter takes the mode from preprocessor_config.json
     link_tree(tiny_dir, four)
     for name in ("preprocessor_config.json", "processor_config.json"):
@@ -38,20 +37,24 @@ def files(tiny_dir, tmp_path_factory):
         section["downsample_mode"] = "4x"
         (four / name).unlink()  # (a hard link to the shared file)
         (four / name).write_text(json.dumps(config))
-    mm4 = convert_to_gguf(four, root / "mmproj-4x.gguf", mmproj=True)
+    (root / "Q8_0").mkdir()
+    conversions = [(tiny_dir, root / "lm-F32.gguf", {}), (tiny_dir, root / "mmproj-16x.gguf", {"mmproj": True}),
+                   (four, root / "mmproj-4x.gguf", {"mmproj": True}),
+                   (tiny_dir, root / "Q8_0" / "lm-Q8_0.gguf", {"outtype": "q8_0"})]  # the converter writes Q8_0
+    llama_cpp()  # fetched once, before the conversions run side by side
+    with ThreadPoolExecutor(2) as pool:  # each conversion is a process of its own, mostly start-up
+        lm, mm16, mm4, _ = pool.map(lambda c: convert_to_gguf(c[0], c[1], **c[2]), conversions)
     out = {}
     for kind in KINDS:
         d = root / kind
-        d.mkdir()
+        d.mkdir(exist_ok=True)
         path = d / f"lm-{kind}.gguf"
         if kind == "F32":
             os.link(lm, path)
-        elif kind == "Q8_0":  # the converter writes Q8_0 itself
-            convert_to_gguf(tiny_dir, path, outtype="q8_0")
-        elif llama_quantize_built():
+        elif kind != "Q8_0":  # (Q8_0 was written by the converter)
+            if not llama_quantize_built():
+                continue
             llama_quantize(lm, path, kind)
-        else:
-            continue
         os.link(mm16, d / "mmproj-16x.gguf")
         out[kind] = path
     (root / "4x").mkdir()

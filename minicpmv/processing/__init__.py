@@ -1,26 +1,24 @@
-"""Inputs for MiniCPM-V 4.6: images -> encoder patches, chat messages -> prompt text and token ids."""
+"""Inputs for MiniCPM-V 4.6: images -> encoder patches, chat messages -> prompt text and token ids.
 
-from minicpmv.processing.chat_template import ChatTemplate
-from minicpmv.processing.image import ImagePlan, ImageSettings, ProcessedImage, UnitPlan, plan_image, process_image
-from minicpmv.processing.image_io import load_image
-from minicpmv.processing.prompt import Processor, ProcessorOutput, expand_placeholders, image_placeholder
-from minicpmv.processing.tokenizer import MediaTokens, TextTokenizer
-from minicpmv.processing.tokenizer_build import write_tokenizer_files
+The names below load on first use, so that `minicpmv.processing.options` (read by the CLI's argument parser) needs
+no torch: `minicpmv --help` and an argument error answer in a fraction of a second."""
 
-__all__ = [
-    "ChatTemplate",
-    "ImagePlan",
-    "ImageSettings",
-    "MediaTokens",
-    "ProcessedImage",
-    "Processor",
-    "ProcessorOutput",
-    "TextTokenizer",
-    "UnitPlan",
-    "expand_placeholders",
-    "image_placeholder",
-    "load_image",
-    "plan_image",
-    "process_image",
-    "write_tokenizer_files",
-]
+import importlib
+
+_HOMES = {
+    "ChatTemplate": "chat_template",
+    "ImagePlan": "image", "ImageSettings": "image", "ProcessedImage": "image", "UnitPlan": "image",
+    "plan_image": "image", "process_image": "image",
+    "load_image": "image_io",
+    "Processor": "prompt", "ProcessorOutput": "prompt", "expand_placeholders": "prompt",
+    "image_placeholder": "prompt",
+    "MediaTokens": "tokenizer", "TextTokenizer": "tokenizer",
+    "write_tokenizer_files": "tokenizer_build",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'minicpmv.processing' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"minicpmv.processing.{_HOMES[name]}"), name)

@@ -20,6 +20,8 @@
 // A batch of decode streams (up to 32 rows) goes through each block in row groups of the tile shape that uses the
 // registers best (MAXR rows: 6 x 4 chunks with AVX-512 BF16, 4 x 2 vectors on AVX2): the block streams from memory
 // with the first group and stays in L2 for the others (run_blocks).
+// bf16 weights times 8 rows or more on AVX2 (and plain C++) take the wide tiles instead: each block widened to
+// float32 once per k chunk, then 6-row register tiles over it (wide_blocks).
 //
 // The epilogue adds a bias and applies gelu (act = 2, tanh form), or (act = 1) computes silu(gate) * up where each
 // 64-column block holds 32 gate and the matching 32 up columns; it writes bf16 (round to nearest even) or float32.
@@ -646,6 +648,115 @@ inline void prefetch_offsets(const uint16_t* off, int64_t ng) {
   for (int64_t j = 0; j < ng * BLOCK; j += 32) prefetch_l2(off + j);  // 32 bf16: a 64-byte line
 }
 
+#if !defined(MINICPMV_DPBF16)
+// bf16 weights times many rows (8+ decode streams, prefill, the vision tower) on the portable tiles: widening each
+// k-pair in registers for every row group and column pass costs as much as the FMAs it feeds. Instead each block is
+// widened to float32 once, a chunk of KC k at a time, into a scratch laid out per pass of WC columns ([pass][k][WC],
+// 128 KB: it stays in L2), and a WR-row x WC-column register tile runs over it: one broadcast and WC / VL FMAs per
+// row and k, WR x WC / VL independent accumulators. The FMAs are those of matmul_cols in the same k order, so the
+// outputs are bit-identical to the narrow tiles'.
+constexpr int WC = 16, WCV = WC / VL;
+constexpr int WR = (NREG - WCV - 1) / WCV;  // AVX2: 6 rows x 2 vectors (12 accumulators)
+#ifndef WIDE_KC
+#define WIDE_KC 256
+#endif
+#ifndef WIDE_MIN
+#if defined(MINICPMV_NEON)
+#define WIDE_MIN (DECODE_M + 1)  // NEON keeps its 4 x 4 in-register tiles (the wide ones are not measured natively)
+#else
+#define WIDE_MIN 8  // rows from which the wide tiles win (AVX2, bench/decode_step.py)
+#endif
+#endif
+constexpr int64_t KC = WIDE_KC;
+constexpr int WM = 32;  // rows accumulated per pass over a block
+
+// scratch[pass][k - k0][WC] = block column (pass WC + j) at k, for k in [k0, k0 + kc); k0 and kc even.
+inline void widen_chunk(const uint16_t* wb, int64_t k0, int64_t kc, float* scratch) {
+  for (int64_t p = k0 / 2; p < (k0 + kc) / 2; ++p) {
+    const uint16_t* wp = wb + p * 2 * BLOCK;
+    prefetch_l2(wp + 8 * 2 * BLOCK), prefetch_l2(wp + 8 * 2 * BLOCK + 32), prefetch_l2(wp + 8 * 2 * BLOCK + 64),
+        prefetch_l2(wp + 8 * 2 * BLOCK + 96);
+    float* even = scratch + (2 * p - k0) * WC;
+    for (int v = 0; v < NVEC; ++v) {
+      const Pair pr = pair_bf16(wp + 2 * VL * v);
+      float* at = even + (VL * v / WC) * KC * WC + VL * v % WC;
+      vst(at, pr.even), vst(at + WC, pr.odd);
+    }
+  }
+}
+
+// acc[R][BLOCK] (at the pass's first column) += x . the pass's WC columns over kc k; x packed [kc][R].
+template <int R>
+void wide_tile(const float* x, int64_t kc, const float* ws, float* acc) {
+  vf a[R][WCV];
+  for (int m = 0; m < R; ++m)
+    for (int v = 0; v < WCV; ++v) a[m][v] = vld(acc + m * BLOCK + v * VL);
+  for (int64_t k = 0; k < kc; ++k) {
+    vf w[WCV];
+    for (int v = 0; v < WCV; ++v) w[v] = vld(ws + k * WC + v * VL);
+    for (int m = 0; m < R; ++m) {
+      const vf xm = vset(x[k * R + m]);
+      for (int v = 0; v < WCV; ++v) a[m][v] = vfma(w[v], xm, a[m][v]);
+    }
+  }
+  for (int m = 0; m < R; ++m)
+    for (int v = 0; v < WCV; ++v) vst(acc + m * BLOCK + v * VL, a[m][v]);
+}
+
+template <int R = 1, class F>
+inline void with_wide_rows(int rows, F&& f) {
+  if constexpr (R < WR) {
+    if (rows > R) return with_wide_rows<R + 1>(rows, f);
+  }
+  f(std::integral_constant<int, R>{});
+}
+
+// Row groups of at most WR rows, even in size, within passes of WM rows: group i holds rows [start, start + rows).
+struct RowGroup {
+  int64_t start;
+  int rows;
+};
+
+void wide_blocks(const uint16_t* w, int64_t K, const float* x, int64_t M, int64_t ldx, int64_t nblocks,
+                 const Epilogue& ep) {
+  thread_local std::vector<float> scratch, packed;  // (each thread packs the activations for itself: no barrier)
+  thread_local std::vector<RowGroup> groups;
+  scratch.resize(BLOCK * KC), packed.resize(M * K), groups.clear();
+  for (int64_t m0 = 0; m0 < M; m0 += WM) {
+    const int rows = (int)std::min<int64_t>(WM, M - m0);
+    const int n = (rows + WR - 1) / WR, step = (rows + n - 1) / n;
+    for (int r0 = 0; r0 < rows; r0 += step) groups.push_back({m0 + r0, std::min(step, rows - r0)});
+  }
+  for (const RowGroup& g : groups)  // x rows [start, start + rows) as [K][rows] at packed + start K
+    for (int64_t k = 0; k < K; ++k)
+      for (int m = 0; m < g.rows; ++m) packed[g.start * K + k * g.rows + m] = x[(g.start + m) * ldx + k];
+#pragma omp for schedule(dynamic, 1)
+  for (int64_t b = 0; b < nblocks; ++b) {
+    alignas(64) float acc[WM * BLOCK];
+    const uint16_t* wb = w + b * K * BLOCK;
+    size_t gi = 0;
+    for (int64_t m0 = 0; m0 < M; m0 += WM) {
+      const int rows = (int)std::min<int64_t>(WM, M - m0);
+      std::fill(acc, acc + rows * BLOCK, 0.0f);
+      const size_t g0 = gi;
+      for (int64_t k0 = 0; k0 < K; k0 += KC) {
+        const int64_t kc = std::min<int64_t>(KC, K - k0);
+        widen_chunk(wb, k0, kc, scratch.data());
+        for (gi = g0; gi < groups.size() && groups[gi].start < m0 + rows; ++gi) {
+          const RowGroup& g = groups[gi];
+          const float* xp = packed.data() + g.start * K + k0 * g.rows;
+          float* a = acc + (g.start - m0) * BLOCK;
+          with_wide_rows(g.rows, [&](auto R) {
+            for (int c = 0; c < BLOCK / WC; ++c) wide_tile<R()>(xp, kc, scratch.data() + c * KC * WC, a + c * WC);
+          });
+        }
+      }
+      ep(acc, rows, m0, b);
+    }
+  }
+}
+#endif
+
 // y = x W^T for rows that fit one panel (below); x bf16 or (the portable tiles) float32.
 template <class X>
 void linear_blocks(const Linear& L, const X* x, int64_t M, int64_t ldx, void* out, int64_t ldo, int fp32,
@@ -654,6 +765,11 @@ void linear_blocks(const Linear& L, const X* x, int64_t M, int64_t ldx, void* ou
   const int64_t K = L.k, k2 = K / 2;
   if (L.quant == 0) {
     const uint16_t* w = (const uint16_t*)L.w;
+#if !defined(MINICPMV_DPBF16)
+    if constexpr (std::is_same_v<X, float>) {
+      if (M >= WIDE_MIN) return wide_blocks(w, 2 * k2, x, M, ldx, L.nblocks, ep);
+    }
+#endif
     run_blocks(M, L.nblocks, ep, [&](int64_t b, int rows, int64_t m0, float* acc) {
       with_rows(rows, [&](auto R) { matmul_tile<R()>(x + m0 * ldx, ldx, k2, w + b * k2 * 2 * BLOCK, acc); });
     });
