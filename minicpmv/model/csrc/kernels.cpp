@@ -667,6 +667,9 @@ constexpr int WR = (NREG - WCV - 1) / WCV;  // AVX2: 6 rows x 2 vectors (12 accu
 #define WIDE_MIN 8  // rows from which the wide tiles win (AVX2, bench/decode_step.py)
 #endif
 #endif
+#ifndef WIDE_PF
+#define WIDE_PF 1
+#endif
 constexpr int64_t KC = WIDE_KC;
 constexpr int WM = 32;  // rows accumulated per pass over a block
 
@@ -742,12 +745,22 @@ void wide_blocks(const uint16_t* w, int64_t K, const float* x, int64_t M, int64_
       for (int64_t k0 = 0; k0 < K; k0 += KC) {
         const int64_t kc = std::min<int64_t>(KC, K - k0);
         widen_chunk(wb, k0, kc, scratch.data());
-        for (gi = g0; gi < groups.size() && groups[gi].start < m0 + rows; ++gi) {
+        // the next chunk's weights are asked for while this one's tiles run, a slice before each tile
+        const char* next = (const char*)(wb + (k0 + kc) * BLOCK);
+        const int64_t lines = WIDE_PF && k0 + kc < K ? std::min<int64_t>(KC, K - k0 - kc) * BLOCK * 2 / 64 : 0;
+        int64_t asked = 0, calls = 0;
+        size_t gend = g0;
+        while (gend < groups.size() && groups[gend].start < m0 + rows) ++gend;
+        const int64_t ncalls = (int64_t)(gend - g0) * (BLOCK / WC);
+        for (gi = g0; gi < gend; ++gi) {
           const RowGroup& g = groups[gi];
           const float* xp = packed.data() + g.start * K + k0 * g.rows;
           float* a = acc + (g.start - m0) * BLOCK;
           with_wide_rows(g.rows, [&](auto R) {
-            for (int c = 0; c < BLOCK / WC; ++c) wide_tile<R()>(xp, kc, scratch.data() + c * KC * WC, a + c * WC);
+            for (int c = 0; c < BLOCK / WC; ++c) {
+              for (const int64_t upto = lines * ++calls / ncalls; asked < upto; ++asked) prefetch_l2(next + 64 * asked);
+              wide_tile<R()>(xp, kc, scratch.data() + c * KC * WC, a + c * WC);
+            }
           });
         }
       }
