@@ -652,7 +652,7 @@ inline void prefetch_offsets(const uint16_t* off, int64_t ng) {
 // bf16 weights times many rows (8+ decode streams, prefill, the vision tower) on the portable tiles: widening each
 // k-pair in registers for every row group and column pass costs as much as the FMAs it feeds. Instead each block is
 // widened to float32 once, a chunk of KC k at a time, into a scratch laid out per pass of WC columns ([pass][k][WC],
-// 128 KB: it stays in L2), and a WR-row x WC-column register tile runs over it: one broadcast and WC / VL FMAs per
+// 64 KB: it stays in L2), and a WR-row x WC-column register tile runs over it: one broadcast and WC / VL FMAs per
 // row and k, WR x WC / VL independent accumulators. The FMAs are those of matmul_cols in the same k order, so the
 // outputs are bit-identical to the narrow tiles'.
 constexpr int WC = 16, WCV = WC / VL;
