@@ -677,8 +677,7 @@ constexpr int WM = 32;  // rows accumulated per pass over a block
 inline void widen_chunk(const uint16_t* wb, int64_t k0, int64_t kc, float* scratch) {
   for (int64_t p = k0 / 2; p < (k0 + kc) / 2; ++p) {
     const uint16_t* wp = wb + p * 2 * BLOCK;
-    prefetch_l2(wp + 8 * 2 * BLOCK), prefetch_l2(wp + 8 * 2 * BLOCK + 32), prefetch_l2(wp + 8 * 2 * BLOCK + 64),
-        prefetch_l2(wp + 8 * 2 * BLOCK + 96);
+    for (int j = 0; j < 2 * BLOCK; j += 32) prefetch_l2(wp + 8 * 2 * BLOCK + j);  // 8 pairs ahead, a line at a time
     float* even = scratch + (2 * p - k0) * WC;
     for (int v = 0; v < NVEC; ++v) {
       const Pair pr = pair_bf16(wp + 2 * VL * v);
@@ -714,34 +713,30 @@ inline void with_wide_rows(int rows, F&& f) {
   f(std::integral_constant<int, R>{});
 }
 
-// Row groups of at most WR rows, even in size, within passes of WM rows: group i holds rows [start, start + rows).
-struct RowGroup {
-  int64_t start;
-  int rows;
-};
+// f(start, rows) for the row groups of a pass over rows [m0, m0 + rows): as few as hold at most WR rows, even in size.
+template <class F>
+inline void for_row_groups(int64_t m0, int rows, F&& f) {
+  const int n = (rows + WR - 1) / WR, step = (rows + n - 1) / n;
+  for (int r0 = 0; r0 < rows; r0 += step) f(m0 + r0, std::min(step, rows - r0));
+}
 
 void wide_blocks(const uint16_t* w, int64_t K, const float* x, int64_t M, int64_t ldx, int64_t nblocks,
                  const Epilogue& ep) {
   thread_local std::vector<float> scratch, packed;  // (each thread packs the activations for itself: no barrier)
-  thread_local std::vector<RowGroup> groups;
-  scratch.resize(BLOCK * KC), packed.resize(M * K), groups.clear();
-  for (int64_t m0 = 0; m0 < M; m0 += WM) {
-    const int rows = (int)std::min<int64_t>(WM, M - m0);
-    const int n = (rows + WR - 1) / WR, step = (rows + n - 1) / n;
-    for (int r0 = 0; r0 < rows; r0 += step) groups.push_back({m0 + r0, std::min(step, rows - r0)});
-  }
-  for (const RowGroup& g : groups)  // x rows [start, start + rows) as [K][rows] at packed + start K
-    for (int64_t k = 0; k < K; ++k)
-      for (int m = 0; m < g.rows; ++m) packed[g.start * K + k * g.rows + m] = x[(g.start + m) * ldx + k];
+  scratch.resize(BLOCK * KC), packed.resize(M * K);
+  for (int64_t m0 = 0; m0 < M; m0 += WM)  // each row group's rows as [K][rows], from its first row's offset
+    for_row_groups(m0, (int)std::min<int64_t>(WM, M - m0), [&](int64_t start, int rows) {
+      for (int64_t k = 0; k < K; ++k)
+        for (int m = 0; m < rows; ++m) packed[start * K + k * rows + m] = x[(start + m) * ldx + k];
+    });
 #pragma omp for schedule(dynamic, 1)
   for (int64_t b = 0; b < nblocks; ++b) {
     alignas(64) float acc[WM * BLOCK];
     const uint16_t* wb = w + b * K * BLOCK;
-    size_t gi = 0;
     for (int64_t m0 = 0; m0 < M; m0 += WM) {
       const int rows = (int)std::min<int64_t>(WM, M - m0);
+      const int64_t ncalls = (rows + WR - 1) / WR * (BLOCK / WC);  // wide_tile calls per chunk
       std::fill(acc, acc + rows * BLOCK, 0.0f);
-      const size_t g0 = gi;
       for (int64_t k0 = 0; k0 < K; k0 += KC) {
         const int64_t kc = std::min<int64_t>(KC, K - k0);
         widen_chunk(wb, k0, kc, scratch.data());
@@ -749,20 +744,16 @@ void wide_blocks(const uint16_t* w, int64_t K, const float* x, int64_t M, int64_
         const char* next = (const char*)(wb + (k0 + kc) * BLOCK);
         const int64_t lines = WIDE_PF && k0 + kc < K ? std::min<int64_t>(KC, K - k0 - kc) * BLOCK * 2 / 64 : 0;
         int64_t asked = 0, calls = 0;
-        size_t gend = g0;
-        while (gend < groups.size() && groups[gend].start < m0 + rows) ++gend;
-        const int64_t ncalls = (int64_t)(gend - g0) * (BLOCK / WC);
-        for (gi = g0; gi < gend; ++gi) {
-          const RowGroup& g = groups[gi];
-          const float* xp = packed.data() + g.start * K + k0 * g.rows;
-          float* a = acc + (g.start - m0) * BLOCK;
-          with_wide_rows(g.rows, [&](auto R) {
+        for_row_groups(m0, rows, [&](int64_t start, int n) {
+          const float* xp = packed.data() + start * K + k0 * n;
+          float* a = acc + (start - m0) * BLOCK;
+          with_wide_rows(n, [&](auto R) {
             for (int c = 0; c < BLOCK / WC; ++c) {
               for (const int64_t upto = lines * ++calls / ncalls; asked < upto; ++asked) prefetch_l2(next + 64 * asked);
               wide_tile<R()>(xp, kc, scratch.data() + c * KC * WC, a + c * WC);
             }
           });
-        }
+        });
       }
       ep(acc, rows, m0, b);
     }
