@@ -2,10 +2,11 @@
 
 ``PackedLinear`` replaces an ``nn.Linear`` (or several fused into one) in bf16, int8 (per-column scales) or int4
 (group-wise scales). The C++ kernels (``csrc/kernels.cpp`` over the vector layer ``csrc/simd.h``) are compiled with
-the system compiler at first use, for the best instruction set this CPU has (``ISAS``: AVX-512 BF16, AVX2 + FMA +
-F16C, or ARM NEON; ``MINICPMV_ISA`` forces one, ``none`` or ``MINICPMV_NO_KERNELS`` none), and cached under
-``~/.cache/minicpmv/kernels``. Every variant reads the same packed layouts. When none can be built, every call falls
-back to ``F.linear`` on the unpacked (dequantized) weight, which gives the same results, slowly for quantized ones.
+the system compiler at first use, for the best instruction set this CPU has (``ISAS``: AVX-512 BF16 with AMX-BF16
+tiles, AVX-512 BF16, AVX2 + FMA + F16C, or ARM NEON; ``MINICPMV_ISA`` forces one, ``none`` or
+``MINICPMV_NO_KERNELS`` none), and cached under ``~/.cache/minicpmv/kernels``. Every variant reads the same packed
+layouts. When none can be built, every call falls back to ``F.linear`` on the unpacked (dequantized) weight, which
+gives the same results, slowly for quantized ones.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -49,23 +51,38 @@ class Isa:
     machines: tuple[str, ...]
     flags: tuple[str, ...]
     define: str
+    os_permission: Callable[[], bool] | None = None  # what the kernel must grant besides the CPU's flags
 
     def supported(self) -> bool:
         if platform.machine().lower() not in self.machines:
             return False
-        if not self.cpu_flags:
-            return True
-        try:
-            words = set(Path("/proc/cpuinfo").read_text().split())
-        except OSError:
-            return False
-        return all(f in words for f in self.cpu_flags)
+        if self.cpu_flags:
+            try:
+                words = set(Path("/proc/cpuinfo").read_text().split())
+            except OSError:
+                return False
+            if not all(f in words for f in self.cpu_flags):
+                return False
+        return self.os_permission is None or self.os_permission()
+
+
+def _amx_permitted() -> bool:
+    """Asks Linux for this process's AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM, XTILEDATA), as the kernels'
+    build also does when loaded; False where it is refused (kernels before 5.16) or cannot be asked."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.syscall(158, 0x1023, 18) == 0  # SYS_arch_prctl on x86-64
+    except (OSError, AttributeError):
+        return False
 
 
 X86 = ("x86_64", "amd64")
+AVX512BF16 = (("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "fma"),
+              ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"))
 ISAS = {  # best first
-    "avx512bf16": Isa("avx512bf16", ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "fma"), X86,
-                      ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"), "MINICPMV_AVX512BF16"),
+    "amx": Isa("amx", (*AVX512BF16[0], "amx_tile", "amx_bf16"), X86,
+               (*AVX512BF16[1], "-mamx-tile", "-mamx-bf16", "-DMINICPMV_AMX"), "MINICPMV_AVX512BF16", _amx_permitted),
+    "avx512bf16": Isa("avx512bf16", AVX512BF16[0], X86, AVX512BF16[1], "MINICPMV_AVX512BF16"),
     "avx2": Isa("avx2", ("avx2", "fma", "f16c"), X86, ("-mavx2", "-mfma", "-mf16c"), "MINICPMV_AVX2"),
     "neon": Isa("neon", (), ("aarch64", "arm64"), ("-march=armv8-a",), "MINICPMV_NEON"),  # NEON is part of AArch64
 }
@@ -103,9 +120,27 @@ def _cache_dir() -> Path:
     return Path(base) / "minicpmv" / "kernels"
 
 
+# How far ahead, and into which cache, the tiles prefetch the weight stream, where a vendor's CPUs want other than
+# the source's defaults (non-temporal, 8 KiB: measured best on AMD Zen 4). Intel (a Sapphire Rapids class Xeon,
+# bench/decode_step.py --variant, one stream): into L2 2 KiB ahead, 2.5x the bf16 decode rate of the defaults
+# (NTA prefetches there fill only L1, and lines fetched that far ahead are evicted before they are used).
+STREAM_PREFETCH = {"GenuineIntel": ("-DSTREAM_HINT=_MM_HINT_T1", "-DPREFETCH=2048")}
+
+
+def _cpu_vendor() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def compile_command(isa: str, compiler: str = "g++") -> list[str]:
     """The compiler's arguments for ``isa``'s build of the kernels (output path last, to be appended)."""
-    return [compiler, *FLAGS, *ISAS[isa].flags, f"-D{ISAS[isa].define}", f"-I{CSRC}", str(SOURCE), "-o"]
+    tuning = STREAM_PREFETCH.get(_cpu_vendor(), ()) if ISAS[isa].machines == X86 else ()
+    return [compiler, *FLAGS, *ISAS[isa].flags, f"-D{ISAS[isa].define}", *tuning, f"-I{CSRC}", str(SOURCE), "-o"]
 
 
 def _build(isa: str) -> Path:
@@ -176,7 +211,7 @@ def library() -> ctypes.CDLL | None:
 
 
 def active_isa() -> str | None:
-    """The variant in use ("avx512bf16", "avx2", "neon"), or None (plain PyTorch)."""
+    """The variant in use ("amx", "avx512bf16", "avx2", "neon"), or None (plain PyTorch)."""
     library()
     return _isa if _lib is not None else None
 

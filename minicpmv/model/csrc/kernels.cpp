@@ -40,6 +40,14 @@
 
 #include "simd.h"
 
+#if defined(MINICPMV_AMX)
+#include <sys/syscall.h>
+#include <unistd.h>
+// Linux gives a process the AMX tile state only once it asks (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA);
+// kernels.py asks too, before it chooses this build.
+__attribute__((constructor)) static void amx_permission() { syscall(SYS_arch_prctl, 0x1023, 18); }
+#endif
+
 using namespace simd;
 
 namespace {
@@ -47,7 +55,8 @@ namespace {
 constexpr int BLOCK = 64;  // output columns per packed block
 constexpr int MT = 4;      // activation rows per register tile, many rows (prefill, the vision tower)
 #ifndef PREFETCH
-#define PREFETCH 8192  // bytes to prefetch ahead in a bf16 weight stream (measured best: 8 KiB)
+#define PREFETCH 8192  // bytes to prefetch ahead in a bf16 weight stream (measured best on Zen 4: 8 KiB; kernels.py
+                       // sets other CPUs' own)
 #endif
 #ifndef PREFETCH_Q
 #define PREFETCH_Q 4096  // the same for int8 / int4 (fewer bytes per k: measured best 4 KiB)
@@ -761,6 +770,83 @@ void wide_blocks(const uint16_t* w, int64_t K, const float* x, int64_t M, int64_
 }
 #endif
 
+#if defined(MINICPMV_AMX)
+// bf16 weights on AMX (any row count, decode and prefill alike, so a batch of streams keeps each stream's bits): a
+// block's 64 columns are four 16-row x 16-column fp32 tiles (tmm0-3) that accumulate TDPBF16PS over 32 k at a time,
+// tmm4 holding 16 activation rows x 32 k and tmm5 / tmm6 16 k-pairs x 16 columns in turn. The packed layout is
+// AMX's own B layout: pair p's 16 columns of chunk c are 64 bytes at p * 256 + 64 c, so the tiles load straight from
+// the weight stream. Rows past M in a tile are a thread's copy (outputs discarded); k past the last multiple of 32
+// goes through vdpbf16ps.
+struct TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+constexpr int TR = 16, TK = 32;  // rows and k per tile
+
+// The tile registers, configured per call: PyTorch's oneDNN configures its own on the same threads.
+inline void amx_configure() {
+  TileConfig c{};
+  c.palette = 1;
+  for (int t = 0; t < 7; ++t) c.colsb[t] = 64, c.rows[t] = TR;
+  _tile_loadconfig(&c);
+}
+
+void amx_blocks(const uint16_t* w, int64_t K, const uint16_t* x, int64_t M, int64_t ldx, int64_t nblocks,
+                const Epilogue& ep) {
+  const int64_t kt = K / TK * TK, full = M / TR * TR;
+  thread_local std::vector<uint16_t> rest;  // the last, partial row group (each thread copies it: no barrier)
+  if (full < M) {
+    if ((int64_t)rest.size() < TR * K) rest.resize(TR * K);
+    for (int64_t m = full; m < M; ++m) memcpy(rest.data() + (m - full) * K, x + m * ldx, 2 * K);
+  }
+  amx_configure();
+#pragma omp for schedule(dynamic, 1)
+  for (int64_t b = 0; b < nblocks; ++b) {
+    alignas(64) float acc[TR * BLOCK];
+    const uint16_t* wb = w + b * K * BLOCK;
+    for (int64_t m0 = 0; m0 < M; m0 += TR) {
+      const int rows = (int)std::min<int64_t>(TR, M - m0);
+      const uint16_t* xa = m0 < full ? x + m0 * ldx : rest.data();
+      const int64_t stride = 2 * (m0 < full ? ldx : K);
+      const int pf = m0 == 0 ? (M > TR ? PF_KEEP : PF_AUTO) : PF_NONE;
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t k = 0; k < kt; k += TK) {
+        const uint16_t* wp = wb + k * BLOCK;  // 16 k-pairs x 64 columns: 4 KB
+        for (int j = 0; j < TK * BLOCK; j += 32) prefetch_w<false>((const char*)wp + PREFETCH + 2 * j, pf);
+        _tile_loadd(4, xa + k, stride);
+        _tile_loadd(5, wp, 4 * BLOCK);
+        _tile_dpbf16ps(0, 4, 5);
+        _tile_loadd(6, wp + 32, 4 * BLOCK);
+        _tile_dpbf16ps(1, 4, 6);
+        _tile_loadd(5, wp + 64, 4 * BLOCK);
+        _tile_dpbf16ps(2, 4, 5);
+        _tile_loadd(6, wp + 96, 4 * BLOCK);
+        _tile_dpbf16ps(3, 4, 6);
+      }
+      _tile_stored(0, acc, 4 * BLOCK);
+      _tile_stored(1, acc + 16, 4 * BLOCK);
+      _tile_stored(2, acc + 32, 4 * BLOCK);
+      _tile_stored(3, acc + 48, 4 * BLOCK);
+      for (int m = 0; m < rows; ++m)  // the k-pairs after the tiles
+        for (int64_t p = kt / 2; p < K / 2; ++p) {
+          const __m512bh xv = bcast_pair(xa + m * (stride / 2) + 2 * p);
+          for (int c = 0; c < 4; ++c) {
+            float* a = acc + m * BLOCK + 16 * c;
+            const __m512bh wv = (__m512bh)_mm512_loadu_si512(wb + p * 2 * BLOCK + 32 * c);
+            _mm512_storeu_ps(a, _mm512_dpbf16_ps(_mm512_loadu_ps(a), wv, xv));
+          }
+        }
+      ep(acc, rows, m0, b);
+    }
+  }
+  _tile_release();
+}
+#endif
+
 // y = x W^T for rows that fit one panel (below); x bf16 or (the portable tiles) float32.
 template <class X>
 void linear_blocks(const Linear& L, const X* x, int64_t M, int64_t ldx, void* out, int64_t ldo, int fp32,
@@ -769,7 +855,9 @@ void linear_blocks(const Linear& L, const X* x, int64_t M, int64_t ldx, void* ou
   const int64_t K = L.k, k2 = K / 2;
   if (L.quant == 0) {
     const uint16_t* w = (const uint16_t*)L.w;
-#if !defined(MINICPMV_DPBF16)
+#if defined(MINICPMV_AMX)
+    return amx_blocks(w, 2 * k2, x, M, ldx, L.nblocks, ep);
+#elif !defined(MINICPMV_DPBF16)
     if constexpr (std::is_same_v<X, float>) {
       if (M >= WIDE_MIN) return wide_blocks(w, 2 * k2, x, M, ldx, L.nblocks, ep);
     }

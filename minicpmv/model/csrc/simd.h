@@ -1,10 +1,12 @@
 // The vector layer under csrc/kernels.cpp: one float vector type ``vf`` of VL lanes and the few operations the
 // kernels use, for the instruction set chosen at compile time (kernels.py passes one of):
 //   MINICPMV_AVX512BF16  AVX-512 F/BW/VL + BF16: 16 lanes; the matmul tiles use vdpbf16ps (MINICPMV_DPBF16)
+//     + MINICPMV_AMX     and AMX-BF16 tiles for the bf16 matmuls (kernels.cpp, amx_blocks)
 //   MINICPMV_AVX2        AVX2 + FMA + F16C: 8 lanes; bf16 widened to float32 in registers, FMA
 //   MINICPMV_NEON        AArch64 Advanced SIMD: 4 lanes; the same widening, vfmaq
 //   (none of them)       plain C++ over 4-lane arrays: a portable reference build (the kernel test driver)
-// prefetch_stream: data read once (kept out of the outer caches); prefetch_l2: data a later column pass reads again.
+// prefetch_stream: data read once (by default kept out of the outer caches: STREAM_HINT); prefetch_l2: data a
+// later column pass reads again.
 // The packed weight layouts (kernels.cpp) do not depend on the instruction set: a bf16 k-pair of VL columns is
 // 2 VL consecutive uint16, so every variant reads the same bytes.
 
@@ -16,6 +18,9 @@
 
 #if defined(MINICPMV_AVX512BF16) || defined(MINICPMV_AVX2)
 #include <immintrin.h>
+#ifndef STREAM_HINT  // prefetch_stream's hint (kernels.py sets it per CPU vendor)
+#define STREAM_HINT _MM_HINT_NTA
+#endif
 #elif defined(MINICPMV_NEON)
 #include <arm_neon.h>
 #endif
@@ -52,7 +57,11 @@ inline uint16_t f32_to_bf16(float f) {  // round to nearest even, NaN kept quiet
 }
 
 #if defined(MINICPMV_AVX512BF16)
+#if defined(MINICPMV_AMX)
+constexpr const char* NAME = "amx";
+#else
 constexpr const char* NAME = "avx512bf16";
+#endif
 constexpr int VL = 16;
 using vf = __m512;
 inline __mmask16 mask_of(int64_t n) { return n >= 16 ? 0xffff : (__mmask16)((1u << n) - 1); }
@@ -80,7 +89,7 @@ inline float vsum(vf a) { return _mm512_reduce_add_ps(a); }
 inline float vhmax(vf a) { return _mm512_reduce_max_ps(a); }
 inline vf vround(vf a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT); }
 inline vf vpow2_mul(vf p, vf n) { return _mm512_scalef_ps(p, n); }  // p 2^n, n integral
-inline void prefetch_stream(const void* p) { _mm_prefetch((const char*)p, _MM_HINT_NTA); }
+inline void prefetch_stream(const void* p) { _mm_prefetch((const char*)p, STREAM_HINT); }
 inline void prefetch_l1(const void* p) { _mm_prefetch((const char*)p, _MM_HINT_T0); }
 inline void prefetch_l2(const void* p) { _mm_prefetch((const char*)p, _MM_HINT_T1); }
 #define MINICPMV_DPBF16 1
@@ -148,7 +157,7 @@ inline vf vpow2_mul(vf p, vf n) {  // n in [-126, 127]
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
-inline void prefetch_stream(const void* p) { _mm_prefetch((const char*)p, _MM_HINT_NTA); }
+inline void prefetch_stream(const void* p) { _mm_prefetch((const char*)p, STREAM_HINT); }
 inline void prefetch_l1(const void* p) { _mm_prefetch((const char*)p, _MM_HINT_T0); }
 inline void prefetch_l2(const void* p) { _mm_prefetch((const char*)p, _MM_HINT_T1); }
 
