@@ -792,8 +792,11 @@ inline void amx_configure() {
   _tile_loadconfig(&c);
 }
 
-void amx_blocks(const uint16_t* w, int64_t K, const uint16_t* x, int64_t M, int64_t ldx, int64_t nblocks,
-                const Epilogue& ep) {
+// block(b): block b's bf16 weights (the packed ones, or int8 converted by the caller); scaled(acc, rows, b): what
+// the caller applies to a row group's sums before the epilogue.
+template <class Block, class Scaled>
+void amx_blocks(int64_t K, const uint16_t* x, int64_t M, int64_t ldx, int64_t nblocks, const Epilogue& ep,
+                Block block, Scaled scaled) {
   const int64_t kt = K / TK * TK, full = M / TR * TR;
   thread_local std::vector<uint16_t> rest;  // the last, partial row group (each thread copies it: no barrier)
   if (full < M) {
@@ -804,7 +807,7 @@ void amx_blocks(const uint16_t* w, int64_t K, const uint16_t* x, int64_t M, int6
 #pragma omp for schedule(dynamic, 1)
   for (int64_t b = 0; b < nblocks; ++b) {
     alignas(64) float acc[TR * BLOCK];
-    const uint16_t* wb = w + b * K * BLOCK;
+    const uint16_t* wb = block(b);
     for (int64_t m0 = 0; m0 < M; m0 += TR) {
       const int rows = (int)std::min<int64_t>(TR, M - m0);
       const uint16_t* xa = m0 < full ? x + m0 * ldx : rest.data();
@@ -840,6 +843,7 @@ void amx_blocks(const uint16_t* w, int64_t K, const uint16_t* x, int64_t M, int6
             _mm512_storeu_ps(a, _mm512_dpbf16_ps(_mm512_loadu_ps(a), wv, xv));
           }
         }
+      scaled(acc, rows, b);
       ep(acc, rows, m0, b);
     }
   }
@@ -856,7 +860,7 @@ void linear_blocks(const Linear& L, const X* x, int64_t M, int64_t ldx, void* ou
   if (L.quant == 0) {
     const uint16_t* w = (const uint16_t*)L.w;
 #if defined(MINICPMV_AMX)
-    return amx_blocks(w, 2 * k2, x, M, ldx, L.nblocks, ep);
+    return amx_blocks(K, x, M, ldx, L.nblocks, ep, [&](int64_t b) { return w + b * K * BLOCK; }, [](float*, int, int64_t) {});
 #elif !defined(MINICPMV_DPBF16)
     if constexpr (std::is_same_v<X, float>) {
       if (M >= WIDE_MIN) return wide_blocks(w, 2 * k2, x, M, ldx, L.nblocks, ep);
@@ -876,6 +880,21 @@ void linear_blocks(const Linear& L, const X* x, int64_t M, int64_t ldx, void* ou
   } else if (L.quant == 1) {
     const int8_t* w = (const int8_t*)L.w;
     const float* scale = (const float*)L.scale;
+    auto scaled = [&](float* acc, int rows, int64_t b) {
+      const float* s = scale + b * BLOCK;
+      for (int m = 0; m < rows; ++m)
+        for (int j = 0; j < BLOCK; ++j) acc[m * BLOCK + j] *= s[j];
+    };
+#if defined(MINICPMV_AMX)
+    if (M > DECODE_M) {  // prefill: each block converted to bf16 once, then the AMX tiles (decode keeps its tiles)
+      thread_local std::vector<uint16_t> block;
+      block.resize(K * BLOCK);
+      return amx_blocks(K, x, M, ldx, L.nblocks, ep, [&](int64_t b) {
+        int8_to_bf16(w + b * K * BLOCK, K * BLOCK, block.data());
+        return (const uint16_t*)block.data();
+      }, scaled);
+    }
+#endif
     run_blocks(M, L.nblocks, ep, [&](int64_t b, int rows, int64_t m0, float* acc) {
       const int8_t* wb = w + b * K * BLOCK;
       if (rows == M) {  // decode: convert in registers as the weights stream by
@@ -888,9 +907,7 @@ void linear_blocks(const Linear& L, const X* x, int64_t M, int64_t ldx, void* ou
         }
         with_rows(rows, [&](auto R) { matmul_tile<R()>(x + m0 * ldx, ldx, k2, block.data(), acc); });
       }
-      const float* s = scale + b * BLOCK;
-      for (int m = 0; m < rows; ++m)
-        for (int j = 0; j < BLOCK; ++j) acc[m * BLOCK + j] *= s[j];
+      scaled(acc, rows, b);
     });
   } else {
     const int64_t g = L.group, ng = K / g;
