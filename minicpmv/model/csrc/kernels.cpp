@@ -680,7 +680,7 @@ constexpr int WR = (NREG - WCV - 1) / WCV;  // AVX2: 6 rows x 2 vectors (12 accu
 #define WIDE_PF 1
 #endif
 constexpr int64_t KC = WIDE_KC;
-constexpr int WM = 32;  // rows accumulated per pass over a block
+constexpr int WM = 128;  // rows accumulated per pass over a block (prefill: 1.1x the rate of 32 on the vision MLP)
 
 // scratch[pass][k - k0][WC] = block column (pass WC + j) at k, for k in [k0, k0 + kc); k0 and kc even.
 inline void widen_chunk(const uint16_t* wb, int64_t k0, int64_t kc, float* scratch) {
