@@ -135,8 +135,9 @@ def build_cases() -> tuple[Cases, list]:
     # Integer weights and activations with power-of-two scales: every product and sum is exact in float32, so
     # each variant must give exactly the float64 result (the int8 / int4 decoding and the nibble offset included).
     for quant, (lo, hi) in (("bf16", (-64, 64)), ("int8", (-127, 128)), ("int4", (-8, 8))):
-        # (40 rows x 1104 k: the wide tiles' several row passes and k chunks, AMX's row groups and k after its tiles)
-        for m, k in ((1, 192), (4, 192), (9, 192), (16, 192), *([(40, 1104)] if quant != "int4" else [])):
+        # (40 rows x 1104 k: the wide tiles' several row passes and k chunks, AMX's row groups and k after its tiles;
+        # int4 in whole groups)
+        for m, k in ((1, 192), (4, 192), (9, 192), (16, 192), (40, 1088 if quant == "int4" else 1104)):
             n = 130
             q = torch.randint(lo, hi, (n, k), generator=g)
             scale = None
@@ -153,7 +154,7 @@ def build_cases() -> tuple[Cases, list]:
     # Asymmetric int4 (w = scale q + offset per group: GPTQ / AWQ / GGUF zero points) for each group size, decode
     # and prefill row counts, silu_mul; exact on integers as above, close to float32 on random weights.
     for group in (32, 64, 128):
-        for m in (1, 4, 9, 21):
+        for m in (1, 4, 9, 21, 40):
             n, k = 130, 256
             q = torch.randint(-8, 8, (n, k), generator=g).to(torch.int8)
             scale = (2.0 ** torch.randint(-6, 0, (n, k // group), generator=g)).bfloat16()

@@ -792,12 +792,42 @@ inline void amx_configure() {
   _tile_loadconfig(&c);
 }
 
-// block(b): block b's bf16 weights (the packed ones, or int8 converted by the caller); scaled(acc, rows, b): what
-// the caller applies to a row group's sums before the epilogue.
-template <class Block, class Scaled>
-void amx_blocks(int64_t K, const uint16_t* x, int64_t M, int64_t ldx, int64_t nblocks, const Epilogue& ep,
-                Block block, Scaled scaled) {
-  const int64_t kt = K / TK * TK, full = M / TR * TR;
+// C tiles += rows of xa (row stride `stride` bytes) . block wb over k in [k0, k1), multiples of TK. pf: prefetch_w's.
+inline void amx_dot(const uint16_t* wb, const uint16_t* xa, int64_t stride, int64_t k0, int64_t k1, int pf) {
+  for (int64_t k = k0; k < k1; k += TK) {
+    const uint16_t* wp = wb + k * BLOCK;  // 16 k-pairs x 64 columns: 4 KB
+    for (int j = 0; j < TK * BLOCK; j += 32) prefetch_w<false>((const char*)wp + PREFETCH + 2 * j, pf);
+    _tile_loadd(4, xa + k, stride);
+    _tile_loadd(5, wp, 4 * BLOCK);
+    _tile_dpbf16ps(0, 4, 5);
+    _tile_loadd(6, wp + 32, 4 * BLOCK);
+    _tile_dpbf16ps(1, 4, 6);
+    _tile_loadd(5, wp + 64, 4 * BLOCK);
+    _tile_dpbf16ps(2, 4, 5);
+    _tile_loadd(6, wp + 96, 4 * BLOCK);
+    _tile_dpbf16ps(3, 4, 6);
+  }
+}
+
+inline void amx_zero() {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+}
+
+inline void amx_store(float* acc) {  // acc [16][64]
+  _tile_stored(0, acc, 4 * BLOCK);
+  _tile_stored(1, acc + 16, 4 * BLOCK);
+  _tile_stored(2, acc + 32, 4 * BLOCK);
+  _tile_stored(3, acc + 48, 4 * BLOCK);
+}
+
+// For each block and each group of up to TR rows: body(b, m0, rows, xa, stride, pf, acc) leaves the group's sums in
+// acc [TR][64] (xa: the group's first row, stride its row stride in bytes), then the epilogue.
+template <class Body>
+void amx_blocks(int64_t K, const uint16_t* x, int64_t M, int64_t ldx, int64_t nblocks, const Epilogue& ep, Body body) {
+  const int64_t full = M / TR * TR;
   thread_local std::vector<uint16_t> rest;  // the last, partial row group (each thread copies it: no barrier)
   if (full < M) {
     if ((int64_t)rest.size() < TR * K) rest.resize(TR * K);
@@ -807,47 +837,69 @@ void amx_blocks(int64_t K, const uint16_t* x, int64_t M, int64_t ldx, int64_t nb
 #pragma omp for schedule(dynamic, 1)
   for (int64_t b = 0; b < nblocks; ++b) {
     alignas(64) float acc[TR * BLOCK];
-    const uint16_t* wb = block(b);
     for (int64_t m0 = 0; m0 < M; m0 += TR) {
       const int rows = (int)std::min<int64_t>(TR, M - m0);
       const uint16_t* xa = m0 < full ? x + m0 * ldx : rest.data();
       const int64_t stride = 2 * (m0 < full ? ldx : K);
-      const int pf = m0 == 0 ? (M > TR ? PF_KEEP : PF_AUTO) : PF_NONE;
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
-      for (int64_t k = 0; k < kt; k += TK) {
-        const uint16_t* wp = wb + k * BLOCK;  // 16 k-pairs x 64 columns: 4 KB
-        for (int j = 0; j < TK * BLOCK; j += 32) prefetch_w<false>((const char*)wp + PREFETCH + 2 * j, pf);
-        _tile_loadd(4, xa + k, stride);
-        _tile_loadd(5, wp, 4 * BLOCK);
-        _tile_dpbf16ps(0, 4, 5);
-        _tile_loadd(6, wp + 32, 4 * BLOCK);
-        _tile_dpbf16ps(1, 4, 6);
-        _tile_loadd(5, wp + 64, 4 * BLOCK);
-        _tile_dpbf16ps(2, 4, 5);
-        _tile_loadd(6, wp + 96, 4 * BLOCK);
-        _tile_dpbf16ps(3, 4, 6);
-      }
-      _tile_stored(0, acc, 4 * BLOCK);
-      _tile_stored(1, acc + 16, 4 * BLOCK);
-      _tile_stored(2, acc + 32, 4 * BLOCK);
-      _tile_stored(3, acc + 48, 4 * BLOCK);
-      for (int m = 0; m < rows; ++m)  // the k-pairs after the tiles
-        for (int64_t p = kt / 2; p < K / 2; ++p) {
-          const __m512bh xv = bcast_pair(xa + m * (stride / 2) + 2 * p);
-          for (int c = 0; c < 4; ++c) {
-            float* a = acc + m * BLOCK + 16 * c;
-            const __m512bh wv = (__m512bh)_mm512_loadu_si512(wb + p * 2 * BLOCK + 32 * c);
-            _mm512_storeu_ps(a, _mm512_dpbf16_ps(_mm512_loadu_ps(a), wv, xv));
-          }
-        }
-      scaled(acc, rows, b);
+      body(b, m0, rows, xa, stride, m0 == 0 ? (M > TR ? PF_KEEP : PF_AUTO) : PF_NONE, acc);
       ep(acc, rows, m0, b);
     }
   }
   _tile_release();
+}
+
+// bf16 weights (wb: block b's, packed or converted from int8): the tiles over K's multiples of TK, vdpbf16ps after.
+inline void amx_bf16(const uint16_t* wb, int64_t K, int rows, const uint16_t* xa, int64_t stride, int pf, float* acc) {
+  const int64_t kt = K / TK * TK;
+  amx_zero();
+  amx_dot(wb, xa, stride, 0, kt, pf);
+  amx_store(acc);
+  for (int m = 0; m < rows; ++m)
+    for (int64_t p = kt / 2; p < K / 2; ++p) {
+      const __m512bh xv = bcast_pair(xa + m * (stride / 2) + 2 * p);
+      for (int c = 0; c < 4; ++c) {
+        float* a = acc + m * BLOCK + 16 * c;
+        const __m512bh wv = (__m512bh)_mm512_loadu_si512(wb + p * 2 * BLOCK + 32 * c);
+        _mm512_storeu_ps(a, _mm512_dpbf16_ps(_mm512_loadu_ps(a), wv, xv));
+      }
+    }
+}
+
+// An int4 block as bf16 136 + q (0x4300 | u, exactly) in the bf16 layout: each 128-byte row r of a group holds
+// pair r's 64 columns in its low nibbles and pair r + G/4's in its high ones, at the bf16 layout's own offsets.
+inline void int4_to_bf16(const uint8_t* w, int64_t K, int64_t g, uint16_t* out) {
+  const __m512i low = _mm512_set1_epi16(0x000f), bias = _mm512_set1_epi16(0x4300);
+  for (int64_t g0 = 0; g0 < K; g0 += g)
+    for (int64_t r = 0; r < g / 4; ++r)
+      for (int h = 0; h < 4; ++h) {  // 32 bytes at a time
+        const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(w + (g0 / 4 + r) * 2 * BLOCK + 32 * h)));
+        _mm512_storeu_si512(out + (g0 + 2 * r) * BLOCK + 32 * h, _mm512_or_si512(_mm512_and_si512(v, low), bias));
+        _mm512_storeu_si512(out + (g0 + g / 2 + 2 * r) * BLOCK + 32 * h,
+                            _mm512_or_si512(_mm512_srli_epi16(v, 4), bias));
+      }
+}
+
+// int4 with groups of g (a multiple of TK) k: each group's sums of (136 + q) x from the tiles, then as the narrow
+// tiles do, acc += scale (sum - 136 xsum) per group; gsum: the rows' activation sums per group (row stride ng).
+inline void amx_int4(const uint16_t* wb, int64_t K, int64_t g, const uint16_t* scale, const float* gsum, int rows,
+                     const uint16_t* xa, int64_t stride, int pf, float* acc) {
+  alignas(64) float part[TR * BLOCK];
+  const int64_t ng = K / g;
+  std::fill(acc, acc + rows * BLOCK, 0.0f);
+  for (int64_t i = 0; i < ng; ++i) {
+    amx_zero();
+    amx_dot(wb, xa, stride, i * g, (i + 1) * g, pf);
+    amx_store(part);
+    for (int m = 0; m < rows; ++m) {
+      const __m512 xs = _mm512_set1_ps(136.0f * gsum[m * ng + i]);
+      for (int c = 0; c < 4; ++c) {
+        const __m512 s = vld_bf16(scale + i * BLOCK + 16 * c);
+        float* a = acc + m * BLOCK + 16 * c;
+        _mm512_storeu_ps(a, _mm512_fmadd_ps(s, _mm512_sub_ps(_mm512_loadu_ps(part + m * BLOCK + 16 * c), xs),
+                                            _mm512_loadu_ps(a)));
+      }
+    }
+  }
 }
 #endif
 
@@ -860,7 +912,10 @@ void linear_blocks(const Linear& L, const X* x, int64_t M, int64_t ldx, void* ou
   if (L.quant == 0) {
     const uint16_t* w = (const uint16_t*)L.w;
 #if defined(MINICPMV_AMX)
-    return amx_blocks(K, x, M, ldx, L.nblocks, ep, [&](int64_t b) { return w + b * K * BLOCK; }, [](float*, int, int64_t) {});
+    return amx_blocks(K, x, M, ldx, L.nblocks, ep, [&](int64_t b, int64_t, int rows, const uint16_t* xa,
+                                                       int64_t stride, int pf, float* acc) {
+      amx_bf16(w + b * K * BLOCK, K, rows, xa, stride, pf, acc);
+    });
 #elif !defined(MINICPMV_DPBF16)
     if constexpr (std::is_same_v<X, float>) {
       if (M >= WIDE_MIN) return wide_blocks(w, 2 * k2, x, M, ldx, L.nblocks, ep);
@@ -889,10 +944,12 @@ void linear_blocks(const Linear& L, const X* x, int64_t M, int64_t ldx, void* ou
     if (M > DECODE_M) {  // prefill: each block converted to bf16 once, then the AMX tiles (decode keeps its tiles)
       thread_local std::vector<uint16_t> block;
       block.resize(K * BLOCK);
-      return amx_blocks(K, x, M, ldx, L.nblocks, ep, [&](int64_t b) {
-        int8_to_bf16(w + b * K * BLOCK, K * BLOCK, block.data());
-        return (const uint16_t*)block.data();
-      }, scaled);
+      return amx_blocks(K, x, M, ldx, L.nblocks, ep, [&](int64_t b, int64_t m0, int rows, const uint16_t* xa,
+                                                         int64_t stride, int pf, float* acc) {
+        if (m0 == 0) int8_to_bf16(w + b * K * BLOCK, K * BLOCK, block.data());
+        amx_bf16(block.data(), K, rows, xa, stride, pf, acc);
+        scaled(acc, rows, b);
+      });
     }
 #endif
     run_blocks(M, L.nblocks, ep, [&](int64_t b, int rows, int64_t m0, float* acc) {
@@ -924,6 +981,19 @@ void linear_blocks(const Linear& L, const X* x, int64_t M, int64_t ldx, void* ou
       sums();
     const uint8_t* w = (const uint8_t*)L.w;
     const uint16_t* scale = (const uint16_t*)L.scale;
+#if defined(MINICPMV_AMX)
+    if (M > DECODE_M && g % TK == 0) {  // prefill: each block widened to bf16 once, then the AMX tiles
+      thread_local std::vector<uint16_t> block;
+      block.resize(K * BLOCK);
+      return amx_blocks(K, x, M, ldx, L.nblocks, ep, [&](int64_t b, int64_t m0, int rows, const uint16_t* xa,
+                                                         int64_t stride, int pf, float* acc) {
+        if (m0 == 0) int4_to_bf16(w + b * K * BLOCK / 2, K, g, block.data());
+        amx_int4(block.data(), K, g, scale + b * ng * BLOCK, gsum + m0 * ng, rows, xa, stride, pf, acc);
+        if (L.offset)
+          add_int4_offsets(acc, rows, L.offset + b * ng * BLOCK, ng, [&](int m, int64_t i) { return gsum[(m0 + m) * ng + i]; });
+      });
+    }
+#endif
     run_blocks(M, L.nblocks, ep, [&](int64_t b, int rows, int64_t m0, float* acc) {
       if (L.offset && m0 == 0) prefetch_offsets(L.offset + b * ng * BLOCK, ng);
       with_rows(rows, [&](auto R) {
