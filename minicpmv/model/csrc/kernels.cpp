@@ -783,6 +783,11 @@ struct TileConfig {
   uint8_t rows[16];
 };
 constexpr int TR = 16, TK = 32;  // rows and k per tile
+// int8 / int4 take the AMX tiles above this many rows (prefill). Decode keeps the vdpbf16ps tiles, the same for any
+// batch: converting each block first halves one stream's rate (16 streams: 1.8x; bench/decode_step.py).
+#ifndef AMX_Q_MIN
+#define AMX_Q_MIN DECODE_M
+#endif
 
 // The tile registers, configured per call: PyTorch's oneDNN configures its own on the same threads.
 inline void amx_configure() {
@@ -941,7 +946,7 @@ void linear_blocks(const Linear& L, const X* x, int64_t M, int64_t ldx, void* ou
         for (int j = 0; j < BLOCK; ++j) acc[m * BLOCK + j] *= s[j];
     };
 #if defined(MINICPMV_AMX)
-    if (M > DECODE_M) {  // prefill: each block converted to bf16 once, then the AMX tiles (decode keeps its tiles)
+    if (M > AMX_Q_MIN) {  // prefill: each block converted to bf16 once, then the AMX tiles
       thread_local std::vector<uint16_t> block;
       block.resize(K * BLOCK);
       return amx_blocks(K, x, M, ldx, L.nblocks, ep, [&](int64_t b, int64_t m0, int rows, const uint16_t* xa,
@@ -982,7 +987,7 @@ void linear_blocks(const Linear& L, const X* x, int64_t M, int64_t ldx, void* ou
     const uint8_t* w = (const uint8_t*)L.w;
     const uint16_t* scale = (const uint16_t*)L.scale;
 #if defined(MINICPMV_AMX)
-    if (M > DECODE_M && g % TK == 0) {  // prefill: each block widened to bf16 once, then the AMX tiles
+    if (M > AMX_Q_MIN && g % TK == 0) {  // prefill: each block widened to bf16 once, then the AMX tiles
       thread_local std::vector<uint16_t> block;
       block.resize(K * BLOCK);
       return amx_blocks(K, x, M, ldx, L.nblocks, ep, [&](int64_t b, int64_t m0, int rows, const uint16_t* xa,
