@@ -51,7 +51,7 @@ class Isa:
     machines: tuple[str, ...]
     flags: tuple[str, ...]
     define: str
-    os_permission: Callable[[], bool] | None = None  # what the kernel must grant besides the CPU's flags
+    os_permission: Callable[[], bool] | None = None  # what Linux must grant besides the CPU's flags
 
     def supported(self) -> bool:
         if platform.machine().lower() not in self.machines:
@@ -68,7 +68,7 @@ class Isa:
 
 def _amx_permitted() -> bool:
     """Asks Linux for this process's AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM, XTILEDATA), as the kernels'
-    build also does when loaded; False where it is refused (kernels before 5.16) or cannot be asked."""
+    build also does when loaded; False where it is refused (Linux before 5.16) or cannot be asked."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         return libc.syscall(158, 0x1023, 18) == 0  # SYS_arch_prctl on x86-64

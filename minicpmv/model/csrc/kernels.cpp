@@ -22,6 +22,8 @@
 // with the first group and stays in L2 for the others (run_blocks).
 // bf16 weights times 8 rows or more on AVX2 (and plain C++) take the wide tiles instead: each block widened to
 // float32 once per k chunk, then 6-row register tiles over it (wide_blocks).
+// The amx build (AVX-512 BF16 + AMX-BF16) multiplies bf16 weights at every row count, and int8 / int4 in prefill,
+// in AMX tiles of 16 rows x 64 columns that load straight from the packed layout (amx_blocks).
 //
 // The epilogue adds a bias and applies gelu (act = 2, tanh form), or (act = 1) computes silu(gate) * up where each
 // 64-column block holds 32 gate and the matching 32 up columns; it writes bf16 (round to nearest even) or float32.
