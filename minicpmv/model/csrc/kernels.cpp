@@ -22,7 +22,7 @@
 // with the first group and stays in L2 for the others (run_blocks).
 // bf16 weights times 8 rows or more on AVX2 (and plain C++) take the wide tiles instead: each block widened to
 // float32 once per k chunk, then 6-row register tiles over it (wide_blocks).
-// The amx build (AVX-512 BF16 + AMX-BF16) multiplies bf16 weights at every row count, and int8 / int4 in prefill,
+// The amx build (AVX-512 BF16 + AMX-BF16) multiplies bf16 and int8 weights at every row count, and int4 in prefill,
 // in AMX tiles of 16 rows x 64 columns that load straight from the packed layout (amx_blocks).
 //
 // The epilogue adds a bias and applies gelu (act = 2, tanh form), or (act = 1) computes silu(gate) * up where each
@@ -785,10 +785,14 @@ struct TileConfig {
   uint8_t rows[16];
 };
 constexpr int TR = 16, TK = 32;  // rows and k per tile
-// int8 / int4 take the AMX tiles above this many rows (prefill). Decode keeps the vdpbf16ps tiles, the same for any
-// batch: converting each block first halves one stream's rate (16 streams: 1.8x; bench/decode_step.py).
-#ifndef AMX_Q_MIN
-#define AMX_Q_MIN DECODE_M
+// int8 and int4 take the AMX tiles above these many rows (the same kernel for any batch below them, so a batch keeps
+// each stream's bits). int8 at every row count, converted as it streams (bench/decode_step.py: one stream 0.9x the
+// vdpbf16ps tiles, 16 streams 2.5x); int4 in prefill only: converting each block first costs a stream 0.35x.
+#ifndef AMX_INT8_MIN
+#define AMX_INT8_MIN 0
+#endif
+#ifndef AMX_INT4_MIN
+#define AMX_INT4_MIN DECODE_M
 #endif
 
 // The tile registers, configured per call: PyTorch's oneDNN configures its own on the same threads.
@@ -799,20 +803,25 @@ inline void amx_configure() {
   _tile_loadconfig(&c);
 }
 
-// C tiles += rows of xa (row stride `stride` bytes) . block wb over k in [k0, k1), multiples of TK. pf: prefetch_w's.
+// C tiles += TK k of rows xa (row stride `stride` bytes) . the 16 k-pairs x 64 columns at wp (4 KB).
+inline void amx_chunk(const uint16_t* wp, const uint16_t* xa, int64_t stride) {
+  _tile_loadd(4, xa, stride);
+  _tile_loadd(5, wp, 4 * BLOCK);
+  _tile_dpbf16ps(0, 4, 5);
+  _tile_loadd(6, wp + 32, 4 * BLOCK);
+  _tile_dpbf16ps(1, 4, 6);
+  _tile_loadd(5, wp + 64, 4 * BLOCK);
+  _tile_dpbf16ps(2, 4, 5);
+  _tile_loadd(6, wp + 96, 4 * BLOCK);
+  _tile_dpbf16ps(3, 4, 6);
+}
+
+// C tiles += rows of xa . block wb over k in [k0, k1), multiples of TK. pf: prefetch_w's.
 inline void amx_dot(const uint16_t* wb, const uint16_t* xa, int64_t stride, int64_t k0, int64_t k1, int pf) {
   for (int64_t k = k0; k < k1; k += TK) {
-    const uint16_t* wp = wb + k * BLOCK;  // 16 k-pairs x 64 columns: 4 KB
+    const uint16_t* wp = wb + k * BLOCK;
     for (int j = 0; j < TK * BLOCK; j += 32) prefetch_w<false>((const char*)wp + PREFETCH + 2 * j, pf);
-    _tile_loadd(4, xa + k, stride);
-    _tile_loadd(5, wp, 4 * BLOCK);
-    _tile_dpbf16ps(0, 4, 5);
-    _tile_loadd(6, wp + 32, 4 * BLOCK);
-    _tile_dpbf16ps(1, 4, 6);
-    _tile_loadd(5, wp + 64, 4 * BLOCK);
-    _tile_dpbf16ps(2, 4, 5);
-    _tile_loadd(6, wp + 96, 4 * BLOCK);
-    _tile_dpbf16ps(3, 4, 6);
+    amx_chunk(wp, xa + k, stride);
   }
 }
 
@@ -868,6 +877,30 @@ inline void amx_bf16(const uint16_t* wb, int64_t K, int rows, const uint16_t* xa
         float* a = acc + m * BLOCK + 16 * c;
         const __m512bh wv = (__m512bh)_mm512_loadu_si512(wb + p * 2 * BLOCK + 32 * c);
         _mm512_storeu_ps(a, _mm512_dpbf16_ps(_mm512_loadu_ps(a), wv, xv));
+      }
+    }
+}
+
+// int8 weights for one row group (decode): each k chunk converted to bf16 as it streams by, into an L1 buffer, then
+// the tiles: the bf16 values and the order of amx_bf16 over a block converted whole (more row groups).
+inline void amx_int8(const int8_t* wb, int64_t K, int rows, const uint16_t* xa, int64_t stride, int pf, float* acc) {
+  alignas(64) uint16_t chunk[2][TK * BLOCK];  // two in turn: a chunk's conversion need not wait for the last's loads
+  const int64_t kt = K / TK * TK;
+  amx_zero();
+  for (int64_t k = 0; k < kt; k += TK) {
+    const int8_t* src = wb + k * BLOCK;  // 2 KB
+    for (int j = 0; j < TK * BLOCK; j += 64) prefetch_w<false>((const char*)src + PREFETCH_Q + j, pf);
+    uint16_t* c = chunk[(k / TK) & 1];
+    for (int j = 0; j < TK * BLOCK; j += 32) _mm512_storeu_si512(c + j, (__m512i)int8_pairs(src + j));
+    amx_chunk(c, xa + k, stride);
+  }
+  amx_store(acc);
+  for (int m = 0; m < rows; ++m)
+    for (int64_t p = kt / 2; p < K / 2; ++p) {
+      const __m512bh xv = bcast_pair(xa + m * (stride / 2) + 2 * p);
+      for (int c = 0; c < 4; ++c) {
+        float* a = acc + m * BLOCK + 16 * c;
+        _mm512_storeu_ps(a, _mm512_dpbf16_ps(_mm512_loadu_ps(a), int8_pairs(wb + p * 2 * BLOCK + 32 * c), xv));
       }
     }
 }
@@ -948,13 +981,17 @@ void linear_blocks(const Linear& L, const X* x, int64_t M, int64_t ldx, void* ou
         for (int j = 0; j < BLOCK; ++j) acc[m * BLOCK + j] *= s[j];
     };
 #if defined(MINICPMV_AMX)
-    if (M > AMX_Q_MIN) {  // prefill: each block converted to bf16 once, then the AMX tiles
+    if (M > AMX_INT8_MIN) {  // one row group: converted as it streams; more: each block converted once
       thread_local std::vector<uint16_t> block;
-      block.resize(K * BLOCK);
+      if (M > TR) block.resize(K * BLOCK);
       return amx_blocks(K, x, M, ldx, L.nblocks, ep, [&](int64_t b, int64_t m0, int rows, const uint16_t* xa,
                                                          int64_t stride, int pf, float* acc) {
-        if (m0 == 0) int8_to_bf16(w + b * K * BLOCK, K * BLOCK, block.data());
-        amx_bf16(block.data(), K, rows, xa, stride, pf, acc);
+        if (M <= TR) {
+          amx_int8(w + b * K * BLOCK, K, rows, xa, stride, pf, acc);
+        } else {
+          if (m0 == 0) int8_to_bf16(w + b * K * BLOCK, K * BLOCK, block.data());
+          amx_bf16(block.data(), K, rows, xa, stride, pf, acc);
+        }
         scaled(acc, rows, b);
       });
     }
@@ -989,7 +1026,7 @@ void linear_blocks(const Linear& L, const X* x, int64_t M, int64_t ldx, void* ou
     const uint8_t* w = (const uint8_t*)L.w;
     const uint16_t* scale = (const uint16_t*)L.scale;
 #if defined(MINICPMV_AMX)
-    if (M > AMX_Q_MIN && g % TK == 0) {  // prefill: each block widened to bf16 once, then the AMX tiles
+    if (M > AMX_INT4_MIN && g % TK == 0) {  // prefill: each block widened to bf16 once, then the AMX tiles
       thread_local std::vector<uint16_t> block;
       block.resize(K * BLOCK);
       return amx_blocks(K, x, M, ldx, L.nblocks, ep, [&](int64_t b, int64_t m0, int rows, const uint16_t* xa,
