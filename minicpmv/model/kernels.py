@@ -77,12 +77,12 @@ def _amx_permitted() -> bool:
 
 
 X86 = ("x86_64", "amd64")
-AVX512BF16 = (("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "fma"),
-              ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"))
+AVX512BF16_CPU = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "fma")
+AVX512BF16_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma")
 ISAS = {  # best first
-    "amx": Isa("amx", (*AVX512BF16[0], "amx_tile", "amx_bf16"), X86,
-               (*AVX512BF16[1], "-mamx-tile", "-mamx-bf16", "-DMINICPMV_AMX"), "MINICPMV_AVX512BF16", _amx_permitted),
-    "avx512bf16": Isa("avx512bf16", AVX512BF16[0], X86, AVX512BF16[1], "MINICPMV_AVX512BF16"),
+    "amx": Isa("amx", (*AVX512BF16_CPU, "amx_tile", "amx_bf16"), X86,
+               (*AVX512BF16_FLAGS, "-mamx-tile", "-mamx-bf16", "-DMINICPMV_AMX"), "MINICPMV_AVX512BF16", _amx_permitted),
+    "avx512bf16": Isa("avx512bf16", AVX512BF16_CPU, X86, AVX512BF16_FLAGS, "MINICPMV_AVX512BF16"),
     "avx2": Isa("avx2", ("avx2", "fma", "f16c"), X86, ("-mavx2", "-mfma", "-mf16c"), "MINICPMV_AVX2"),
     "neon": Isa("neon", (), ("aarch64", "arm64"), ("-march=armv8-a",), "MINICPMV_NEON"),  # NEON is part of AArch64
 }

@@ -864,21 +864,30 @@ void amx_blocks(int64_t K, const uint16_t* x, int64_t M, int64_t ldx, int64_t nb
   _tile_release();
 }
 
+// acc [rows][64] += the k-pairs after the tiles' kt k, by vdpbf16ps: W = uint16_t (bf16) or int8_t (converted to
+// bf16 in registers, the same values as a block converted whole).
+template <class W>
+inline void amx_tail(const W* wb, int64_t kt, int64_t K, int rows, const uint16_t* xa, int64_t stride, float* acc) {
+  for (int m = 0; m < rows; ++m)
+    for (int64_t p = kt / 2; p < K / 2; ++p) {
+      const __m512bh xv = bcast_pair(xa + m * (stride / 2) + 2 * p);
+      for (int c = 0; c < 4; ++c) {
+        float* a = acc + m * BLOCK + 16 * c;
+        const W* wp = wb + p * 2 * BLOCK + 32 * c;
+        __m512bh wv;
+        if constexpr (std::is_same_v<W, int8_t>) wv = int8_pairs(wp); else wv = (__m512bh)_mm512_loadu_si512(wp);
+        _mm512_storeu_ps(a, _mm512_dpbf16_ps(_mm512_loadu_ps(a), wv, xv));
+      }
+    }
+}
+
 // bf16 weights (wb: block b's, packed or converted from int8): the tiles over K's multiples of TK, vdpbf16ps after.
 inline void amx_bf16(const uint16_t* wb, int64_t K, int rows, const uint16_t* xa, int64_t stride, int pf, float* acc) {
   const int64_t kt = K / TK * TK;
   amx_zero();
   amx_dot(wb, xa, stride, 0, kt, pf);
   amx_store(acc);
-  for (int m = 0; m < rows; ++m)
-    for (int64_t p = kt / 2; p < K / 2; ++p) {
-      const __m512bh xv = bcast_pair(xa + m * (stride / 2) + 2 * p);
-      for (int c = 0; c < 4; ++c) {
-        float* a = acc + m * BLOCK + 16 * c;
-        const __m512bh wv = (__m512bh)_mm512_loadu_si512(wb + p * 2 * BLOCK + 32 * c);
-        _mm512_storeu_ps(a, _mm512_dpbf16_ps(_mm512_loadu_ps(a), wv, xv));
-      }
-    }
+  amx_tail(wb, kt, K, rows, xa, stride, acc);
 }
 
 // int8 weights for one row group (decode): each k chunk converted to bf16 as it streams by, into an L1 buffer, then
@@ -895,14 +904,7 @@ inline void amx_int8(const int8_t* wb, int64_t K, int rows, const uint16_t* xa, 
     amx_chunk(c, xa + k, stride);
   }
   amx_store(acc);
-  for (int m = 0; m < rows; ++m)
-    for (int64_t p = kt / 2; p < K / 2; ++p) {
-      const __m512bh xv = bcast_pair(xa + m * (stride / 2) + 2 * p);
-      for (int c = 0; c < 4; ++c) {
-        float* a = acc + m * BLOCK + 16 * c;
-        _mm512_storeu_ps(a, _mm512_dpbf16_ps(_mm512_loadu_ps(a), int8_pairs(wb + p * 2 * BLOCK + 32 * c), xv));
-      }
-    }
+  amx_tail(wb, kt, K, rows, xa, stride, acc);
 }
 
 // An int4 block as bf16 136 + q (0x4300 | u, exactly) in the bf16 layout: each 128-byte row r of a group holds
