@@ -77,7 +77,8 @@ def load_model(
 
     ``quantization`` ("int8" or "int4", bfloat16 on the CPU only) quantizes the language model's linear layers at
     load time (int4 in groups of ``group_size``); a checkpoint written by ``quant.save_quantized`` loads quantized
-    without asking. ``optimize`` packs a bfloat16 CPU model's weights for the fast kernels (``model/fast.py``).
+    without asking. On another tool's quantized checkpoint (GPTQ, AWQ, GGUF, ...) it quantizes only what that file
+    left dense or we dequantize, the tied head above all; without it those stay bf16, as stored. ``optimize`` packs a bfloat16 CPU model's weights for the fast kernels (``model/fast.py``).
     """
     if isinstance(dtype, str):
         if dtype not in DTYPES:
@@ -86,17 +87,13 @@ def load_model(
     device = torch.device(device)
     directory = resolve(model)
     cfg = ModelConfig.from_file(directory)
-    foreign = formats.detect(directory)
-    if foreign:  # GPTQ, AWQ, bitsandbytes, GGUF: model/formats
-        if quantization:
-            raise CheckpointError(f"checkpoint {directory} is already quantized ({foreign}); drop quantization={quantization!r}")
-        return formats.load_model(foreign, directory, cfg, dtype, device, progress, optimize)
-    try:
-        stored = quant.checkpoint_quantization(cfg.quantization)
-    except ValueError as exc:
-        raise CheckpointError(f"{directory / 'config.json'}: {exc}") from None
     if quantization not in (None, *quant.METHODS):
         raise CheckpointError(f"quantization must be one of {list(quant.METHODS)}, got {quantization!r}")
+    foreign = formats.detect(directory)  # GPTQ, AWQ, bitsandbytes, GGUF: model/formats
+    try:
+        stored = None if foreign else quant.checkpoint_quantization(cfg.quantization)
+    except ValueError as exc:
+        raise CheckpointError(f"{directory / 'config.json'}: {exc}") from None
     if stored and quantization not in (None, stored[0]):
         raise CheckpointError(f"checkpoint {directory} is quantized as {stored[0]}, not {quantization}")
     method, group_size = (stored or (quantization, group_size))
@@ -104,6 +101,8 @@ def load_model(
         raise CheckpointError(f"int4 group_size must be one of {list(quant.GROUP_SIZES)}, got {group_size!r}")
     if method and (dtype != torch.bfloat16 or device.type != "cpu"):
         raise CheckpointError(f"{method} quantization needs dtype bfloat16 on the CPU")
+    if foreign:
+        return formats.load_model(foreign, directory, cfg, dtype, device, progress, optimize, method, group_size)
     with torch.device("meta"):
         net = MiniCPMV(cfg)
     expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}

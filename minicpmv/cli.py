@@ -48,7 +48,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when present)")
     p.add_argument("--max-num-seqs", type=_int_in(1), default=16, help="sequences decoded together")
     p.add_argument("--max-model-len", type=_int_in(2), default=None, help="context limit (default: the model's)")
-    p.add_argument("--quantization", choices=["int8", "int4"], default=None, help="weight-only quantization (CPU)")
+    p.add_argument("--quantization", choices=["int8", "int4"], default=None,
+                   help="weight-only quantization (CPU); on a GPTQ / AWQ / GGUF file: of what it left dense")
     p.add_argument("--max-state-memory", type=_size, default=None, metavar="SIZE",
                    help="memory for sequence state (attention KV + DeltaNet), e.g. 4GiB; requests reserve prompt + "
                         "max_tokens worth and wait for room (default: half the memory available at start)")

@@ -179,8 +179,32 @@ def test_a_damaged_gptq_linear_is_named(tmp_path):
     save_file(tensors, str(quantized / "model.safetensors"))
     with pytest.raises(CheckpointError, match=re.escape(f"{name}.qweight has no {name}.qzeros")):
         load_model(quantized)
-    with pytest.raises(CheckpointError, match="already quantized"):
-        load_model(quantized, dtype="bfloat16", quantization="int4")
+
+
+@needs_kernels
+@pytest.mark.parametrize("method", ["int4", "int8"])
+def test_quantization_on_a_gptq_checkpoint_quantizes_only_what_the_file_left_dense(method, checkpoints):
+    """GPTQModel leaves the tied head in bf16 (half a token's weight reads at 4 bits): ``quantization`` quantizes it
+    with our own quantizer, exactly as on the bf16 checkpoint, and keeps the file's int4 linears as stored."""
+    quantized, dense = checkpoints["gptq_v2_asym_g64"]
+    with pytest.raises(CheckpointError, match="needs dtype bfloat16"):
+        load_model(quantized, quantization=method)
+    as_stored = load_model(quantized, dtype="bfloat16")
+    model = load_model(quantized, dtype="bfloat16", quantization=method, group_size=32)
+    ours = load_model(dense, dtype="bfloat16", quantization=method, group_size=32)
+    assert as_stored.lm_head.quant == "bf16" and model.lm_head.quant == method
+    assert torch.equal(model.lm_head.weight, ours.lm_head.weight) and torch.equal(model.lm_head.scale, ours.lm_head.scale)
+    layers = [(a, b) for a, b in zip(as_stored.model.language_model.layers.modules(),
+                                     model.model.language_model.layers.modules()) if isinstance(a, PackedLinear)]
+    assert layers and all(b.quant == "int4" and b.group == 64 and torch.equal(a.weight, b.weight)
+                          and torch.equal(a.offset, b.offset) for a, b in layers)
+    assert f"quantized at load to {method}: lm_head" in model.checkpoint_format["notes"][-1]
+    # the file as stored with our quantized head (and the tied embedding read from it) swapped in: the same logits
+    from minicpmv.model.fast import PackedEmbedding
+
+    as_stored.lm_head = ours.lm_head
+    as_stored.model.language_model.embed_tokens = PackedEmbedding(ours.lm_head, torch.bfloat16)
+    assert torch.equal(logits(model), logits(as_stored))
 
 
 def test_llm_serves_a_gptq_checkpoint_and_says_what_was_loaded(tmp_path, tokenizer_dir):

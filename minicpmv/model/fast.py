@@ -403,10 +403,12 @@ def _pack_vision(model, source: Source) -> None:
 
 
 @torch.no_grad()  # (no autograd graph may keep the original weights alive)
-def optimize(model, quantization: str | None = None, group: int = 64):
+def optimize(model, quantization: str | None = None, group: int = 64, keep_dense: bool | None = None):
     """Pack ``model``'s language model in place (bf16 weights, or int8 / int4 from them); returns the model.
 
-    A no-op for float32 / float16 models, models off the CPU, and bf16 ones where the kernels are unavailable.
+    ``keep_dense`` (default: when another tool's quantized weights are attached, model/formats) packs the linears
+    that have none in bf16 instead of quantizing them. A no-op for float32 / float16 models, models off the CPU,
+    and bf16 ones where the kernels are unavailable.
     """
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
@@ -417,8 +419,9 @@ def optimize(model, quantization: str | None = None, group: int = 64):
     if quantization is None and not kernels.available():
         return model
     quant = quantization or "bf16"
-    foreign = any(isinstance(getattr(m, "quantized", None), quant_mod.Grouped) for m in model.modules())
-    source = Source({id(m): n for n, m in model.named_modules()}, file_ranges(), keep_dense=foreign)
+    if keep_dense is None:
+        keep_dense = any(isinstance(getattr(m, "quantized", None), quant_mod.Grouped) for m in model.modules())
+    source = Source({id(m): n for n, m in model.named_modules()}, file_ranges(), keep_dense=keep_dense)
     lm = model.model.language_model
     for layer in lm.layers:
         mlp = layer.mlp

@@ -119,9 +119,11 @@ def reader(name: str):
 
 
 def load_model(name: str, source: Path, cfg, dtype: torch.dtype, device: torch.device, progress: bool | None,
-               optimize: bool):
-    """``checkpoint.load_model`` for a foreign checkpoint: read it, check it against the model, load, pack."""
-    from minicpmv.model import fast
+               optimize: bool, quantization: str | None = None, group_size: int = 64):
+    """``checkpoint.load_model`` for a foreign checkpoint: read it, check it against the model, load, pack. With
+    ``quantization`` (bf16 on the CPU) the language model's linears the file left dense, or that were dequantized,
+    are quantized by us (int4 in groups of ``group_size``); the file's own quantized weights stay as stored."""
+    from minicpmv.model import fast, quant
     from minicpmv.model.minicpmv import MiniCPMV
 
     dense = dtype != torch.bfloat16 or device.type != "cpu"  # float32: everything dequantized (the exact reference)
@@ -164,13 +166,19 @@ def load_model(name: str, source: Path, cfg, dtype: torch.dtype, device: torch.d
         net.lm_head.weight = net.model.language_model.embed_tokens.weight
     for linear, q in loaded.quantized.items():
         modules[linear].quantized = q
+    if quantization:
+        dense = [n for n in quant.quantized_names(net) if n not in loaded.quantized]
+        if dense:
+            loaded.notes.append(f"quantized at load to {quantization}: {_summarize(dense)}")
     net.checkpoint_dir = source if source.is_dir() else source.parent
     net.checkpoint_format = loaded.info()
     net.eval()
     log.info("%s", loaded.summary())
     if device.type == "cpu":
         fast.set_threads()
-    if loaded.quantized or optimize:
+    if quantization:
+        fast.optimize(net, quantization, group_size, keep_dense=False)
+    elif loaded.quantized or optimize:
         fast.optimize(net, "int4" if loaded.quantized else None, 0)
     return net
 
