@@ -67,7 +67,7 @@ def test_100_rows_with_a_worker_killed_mid_run(cluster, llm, tiny_dir, tmp_path)
     ids = [r["id"] for r in records]
     assert len(ids) == 100 and len(set(ids)) == 100
     assert summary.rows == 100 and summary.failed == 0
-    assert 0 < summary.first_output_rows <= 4 and summary.first_output_seconds < summary.seconds
+    assert 0 < summary.ready_seconds < summary.first_output_seconds < summary.seconds  # the workers' start, then rows
     assert {r["id"]: r["text"] for r in records} == {k: r["text"] for k, r in local.items()}
 
     # resume filters done ids whatever the source: drop 10 rows from the output, rerun, only those are redone

@@ -38,19 +38,18 @@ class Summary:
     duplicates: int = 0  # ids seen twice in the input (the first one wins)
     completion_tokens: int = 0
     seconds: float = 0.0
-    first_output_seconds: float | None = None  # when the first rows were committed (start-up and model load before)
-    first_output_rows: int = 0
+    first_output_seconds: float | None = None  # when the first rows were committed
+    ready_seconds: float = 0.0  # when the first engine could take rows (Ray: after its start and the model loads)
 
     def committed(self, rows: int, start: float) -> None:
         if self.first_output_seconds is None and rows:
             self.first_output_seconds = time.perf_counter() - start
-            self.first_output_rows = rows
 
-    def steady_rows_per_second(self) -> float:
-        """Rows/s after the first commit: throughput without start-up (worker start, model load, the first wave)."""
-        if self.first_output_seconds is None or self.seconds <= self.first_output_seconds:
-            return 0.0
-        return (self.rows - self.first_output_rows) / (self.seconds - self.first_output_seconds)
+    def running_rows_per_second(self) -> float:
+        """Rows/s from the first engine's start on: the throughput without start-up (Ray's workers and their model
+        loads; local mode loads its model before the job)."""
+        running = self.seconds - self.ready_seconds
+        return self.rows / running if running > 0 else 0.0
 
     def line(self) -> str:
         rate = self.rows / self.seconds if self.seconds else 0.0
