@@ -136,8 +136,9 @@ def build_cases() -> tuple[Cases, list]:
     # each variant must give exactly the float64 result (the int8 / int4 decoding and the nibble offset included).
     for quant, (lo, hi) in (("bf16", (-64, 64)), ("int8", (-127, 128)), ("int4", (-8, 8))):
         # (40 rows x 1104 k: the wide tiles' several row passes and k chunks, AMX's row groups and k after its tiles;
-        # int4 in whole groups)
-        for m, k in ((1, 192), (4, 192), (9, 192), (16, 192), (40, 1088 if quant == "int4" else 1104)):
+        # 16 rows: a decode batch's row groups over a long k; int4 in whole groups)
+        long_k = 1088 if quant == "int4" else 1104
+        for m, k in ((1, 192), (4, 192), (9, 192), (16, long_k), (40, long_k)):
             n = 130
             q = torch.randint(lo, hi, (n, k), generator=g)
             scale = None
