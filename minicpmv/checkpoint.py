@@ -78,7 +78,8 @@ def load_model(
     ``quantization`` ("int8" or "int4", bfloat16 on the CPU only) quantizes the language model's linear layers at
     load time (int4 in groups of ``group_size``); a checkpoint written by ``quant.save_quantized`` loads quantized
     without asking. On another tool's quantized checkpoint (GPTQ, AWQ, GGUF, ...) it quantizes only what that file
-    left dense or we dequantize, the tied head above all; without it those stay bf16, as stored. ``optimize`` packs a bfloat16 CPU model's weights for the fast kernels (``model/fast.py``).
+    left dense or we dequantize, the tied head above all; without it those stay bf16, as stored. ``optimize``
+    packs a bfloat16 CPU model's weights for the fast kernels (``model/fast.py``).
     """
     if isinstance(dtype, str):
         if dtype not in DTYPES:

@@ -26,7 +26,13 @@ from minicpmv.errors import MiniCPMVError
 # reading and keying rows takes no CPU reservation: it must not wait for CPUs that the engine actors hold (workers x
 # threads may be the whole cluster)
 LIGHT = 0
-CALLS_PER_ACTOR = 3
+# Each actor runs CALLS_PER_ACTOR batches of a quarter of its engine's max_num_seqs at once: one and a half engines'
+# worth of rows in flight, so it stays full between batches, and a worker's last batch is short (a job's tail, where
+# one worker has nothing left, is about a batch: bench/batch.py --distinct-images, 100 rows, 1 -> 2 workers 1.51x
+# with three batches of half, 1.77x so).
+BATCH_SHARE = 4
+CALLS_PER_ACTOR = 6
+MIN_BATCH = 2  # (each batch costs Ray Data time: 1-row batches took the 100-row kill test from 91 s to 175 s)
 
 
 def require_ray():
@@ -48,7 +54,7 @@ class RayJob:
     workers: int = 1
     threads: int = 1
     address: str | None = None  # None: start (or join) a local cluster
-    rows_per_block: int | None = None  # default: half of max_num_seqs
+    rows_per_block: int | None = None  # default: max_num_seqs / BATCH_SHARE
     pid_dir: str | None = None  # each worker writes its pid here (monitoring, tests)
 
 
@@ -135,7 +141,7 @@ def run_ray_job(job: RayJob, input_path: Path, output_path: Path, spec: JobSpec,
         ray.init(address=job.address, include_dashboard=False, log_to_driver=False, configure_logging=False)
     done = set(sink.done)
     summary.skipped = 0
-    block = job.rows_per_block or max(1, job.max_num_seqs // 2)
+    block = job.rows_per_block or max(MIN_BATCH, job.max_num_seqs // BATCH_SHARE)
     total = count_rows(input_path, prompt)
     # read into blocks of about ``block`` rows (a repartition would hold a CPU the actors may all have taken)
     ds = read_dataset(input_path, spec.prompt, max(job.workers, -(-(total or 1) // block)))
@@ -143,8 +149,7 @@ def run_ray_job(job: RayJob, input_path: Path, output_path: Path, spec: JobSpec,
         ds = ds.filter(lambda r: r["id"] not in done, num_cpus=LIGHT)
     ds = ds.map_batches(
         Worker, fn_constructor_kwargs={"job": job, "spec": spec}, batch_size=block,
-        # batches of half an engine run CALLS_PER_ACTOR at a time in each actor, into its one engine: it stays full
-        # between batches, and the last batches spread evenly over the workers
+        # CALLS_PER_ACTOR batches at a time in each actor, into its one engine
         compute=ray.data.ActorPoolStrategy(size=job.workers, max_concurrent_calls_per_actor=CALLS_PER_ACTOR,
                                            enable_true_multi_threading=True),
         num_cpus=job.threads,
