@@ -131,7 +131,7 @@ inline void prefetch_next(int64_t p) {
 
 template <bool SPLIT>
 inline void prefetch_w(const void* p, int pf) {
-  if (pf == PF_NONE || pf == PF_NEXT) return;
+  if (pf >= PF_NONE) return;  // (PF_NEXT: the tile asks for the next block itself)
   if (SPLIT || pf == PF_KEEP) prefetch_l2(p); else prefetch_stream(p);
 }
 
@@ -603,11 +603,11 @@ inline void with_rows(int rows, F&& f) {
   f(std::integral_constant<int, R>{});
 }
 
-// A weight read as blocks of `bytes`, `bytes / pairs` per k-pair, from `w`: how run_blocks' later row groups can ask
+// A weight read as blocks of `bytes`, `stride` bytes per k-pair, from `w`: how run_blocks' later row groups can ask
 // for the next block (the AVX-512 BF16 tiles, on bf16 and int8).
 struct Stream {
   const void* w = nullptr;
-  int64_t bytes = 0, pairs = 1;
+  int64_t bytes = 0, stride = 0;
 };
 #ifndef NEXT_MAX
 #define NEXT_MAX (256 << 10)  // the largest block whose successor is asked for: both stay in L2
@@ -643,7 +643,7 @@ void run_blocks(int64_t M, int64_t nblocks, const Epilogue& ep, Tile tile, Strea
         int rows = (int)std::min<int64_t>(step, M - m0);
         pf_mode = groups == 1 || M > DECODE_M ? PF_AUTO : m0 == 0 ? PF_KEEP : next && b < last ? PF_NEXT : PF_NONE;
         if (pf_mode == PF_NEXT) {
-          pf_next = (const char*)stream.w + (b + 1) * stream.bytes, pf_stride = stream.bytes / stream.pairs;
+          pf_next = (const char*)stream.w + (b + 1) * stream.bytes, pf_stride = stream.stride;
           pf_lines = 0;
           const int later = (int)groups - 1, j = (int)(m0 / step) - 1;
           for (int l = 0; l < 4; ++l) pf_lines |= (l % later == j) << l;
@@ -1012,7 +1012,7 @@ void linear_blocks(const Linear& L, const X* x, int64_t M, int64_t ldx, void* ou
 #endif
     run_blocks(M, L.nblocks, ep, [&](int64_t b, int rows, int64_t m0, float* acc) {
       with_rows(rows, [&](auto R) { matmul_tile<R()>(x + m0 * ldx, ldx, k2, w + b * k2 * 2 * BLOCK, acc); });
-    }, Stream{w, K * BLOCK * 2, k2});
+    }, Stream{w, K * BLOCK * 2, 4 * BLOCK});
   } else if (L.quant == 1 && L.group) {  // groups: scaled in the tile
     const int8_t* w = (const int8_t*)L.w;
     const uint16_t* scale = (const uint16_t*)L.scale;
@@ -1058,7 +1058,7 @@ void linear_blocks(const Linear& L, const X* x, int64_t M, int64_t ldx, void* ou
         with_rows(rows, [&](auto R) { matmul_tile<R()>(x + m0 * ldx, ldx, k2, block.data(), acc); });
       }
       scaled(acc, rows, b);
-    }, Stream{w, K * BLOCK, k2});
+    }, Stream{w, K * BLOCK, 2 * BLOCK});
   } else {
     const int64_t g = L.group, ng = K / g;
     auto sums = [&] {  // per row and group: sum of x, for the nibble offset
